@@ -1,0 +1,97 @@
+// Python bindings: mlx_fused_rmsprop._ext
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "mlx/version.h"
+
+#include "rmsprop.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace mx = mlx::core;
+
+NB_MODULE(_ext, m) {
+  m.doc() = "The fused RMSprop primitive for MLX (C++ extension).";
+
+  m.def(
+      "rmsprop_update",
+      [](const mx::array& grad,
+         const mx::array& param,
+         const mx::array& v,
+         const mx::array& lr,
+         double alpha,
+         double eps,
+         mx::StreamOrDevice stream) {
+        auto out = mlx_fused_rmsprop::rmsprop_update(
+            grad, param, v, lr, alpha, eps, stream);
+        return nb::make_tuple(out[0], out[1]);
+      },
+      "grad"_a,
+      "param"_a,
+      "v"_a,
+      "lr"_a,
+      nb::kw_only(),
+      "alpha"_a,
+      "eps"_a,
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def rmsprop_update(grad: mlx.core.array, param: mlx.core.array, "
+          "v: mlx.core.array, lr: mlx.core.array, *, alpha: float, eps: float, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+          "-> tuple[mlx.core.array, mlx.core.array]"),
+      R"(One fused RMSprop step for a single leaf.
+
+      .. math::
+
+          v' &= \alpha v + (1 - \alpha) g^2 \\
+          w' &= w - \lambda \frac{g}{\sqrt{v'} + \epsilon}
+
+      Builds ONE graph node (primitive ``FusedRMSprop``) with two outputs.
+
+      Args:
+          grad (array): The gradient :math:`g`.
+          param (array): The parameter :math:`w` (same shape and dtype).
+          v (array): The running average of squared gradients (same shape and dtype).
+          lr (array): The learning rate :math:`\lambda`, a single-element array.
+          alpha (float): The smoothing constant :math:`\alpha` (>= 0).
+          eps (float): :math:`\epsilon` added to the denominator (> 0).
+          stream (Stream or Device, optional): Where to run the update.
+
+      Returns:
+          tuple(array, array): The updated parameter and ``v``.)");
+
+  m.def(
+      "check_rmsprop_inputs",
+      [](const mx::array& grad,
+         const mx::array& param,
+         const mx::array& v,
+         const mx::array& lr,
+         double alpha,
+         double eps,
+         mx::StreamOrDevice stream) {
+        mlx_fused_rmsprop::check_rmsprop_inputs(
+            grad, param, v, lr, alpha, eps, mx::to_stream(stream));
+      },
+      "grad"_a,
+      "param"_a,
+      "v"_a,
+      "lr"_a,
+      nb::kw_only(),
+      "alpha"_a,
+      "eps"_a,
+      "stream"_a = nb::none(),
+      "Raise ValueError unless the arguments form a valid rmsprop_update call.");
+
+  // What this binary was compiled against; the package compares it with the
+  // mlx found at import time.
+  m.attr("built_mlx_version") = std::to_string(MLX_VERSION_MAJOR) + "." +
+      std::to_string(MLX_VERSION_MINOR) + "." +
+      std::to_string(MLX_VERSION_PATCH);
+#ifdef _METAL_
+  m.attr("has_metal_kernels") = true;
+#else
+  m.attr("has_metal_kernels") = false;
+#endif
+}

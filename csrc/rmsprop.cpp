@@ -1,0 +1,235 @@
+// The op (validation, graph construction) and the backend-independent parts of
+// the FusedRMSprop primitive. Kernels live in rmsprop_cpu.cpp / rmsprop_metal.cpp.
+#include "rmsprop.h"
+
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/common/utils.h"
+#include "mlx/ops.h"
+
+namespace mlx_fused_rmsprop {
+
+namespace {
+
+bool is_supported_dtype(mx::Dtype dtype, bool on_gpu) {
+  if (dtype == mx::float32 || dtype == mx::float16 || dtype == mx::bfloat16) {
+    return true;
+  }
+  return dtype == mx::float64 && !on_gpu; // Metal has no double precision
+}
+
+[[noreturn]] void fail(const std::ostringstream& msg) {
+  throw std::invalid_argument(msg.str());
+}
+
+} // namespace
+
+void check_rmsprop_inputs(
+    const mx::array& grad,
+    const mx::array& param,
+    const mx::array& v,
+    const mx::array& lr,
+    double alpha,
+    double eps,
+    const mx::Stream& stream) {
+  bool on_gpu = stream.device == mx::Device::gpu;
+  std::ostringstream msg;
+  if (!is_supported_dtype(param.dtype(), on_gpu)) {
+    msg << "[rmsprop_update] parameter dtype " << param.dtype()
+        << " is not supported on " << stream.device
+        << "; RMSprop updates float32, float16 and bfloat16 parameters"
+        << (on_gpu ? "" : " (and float64 on the CPU)") << ".";
+    fail(msg);
+  }
+  if (grad.dtype() != param.dtype()) {
+    msg << "[rmsprop_update] gradient dtype " << grad.dtype()
+        << " does not match parameter dtype " << param.dtype() << ".";
+    fail(msg);
+  }
+  if (v.dtype() != param.dtype()) {
+    msg << "[rmsprop_update] state 'v' dtype " << v.dtype()
+        << " does not match parameter dtype " << param.dtype() << ".";
+    fail(msg);
+  }
+  if (grad.shape() != param.shape()) {
+    msg << "[rmsprop_update] gradient shape " << grad.shape()
+        << " does not match parameter shape " << param.shape() << ".";
+    fail(msg);
+  }
+  if (v.shape() != param.shape()) {
+    msg << "[rmsprop_update] state 'v' shape " << v.shape()
+        << " does not match parameter shape " << param.shape() << ".";
+    fail(msg);
+  }
+  if (lr.size() != 1) {
+    msg << "[rmsprop_update] learning rate must be a scalar, got shape "
+        << lr.shape() << ".";
+    fail(msg);
+  }
+  if (mx::issubdtype(lr.dtype(), mx::complexfloating)) {
+    msg << "[rmsprop_update] learning rate must be real, got " << lr.dtype()
+        << ".";
+    fail(msg);
+  }
+  if (!(alpha >= 0.0) || !std::isfinite(alpha)) {
+    msg << "[rmsprop_update] alpha must be a finite number >= 0, got " << alpha
+        << ".";
+    fail(msg);
+  }
+  if (!(eps > 0.0) || !std::isfinite(eps)) {
+    msg << "[rmsprop_update] eps must be a finite number > 0, got " << eps
+        << ".";
+    fail(msg);
+  }
+}
+
+std::vector<mx::array> rmsprop_update(
+    const mx::array& grad,
+    const mx::array& param,
+    const mx::array& v,
+    const mx::array& lr,
+    double alpha,
+    double eps,
+    mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  check_rmsprop_inputs(grad, param, v, lr, alpha, eps, stream);
+
+  // The kernel reads lr as its compute type: double for float64 leaves,
+  // float otherwise (half leaves compute in float32).
+  auto lr_dtype = param.dtype() == mx::float64 ? mx::float64 : mx::float32;
+  auto lr_scalar = mx::reshape(lr, {}, stream);
+  if (lr_scalar.dtype() != lr_dtype) {
+    lr_scalar = mx::astype(lr_scalar, lr_dtype, stream);
+  }
+
+  return mx::array::make_arrays(
+      {param.shape(), param.shape()},
+      {param.dtype(), param.dtype()},
+      std::make_shared<FusedRMSprop>(stream, alpha, eps),
+      {grad, param, v, lr_scalar});
+}
+
+bool is_flat_layout(
+    const mx::array& grad,
+    const mx::array& param,
+    const mx::array& v) {
+  if (grad.flags().row_contiguous && param.flags().row_contiguous &&
+      v.flags().row_contiguous) {
+    return true;
+  }
+  auto flat_like_param = [&param](const mx::array& a) {
+    return a.flags().contiguous && a.data_size() == a.size() &&
+        a.strides() == param.strides();
+  };
+  return flat_like_param(param) && flat_like_param(grad) && flat_like_param(v);
+}
+
+CollapsedLayout collapse_layout(
+    const mx::array& grad,
+    const mx::array& param,
+    const mx::array& v) {
+  const mx::array* arrays[3] = {&grad, &param, &v};
+  CollapsedLayout out;
+  out.strides.resize(3);
+  for (int d = 0; d < param.ndim(); ++d) {
+    int extent = param.shape(d);
+    if (extent == 1) {
+      continue;
+    }
+    bool merges = !out.shape.empty();
+    for (int a = 0; a < 3 && merges; ++a) {
+      merges = out.strides[a].back() ==
+          arrays[a]->strides()[d] * static_cast<int64_t>(extent);
+    }
+    if (merges) {
+      out.shape.back() *= extent;
+      for (int a = 0; a < 3; ++a) {
+        out.strides[a].back() = arrays[a]->strides()[d];
+      }
+    } else {
+      out.shape.push_back(extent);
+      for (int a = 0; a < 3; ++a) {
+        out.strides[a].push_back(arrays[a]->strides()[d]);
+      }
+    }
+  }
+  if (out.shape.empty()) {
+    out.shape.push_back(1);
+    for (auto& s : out.strides) {
+      s.push_back(0);
+    }
+  }
+  return out;
+}
+
+void allocate_outputs(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs,
+    bool flat) {
+  const auto& param = inputs[1];
+  const auto& v = inputs[2];
+  auto& param_out = outputs[0];
+  auto& v_out = outputs[1];
+  if (!flat) {
+    param_out.set_data(mx::allocator::malloc(param_out.nbytes()));
+    v_out.set_data(mx::allocator::malloc(v_out.nbytes()));
+    return;
+  }
+  // The kernel reads element i of an input before writing element i of the
+  // output that shares its buffer, so donation is safe.
+  auto take_or_allocate = [&param](const mx::array& in, mx::array& out) {
+    if (mx::is_donatable(in, out)) {
+      out.copy_shared_buffer(in);
+    } else {
+      out.set_data(
+          mx::allocator::malloc(out.nbytes()),
+          param.data_size(),
+          param.strides(),
+          param.flags());
+    }
+  };
+  take_or_allocate(param, param_out);
+  take_or_allocate(v, v_out);
+}
+
+std::vector<mx::array> FusedRMSprop::jvp(
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>&,
+    const std::vector<int>&) {
+  throw std::invalid_argument(
+      "[FusedRMSprop] an optimizer step has no jvp; differentiate the loss, "
+      "not the update.");
+}
+
+std::vector<mx::array> FusedRMSprop::vjp(
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>&,
+    const std::vector<int>&,
+    const std::vector<mx::array>&) {
+  throw std::invalid_argument(
+      "[FusedRMSprop] an optimizer step has no vjp; differentiate the loss, "
+      "not the update.");
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> FusedRMSprop::vmap(
+    const std::vector<mx::array>&,
+    const std::vector<int>&) {
+  throw std::invalid_argument(
+      "[FusedRMSprop] vmap over an optimizer step is not supported; apply it "
+      "to each leaf instead.");
+}
+
+bool FusedRMSprop::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const FusedRMSprop*>(&other);
+  return o != nullptr && alpha_ == o->alpha_ && eps_ == o->eps_;
+}
+
+std::vector<mx::Shape> FusedRMSprop::output_shapes(
+    const std::vector<mx::array>& inputs) {
+  return {inputs[1].shape(), inputs[1].shape()};
+}
+
+} // namespace mlx_fused_rmsprop

@@ -1,0 +1,137 @@
+// The fused RMSprop primitive: one graph node that updates a parameter and its
+// running average of squared gradients in a single pass over memory.
+#pragma once
+
+#include <vector>
+
+#include "mlx/array.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+#include "rmsprop_math.h"
+
+namespace mlx_fused_rmsprop {
+
+namespace mx = mlx::core;
+
+/**
+ * Raise std::invalid_argument (ValueError in Python) unless grad, param and v
+ * form a valid RMSprop leaf on `stream`: equal shapes, equal floating dtypes
+ * the device supports, a single-element real lr, alpha >= 0 and eps > 0.
+ */
+void check_rmsprop_inputs(
+    const mx::array& grad,
+    const mx::array& param,
+    const mx::array& v,
+    const mx::array& lr,
+    double alpha,
+    double eps,
+    const mx::Stream& stream);
+
+/**
+ * One RMSprop step for a single leaf, as ONE two-output primitive:
+ *
+ *   v'     = alpha * v + (1 - alpha) * grad^2
+ *   param' = param - lr * grad / (sqrt(v') + eps)
+ *
+ * `lr` is an input array (a schedule changes it every step without
+ * retracing); alpha and eps are fixed properties of the primitive.
+ * Returns {param', v'}, both with param's shape and dtype.
+ */
+std::vector<mx::array> rmsprop_update(
+    const mx::array& grad,
+    const mx::array& param,
+    const mx::array& v,
+    const mx::array& lr,
+    double alpha,
+    double eps,
+    mx::StreamOrDevice s = {});
+
+/**
+ * The step's scalars rounded to the compute type C. alpha, 1 - alpha and eps
+ * are rounded from double, exactly as the Python reference rounds them.
+ */
+template <typename C>
+RMSpropCoefficients<C> make_coefficients(C lr, double alpha, double eps) {
+  return RMSpropCoefficients<C>{
+      lr, static_cast<C>(alpha), static_cast<C>(1.0 - alpha), static_cast<C>(eps)};
+}
+
+/**
+ * True when grad, param and v can be walked as one flat buffer each with the
+ * same index meaning the same element (all row-contiguous, or all contiguous
+ * with identical strides and no broadcast). Both backends use it.
+ */
+bool is_flat_layout(const mx::array& grad, const mx::array& param, const mx::array& v);
+
+/**
+ * The joint layout of grad, param and v with size-1 dims dropped and dims
+ * merged wherever all three arrays are contiguous across them (at least one
+ * dim is kept). Feeds the strided CPU loop and the general GPU kernel.
+ */
+struct CollapsedLayout {
+  mx::Shape shape;
+  std::vector<mx::Strides> strides; // grad, param, v
+};
+CollapsedLayout collapse_layout(
+    const mx::array& grad,
+    const mx::array& param,
+    const mx::array& v);
+
+/**
+ * Give the two outputs their buffers. Flat layout: outputs take param's
+ * layout and, when param / v are donatable, their very buffers (the update is
+ * then in place). Otherwise: fresh row-contiguous buffers.
+ */
+void allocate_outputs(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs,
+    bool flat);
+
+class FusedRMSprop : public mx::Primitive {
+ public:
+  FusedRMSprop(mx::Stream stream, double alpha, double eps)
+      : mx::Primitive(stream), alpha_(alpha), eps_(eps) {}
+
+  // Inputs: {grad, param, v, lr}. Outputs: {param', v'}.
+  void eval_cpu(
+      const std::vector<mx::array>& inputs,
+      std::vector<mx::array>& outputs) override;
+  void eval_gpu(
+      const std::vector<mx::array>& inputs,
+      std::vector<mx::array>& outputs) override;
+
+  // An optimizer step is not something to differentiate or vectorize.
+  std::vector<mx::array> jvp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
+
+  const char* name() const override {
+    return "FusedRMSprop";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(
+      const std::vector<mx::array>& inputs) override;
+
+  double alpha() const {
+    return alpha_;
+  }
+  double eps() const {
+    return eps_;
+  }
+
+ private:
+  double alpha_;
+  double eps_;
+};
+
+} // namespace mlx_fused_rmsprop
