@@ -57,6 +57,20 @@ class RMSprop(Optimizer):
             raise ValueError(
                 f"RMSprop epsilon should be >0, {self.eps} was provided instead"
             )
+        # Set when a state is assigned (e.g. loaded from a checkpoint): the
+        # next step first checks it against the parameters, entry by entry.
+        self._state_needs_check = False
+
+    @property
+    def state(self) -> dict:
+        """The optimizer's state dictionary."""
+        return self._state
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        self._initialized = False
+        self._state = state
+        self._state_needs_check = True
 
     def init_single(self, parameter: mx.array, state: dict) -> None:
         """Initialize optimizer state"""
@@ -97,6 +111,8 @@ class RMSprop(Optimizer):
         the optimizer is initialized) a state ``v`` of the same shape and a
         dtype the fused kernel updates.
         """
+        if self._state_needs_check:
+            _check_assigned_state(self._state, gradients, parameters)
         lr = self._state.get("learning_rate")
         for path, grad, param, leaf_state in _walk_leaves(
             gradients, parameters, self._state
@@ -128,6 +144,83 @@ class RMSprop(Optimizer):
                 )
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
+        self._state_needs_check = False
+
+
+_SCALAR_ENTRIES = ("step", "learning_rate")
+
+
+def _check_assigned_state(state: Any, gradients: Any, parameters: Any) -> None:
+    """Raise ValueError naming the entry unless an assigned (loaded) state fits
+    the parameters: 'step' and 'learning_rate' present; every other entry at a
+    parameter's path, holding exactly {'v': array of the parameter's shape and
+    dtype}; and -- unless the state holds no per-parameter entry at all (a
+    fresh state, initialized on the first step) -- an entry for every
+    parameter that gets a gradient."""
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"RMSprop: the optimizer state must be a dict, got {type(state).__name__}"
+        )
+    for name in _SCALAR_ENTRIES:
+        if not isinstance(state.get(name), mx.array):
+            raise ValueError(f"RMSprop: the optimizer state has no entry '{name}'")
+    leaves = {k: v for k, v in state.items() if k not in _SCALAR_ENTRIES}
+    if _check_state_entries(leaves, parameters, "") == 0:
+        return
+    for path, _, _, leaf_state in _walk_leaves(gradients, parameters, state):
+        if leaf_state is _MISSING or leaf_state == {}:
+            raise ValueError(
+                f"RMSprop: the optimizer state has no entry '{path}.v' "
+                "(a state that holds entries must hold one for every trained "
+                "parameter; was it saved from another model?)"
+            )
+
+
+def _check_state_entries(node: Any, params: Any, path: str) -> int:
+    """Check the state subtree `node` against `params`; return how many
+    parameter entries ({'v': ...}) it holds."""
+    if isinstance(params, mx.array):
+        if isinstance(node, dict) and not node:
+            return 0
+        if not isinstance(node, dict) or "v" not in node:
+            raise ValueError(f"RMSprop: the optimizer state has no entry '{path}.v'")
+        extra = sorted(str(k) for k in node if k != "v")
+        if extra:
+            raise ValueError(
+                f"RMSprop: the optimizer state has an unexpected entry "
+                f"'{path}.{extra[0]}' (RMSprop keeps only 'v')"
+            )
+        v = node["v"]
+        if not isinstance(v, mx.array) or v.shape != params.shape or v.dtype != params.dtype:
+            got = f"{v.shape} {v.dtype}" if isinstance(v, mx.array) else type(v).__name__
+            raise ValueError(
+                f"RMSprop: the optimizer state entry '{path}.v' is {got}, "
+                f"but the parameter is {params.shape} {params.dtype}"
+            )
+        return 1
+    if isinstance(node, dict):
+        entries = node.items()
+    elif isinstance(node, (list, tuple)):
+        entries = enumerate(node)
+    else:
+        raise ValueError(
+            f"RMSprop: the optimizer state entry '{path}' is "
+            f"{type(node).__name__}, expected a dict or list like the parameters"
+        )
+    count = 0
+    for key, child in entries:
+        param = _child(params, key)
+        if param is _MISSING:
+            raise ValueError(
+                f"RMSprop: the optimizer state has an unexpected entry "
+                f"'{_join(path, key)}' (no parameter there)"
+            )
+        count += _check_state_entries(child, param, _join(path, key))
+    return count
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
 
 
 _MISSING = object()
