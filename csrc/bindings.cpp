@@ -12,6 +12,21 @@ namespace nb = nanobind;
 using namespace nb::literals;
 namespace mx = mlx::core;
 
+namespace {
+
+// lr may be an array or a Python number; a number becomes a float32 scalar,
+// as mx.array(lr) and the optimizers' state would make it.
+using LearningRate = std::variant<mx::array, double>;
+
+mx::array as_array(const LearningRate& lr) {
+  if (auto* value = std::get_if<double>(&lr)) {
+    return mx::array(static_cast<float>(*value));
+  }
+  return std::get<mx::array>(lr);
+}
+
+} // namespace
+
 NB_MODULE(_ext, m) {
   m.doc() = "The fused RMSprop primitive for MLX (C++ extension).";
 
@@ -20,12 +35,12 @@ NB_MODULE(_ext, m) {
       [](const mx::array& grad,
          const mx::array& param,
          const mx::array& v,
-         const mx::array& lr,
+         const LearningRate& lr,
          double alpha,
          double eps,
          mx::StreamOrDevice stream) {
         auto out = mlx_fused_rmsprop::rmsprop_update(
-            grad, param, v, lr, alpha, eps, stream);
+            grad, param, v, as_array(lr), alpha, eps, stream);
         return nb::make_tuple(out[0], out[1]);
       },
       "grad"_a,
@@ -38,7 +53,8 @@ NB_MODULE(_ext, m) {
       "stream"_a = nb::none(),
       nb::sig(
           "def rmsprop_update(grad: mlx.core.array, param: mlx.core.array, "
-          "v: mlx.core.array, lr: mlx.core.array, *, alpha: float, eps: float, "
+          "v: mlx.core.array, lr: mlx.core.array | float, *, alpha: float, "
+          "eps: float, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[mlx.core.array, mlx.core.array]"),
       R"(One fused RMSprop step for a single leaf.
@@ -54,7 +70,8 @@ NB_MODULE(_ext, m) {
           grad (array): The gradient :math:`g`.
           param (array): The parameter :math:`w` (same shape and dtype).
           v (array): The running average of squared gradients (same shape and dtype).
-          lr (array): The learning rate :math:`\lambda`, a single-element array.
+          lr (array or float): The learning rate :math:`\lambda`: a
+            single-element array, or a number (taken as float32).
           alpha (float): The smoothing constant :math:`\alpha` (>= 0).
           eps (float): :math:`\epsilon` added to the denominator (> 0).
           stream (Stream or Device, optional): Where to run the update.
@@ -67,12 +84,12 @@ NB_MODULE(_ext, m) {
       [](const mx::array& grad,
          const mx::array& param,
          const mx::array& v,
-         const mx::array& lr,
+         const LearningRate& lr,
          double alpha,
          double eps,
          mx::StreamOrDevice stream) {
         mlx_fused_rmsprop::check_rmsprop_inputs(
-            grad, param, v, lr, alpha, eps, mx::to_stream(stream));
+            grad, param, v, as_array(lr), alpha, eps, mx::to_stream(stream));
       },
       "grad"_a,
       "param"_a,

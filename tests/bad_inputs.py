@@ -1,0 +1,132 @@
+"""Every bad input we tried, and the error a user gets.
+
+`python tests/bad_inputs.py` prints the README's table from these cases;
+tests/test_bad_inputs.py checks each case still raises exactly that error and
+that the README shows it, so the table cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_fused_rmsprop import RMSprop, rmsprop_update
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = [nn.Linear(3, 4), nn.Linear(4, 2)]
+
+
+def _trained():
+    model = TwoLayers()
+    opt = RMSprop(0.01)
+    grads = {"layers": [{"weight": mx.ones((4, 3)), "bias": mx.ones((4,))},
+                        {"weight": mx.ones((2, 4)), "bias": mx.ones((2,))}]}
+    opt.update(model, grads)
+    return model, opt, grads
+
+
+def _step_with(edit_grads=None, edit_model=None):
+    model, opt, grads = _trained()
+    if edit_grads:
+        edit_grads(grads)
+    if edit_model:
+        edit_model(model)
+    opt.update(model, grads)
+
+
+def _load_checkpoint(edit):
+    model, opt, grads = _trained()
+    flat = dict(tree_flatten(opt.state))
+    edit(flat)
+    fresh = RMSprop(0.01)
+    fresh.state = tree_unflatten(list(flat.items()))
+    fresh.update(model, grads)
+
+
+def _op(grad=None, param=None, v=None, lr=0.1, alpha=0.9, eps=1e-8):
+    one = mx.ones((3,))
+    pick = lambda a: one if a is None else a
+    out = rmsprop_update(pick(grad), pick(param), pick(v), lr, alpha=alpha, eps=eps)
+    mx.eval(out)
+
+
+# (what the user did, how to do it, exception type, the message they get)
+CASES = [
+    ("`RMSprop(lr, alpha=-0.1)`", lambda: RMSprop(0.1, alpha=-0.1), ValueError,
+     "RMSprop alpha should be >=0, -0.1 was provided instead"),
+    ("`RMSprop(lr, eps=0.0)`", lambda: RMSprop(0.1, eps=0.0), ValueError,
+     "RMSprop epsilon should be >0, 0.0 was provided instead"),
+    ("an integer parameter with a gradient",
+     lambda: _step_with(lambda g: g["layers"][1].update(bias=mx.ones((2,), dtype=mx.int32)),
+                        lambda m: m.layers[1].update({"bias": mx.zeros((2,), dtype=mx.int32)})),
+     ValueError,
+     "RMSprop: leaf 'layers.1.bias': [rmsprop_update] parameter dtype int32 is not supported on Device(cpu, 0); RMSprop updates float32, float16 and bfloat16 parameters (and float64 on the CPU)."),
+    ("a gradient of the wrong shape",
+     lambda: _step_with(lambda g: g["layers"][0].update(weight=mx.ones((3, 4)))), ValueError,
+     "RMSprop: leaf 'layers.0.weight': [rmsprop_update] gradient shape (3,4) does not match parameter shape (4,3)."),
+    ("a gradient of another dtype",
+     lambda: _step_with(lambda g: g["layers"][0].update(bias=mx.ones((4,), dtype=mx.float16))), ValueError,
+     "RMSprop: leaf 'layers.0.bias': [rmsprop_update] gradient dtype float16 does not match parameter dtype float32."),
+    ("a gradient with no parameter",
+     lambda: _step_with(lambda g: g.update(head=mx.ones((2,)))), ValueError,
+     "RMSprop: leaf 'head': no parameter for this gradient"),
+    ("a gradient that is not an array",
+     lambda: _step_with(lambda g: g["layers"][1].update(bias=0.5)), TypeError,
+     "RMSprop: leaf 'layers.1.bias': the gradient is float, expected mlx.core.array"),
+    ("a checkpoint missing a parameter's entry",
+     lambda: _load_checkpoint(lambda s: s.pop("layers.1.weight.v")), ValueError,
+     "RMSprop: the optimizer state has no entry 'layers.1.weight.v' (a state that holds entries must hold one for every trained parameter; was it saved from another model?)"),
+    ("an Adam checkpoint (extra `m` entries)",
+     lambda: _load_checkpoint(lambda s: s.update({"layers.0.bias.m": s["layers.0.bias.v"]})), ValueError,
+     "RMSprop: the optimizer state has an unexpected entry 'layers.0.bias.m' (RMSprop keeps only 'v')"),
+    ("a checkpoint of another model (entry with no parameter)",
+     lambda: _load_checkpoint(lambda s: s.update({"decoder.weight.v": mx.zeros((2,))})), ValueError,
+     "RMSprop: the optimizer state has an unexpected entry 'decoder' (no parameter there)"),
+    ("a checkpoint with a mis-shaped `v`",
+     lambda: _load_checkpoint(lambda s: s.update({"layers.1.bias.v": mx.zeros((3,))})), ValueError,
+     "RMSprop: the optimizer state entry 'layers.1.bias.v' is (3,) mlx.core.float32, but the parameter is (2,) mlx.core.float32"),
+    ("a checkpoint without `step`",
+     lambda: _load_checkpoint(lambda s: s.pop("step")), ValueError,
+     "RMSprop: the optimizer state has no entry 'step'"),
+    ("`rmsprop_update` with a non-scalar lr",
+     lambda: _op(lr=mx.ones((2,))), ValueError,
+     "[rmsprop_update] learning rate must be a scalar, got shape (2)."),
+    ("`rmsprop_update` with a complex lr",
+     lambda: _op(lr=mx.array(0.1 + 1j)), ValueError,
+     "[rmsprop_update] learning rate must be real, got complex64."),
+    ("`rmsprop_update` on bool arrays",
+     lambda: _op(*(mx.ones((3,), dtype=mx.bool_),) * 3), ValueError,
+     "[rmsprop_update] parameter dtype bool is not supported on Device(cpu, 0); RMSprop updates float32, float16 and bfloat16 parameters (and float64 on the CPU)."),
+    ("`rmsprop_update` with a state of another shape",
+     lambda: _op(v=mx.ones((4,))), ValueError,
+     "[rmsprop_update] state 'v' shape (4) does not match parameter shape (3)."),
+    ("`rmsprop_update` with `alpha=nan`",
+     lambda: _op(alpha=float("nan")), ValueError,
+     "[rmsprop_update] alpha must be a finite number >= 0, got nan."),
+    ("`rmsprop_update` with `eps=0`",
+     lambda: _op(eps=0.0), ValueError,
+     "[rmsprop_update] eps must be a finite number > 0, got 0."),
+    ("`mx.grad` through the update",
+     lambda: mx.grad(lambda p: rmsprop_update(p, p, p, 0.1, alpha=0.9, eps=1e-8)[0].sum())(mx.ones((3,))),
+     ValueError,
+     "[FusedRMSprop] an optimizer step has no vjp; differentiate the loss, not the update."),
+    ("`mx.vmap` over the update",
+     lambda: mx.vmap(lambda p: rmsprop_update(p, p, p, 0.1, alpha=0.9, eps=1e-8)[0])(mx.ones((2, 3))),
+     ValueError,
+     "[FusedRMSprop] vmap over an optimizer step is not supported; apply it to each leaf instead."),
+]
+
+
+def markdown_table() -> str:
+    rows = ["| bad input | exception | message |", "|---|---|---|"]
+    for what, _, exc, message in CASES:
+        rows.append(f"| {what} | `{exc.__name__}` | `{message}` |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
