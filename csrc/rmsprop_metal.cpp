@@ -64,9 +64,8 @@ void FusedRMSprop::eval_gpu(
   auto& s = stream();
   auto& d = mx::metal::device(s.device);
   auto* library = d.get_library("rmsprop", extension_dir());
-  std::string kernel_name = std::string("rmsprop_") +
-      (flat ? "contiguous_" : "general_") + dtype_name(param.dtype());
-  auto* kernel = d.get_kernel(kernel_name, library);
+  auto* kernel = d.get_kernel(
+      rmsprop_kernel_name(flat, dtype_name(param.dtype())), library);
 
   auto& encoder = mx::metal::get_command_encoder(s);
   encoder.set_compute_pipeline_state(kernel);

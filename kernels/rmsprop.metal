@@ -3,30 +3,65 @@
 // Kernels (instantiated by name at the bottom):
 //   rmsprop_contiguous_<dtype>  flat buffers; each thread updates
 //                               RMSPROP_BYTES_PER_THREAD bytes of each input
-//   rmsprop_general_<dtype>     any strides (transposed, sliced, broadcast);
-//                               one element per thread, row-contiguous outputs
-// The math is kernels/rmsprop_math.h, shared with the CPU kernel. Outputs may
-// share the buffers of param / v (in-place): every thread reads an element
-// before it writes that same element, and no thread touches another's.
-// Indices are 64-bit; grids past 2^32 threads are 2-D (see csrc/rmsprop_grid.h).
+//                               (4 float32 or 8 float16/bfloat16 elements),
+//                               the last thread only what is left
+//   rmsprop_general_<dtype>     any strides (transposed, sliced, reversed,
+//                               broadcast); one element per thread,
+//                               row-contiguous outputs
+// The math is kernels/rmsprop_math.h, shared with the CPU kernel.
+//
+// Buffers: 0 grad, 1 param, 2 v, 3 lr (0-d float32), 4 param_out, 5 v_out,
+// 6 RMSpropDeviceScalars, 7 size; general only: 8 shape, 9-11 the strides of
+// grad, param, v (elements, may be 0 or negative), 12 ndim.
+//
+// In place: param_out / v_out may be the very buffers of param / v (eval_gpu
+// donates them on the flat layout). Every thread loads all of its elements
+// before it stores any, and no thread touches another thread's elements, so
+// the result does not depend on the order threads run in.
+//
+// Indices are 64-bit; past 2^31 threads the grid is 2-D (csrc/rmsprop_grid.h)
+// and the padding threads of its last row return at once.
+//
+// Loads are scalar on purpose: an mlx array may start at any element offset
+// inside its buffer, so a float4 / half4 view of it could be misaligned.
+//
+// This file is also compiled as C++ by tests/metal_harness (a shim header maps
+// the Metal qualifiers, attributes and types), so it stays inside what that
+// shim expresses: `device` / `constant` pointers and references, `uint2`,
+// `ulong`, `long`, `half`, `bfloat`, and metal::precise::{sqrt, divide}.
 #include <metal_stdlib>
+
+// Bit-equality with the CPU needs a*b + c to round twice: no FMA contraction.
+// mlx_build_metallib already passes -fno-fast-math, which still leaves clang's
+// -ffp-contract=on (contraction inside one expression) in force. The pragma
+// below applies to everything after it, including rmsprop_math.h. (GCC, which
+// only compiles this file in the harness, does not know the pragma and is
+// told -ffp-contract=off on its command line instead.)
+#if defined(__clang__) || !defined(__GNUC__)
+#pragma clang fp contract(off)
+#endif
 
 #include "rmsprop_math.h"
 
+// bfloat is a Metal 3.1 type: CMakeLists.txt compiles with -std=metal3.1.
 #if __METAL_VERSION__ >= 310
 typedef bfloat bfloat16_t;
+#else
+#error "kernels/rmsprop.metal needs Metal 3.1 (-std=metal3.1) for bfloat."
 #endif
 
+// Update the element at offsets in_g / in_w / in_v of the inputs (signed:
+// strides may be negative) and store it at index `out` of the outputs.
 template <typename T>
-inline void rmsprop_store(
+inline void rmsprop_update_element(
     device const T* grad,
     device const T* param,
     device const T* v,
     device T* param_out,
     device T* v_out,
-    ulong in_g,
-    ulong in_w,
-    ulong in_v,
+    long in_g,
+    long in_w,
+    long in_v,
     ulong out,
     RMSpropCoefficients<float> k) {
   RMSpropResult<float> r = rmsprop_element<float>(
@@ -38,6 +73,8 @@ inline void rmsprop_store(
   v_out[out] = static_cast<T>(r.v);
 }
 
+// Linear index of a thread in a (possibly 2-D) grid: row-major, as
+// rmsprop_grid() lays the grid out.
 inline ulong rmsprop_thread_index(uint2 gid, uint2 grid_dims) {
   return ulong(gid.y) * ulong(grid_dims.x) + ulong(gid.x);
 }
@@ -61,8 +98,8 @@ template <typename T>
   }
   RMSpropCoefficients<float> k = {
       lr[0], scalars.alpha, scalars.one_minus_alpha, scalars.eps};
-  if (start + N <= size) {
-    // Full chunk: N consecutive elements, loaded together, stored together.
+  if (size - start >= ulong(N)) {
+    // Full chunk: N consecutive elements, all loaded before any is stored.
     T g[N], w[N], s[N];
     for (int i = 0; i < N; ++i) {
       g[i] = grad[start + i];
@@ -83,9 +120,11 @@ template <typename T>
       v_out[start + i] = s[i];
     }
   } else {
-    // Tail: the last thread covers the remaining size - start < N elements.
+    // Tail: the last thread covers the remaining size - start < N elements,
+    // each loaded before it is stored.
     for (ulong i = start; i < size; ++i) {
-      rmsprop_store<T>(grad, param, v, param_out, v_out, i, i, i, i, k);
+      rmsprop_update_element<T>(
+          grad, param, v, param_out, v_out, long(i), long(i), long(i), i, k);
     }
   }
 }
@@ -100,41 +139,45 @@ template <typename T>
     device T* v_out [[buffer(5)]],
     constant RMSpropDeviceScalars& scalars [[buffer(6)]],
     constant ulong& size [[buffer(7)]],
-    constant const int* shape [[buffer(8)]],
-    constant const long* grad_strides [[buffer(9)]],
-    constant const long* param_strides [[buffer(10)]],
-    constant const long* v_strides [[buffer(11)]],
+    constant int* shape [[buffer(8)]],
+    constant long* grad_strides [[buffer(9)]],
+    constant long* param_strides [[buffer(10)]],
+    constant long* v_strides [[buffer(11)]],
     constant int& ndim [[buffer(12)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid_dims [[threads_per_grid]]) {
   ulong index = rmsprop_thread_index(gid, grid_dims);
   if (index >= size) {
-    return;
+    return; // padding thread of a 2-D grid
   }
   // Row-major element index -> offset in each input.
   long g_off = 0, w_off = 0, v_off = 0;
   ulong rest = index;
   for (int d = ndim - 1; d >= 0; --d) {
-    long coord = long(rest % ulong(shape[d]));
-    rest /= ulong(shape[d]);
+    ulong extent = ulong(shape[d]);
+    long coord = long(rest % extent);
+    rest /= extent;
     g_off += coord * grad_strides[d];
     w_off += coord * param_strides[d];
     v_off += coord * v_strides[d];
   }
   RMSpropCoefficients<float> k = {
       lr[0], scalars.alpha, scalars.one_minus_alpha, scalars.eps};
-  rmsprop_store<T>(
+  rmsprop_update_element<T>(
       grad, param, v, param_out, v_out, g_off, w_off, v_off, index, k);
 }
 
-// RMSPROP_KERNEL(name, kernel, type) gives kernel<type> the host name `name`.
-// The C++ harness (tests/metal_harness) defines it to record the same list.
+// RMSPROP_KERNEL(host, func, type) gives func<type> the host name `host`
+// (the explicit-instantiation idiom of MLX's own kernels). The parameter is
+// deliberately not called `kernel`: it would also replace the attribute
+// [[kernel]] in the expansion. The C++ harness defines this macro first to
+// register every instantiation by the same name.
 #ifndef RMSPROP_KERNEL
-#define RMSPROP_KERNEL(name, kernel, type) \
-  template [[host_name(name)]] [[kernel]] decltype(kernel<type>) kernel<type>;
+#define RMSPROP_KERNEL(host, func, type) \
+  template [[host_name(host)]] [[kernel]] decltype(func<type>) func<type>;
 #endif
 
-#define RMSPROP_INSTANTIATE(dtype_name, type)                              \
+#define RMSPROP_INSTANTIATE(dtype_name, type)                                \
   RMSPROP_KERNEL("rmsprop_contiguous_" #dtype_name, rmsprop_contiguous, type) \
   RMSPROP_KERNEL("rmsprop_general_" #dtype_name, rmsprop_general, type)
 
