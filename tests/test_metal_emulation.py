@@ -152,9 +152,11 @@ class Driver:
 def drivers(tmp_path_factory) -> dict[str, Driver]:
     """Both builds of the driver, compiled once per session, in parallel:
 
-    - "sanitized": the real grid width, AddressSanitizer + UBSan, -O1;
-    - "small_grid": RMSPROP_GRID_MAX_WIDTH=64 so small arrays run 2-D grids,
-      with gcov instrumentation (GCC) to show every shader line runs.
+    - "sanitized": the real grid width, -O1, AddressSanitizer + UBSan;
+    - "small_grid": RMSPROP_GRID_MAX_WIDTH=64 so small arrays run 2-D grids
+      (the only grids with padding threads), -O0, AddressSanitizer, and gcov
+      instrumentation (GCC) to show every shader line and branch runs (UBSan
+      would add branches of its own to the count).
     """
     cxx = _compiler()
     gcc = _is_gcc(cxx)
@@ -163,15 +165,13 @@ def drivers(tmp_path_factory) -> dict[str, Driver]:
     small_dir = root / "small_grid"
     sanitized_dir.mkdir()
     small_dir.mkdir()
+    asan = ["-fno-omit-frame-pointer", "-fsanitize=address"]
+    ubsan = ["-fsanitize=undefined", "-fno-sanitize-recover=all"]
     jobs = {
-        "sanitized": (
-            sanitized_dir / "driver",
-            ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-             "-fno-sanitize-recover=all"],
-        ),
+        "sanitized": (sanitized_dir / "driver", ["-O1", *asan, *ubsan]),
         "small_grid": (
             small_dir / "driver",
-            ["-O0", f"-DRMSPROP_GRID_MAX_WIDTH={FAKE_MAX_WIDTH}"]
+            ["-O0", *asan, f"-DRMSPROP_GRID_MAX_WIDTH={FAKE_MAX_WIDTH}"]
             + (["--coverage"] if gcc else []),
         ),
     }

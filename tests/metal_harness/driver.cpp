@@ -25,9 +25,10 @@
 //   strides_v ...
 //   output PATH         written: param_out then v_out; when in place, the
 //                       whole param and v base buffers after the update
-// Inputs are malloc'ed at their exact size (AddressSanitizer catches reads
+// Inputs are allocated at their exact size (AddressSanitizer catches reads
 // past them); fresh outputs are filled with 0xff bytes first, so an element
-// the kernels never write shows up as a mismatch.
+// the kernels never write shows up as a mismatch, and sit between guard zones
+// that must stay intact.
 
 #include <algorithm>
 #include <cstdint>
@@ -255,6 +256,29 @@ struct Buffer {
   }
 };
 
+// A fresh output: `n` bytes of 0xff between two guard zones of a known
+// pattern, so a write before or past the output is caught even in a build
+// without AddressSanitizer.
+struct GuardedBuffer {
+  static constexpr size_t kGuard = 256;
+  static constexpr unsigned char kPattern = 0xa5;
+  std::vector<unsigned char> bytes;
+  size_t n;
+  explicit GuardedBuffer(size_t n_) : bytes(n_ + 2 * kGuard, kPattern), n(n_) {
+    std::memset(data(), 0xff, n);
+  }
+  unsigned char* data() {
+    return bytes.data() + kGuard;
+  }
+  void check(const std::string& what) const {
+    for (size_t i = 0; i < kGuard; ++i) {
+      if (bytes[i] != kPattern || bytes[kGuard + n + i] != kPattern) {
+        fail(what + " written outside its " + std::to_string(n) + " bytes");
+      }
+    }
+  }
+};
+
 void run_case(const Case& c) {
   using namespace mlx_fused_rmsprop;
   const std::string name = rmsprop_kernel_name(c.flat, c.dtype);
@@ -287,9 +311,7 @@ void run_case(const Case& c) {
   }
 
   // Outputs: the input buffers themselves when donated, else fresh ones.
-  Buffer fresh_param(c.size * itemsize), fresh_v(c.size * itemsize);
-  std::memset(fresh_param.data(), 0xff, fresh_param.bytes.size());
-  std::memset(fresh_v.data(), 0xff, fresh_v.bytes.size());
+  GuardedBuffer fresh_param(c.size * itemsize), fresh_v(c.size * itemsize);
 
   // What eval_gpu binds.
   auto k = make_coefficients<float>(0.0f, c.alpha, c.eps);
@@ -334,6 +356,9 @@ void run_case(const Case& c) {
       kernel.launch(d, gid, dims);
     }
   }
+
+  fresh_param.check("param_out");
+  fresh_v.check("v_out");
 
   std::ofstream out(c.output, std::ios::binary);
   auto write = [&out](const void* p, size_t bytes) {
