@@ -30,6 +30,7 @@
 #endif
 #include <unistd.h>
 
+#include "mlx/allocator.h"
 #include "mlx/backend/common/utils.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/types/half_types.h"
@@ -124,7 +125,35 @@ RMSPROP_ALWAYS_INLINE void rmsprop_span(
   }
 }
 
-// A contiguous range of one leaf: pointers already offset to its start.
+// One contiguous run of elements. Each output either is its input's buffer
+// (donated: same pointer) or overlaps no input (a fresh allocation).
+template <class F>
+RMSPROP_ALWAYS_INLINE void span_any(
+    const typename F::Storage* grad,
+    const typename F::Storage* param,
+    const typename F::Storage* v,
+    typename F::Storage* param_out,
+    typename F::Storage* v_out,
+    int64_t n,
+    RMSpropCoefficients<typename F::Compute> k) {
+  using S = typename F::Storage;
+  S* p = const_cast<S*>(param);
+  S* s = const_cast<S*>(v);
+  bool p_in = param_out == param;
+  bool v_in = v_out == v;
+  if (p_in && v_in) {
+    rmsprop_span<F, true, true>(grad, p, s, nullptr, nullptr, n, k);
+  } else if (p_in) {
+    rmsprop_span<F, true, false>(grad, p, s, nullptr, v_out, n, k);
+  } else if (v_in) {
+    rmsprop_span<F, false, true>(grad, p, s, param_out, nullptr, n, k);
+  } else {
+    rmsprop_span<F, false, false>(grad, p, s, param_out, v_out, n, k);
+  }
+}
+
+// A leaf whose param, v and grad share one dense layout: elements
+// [begin, end) of the flat buffers.
 template <class F>
 struct FlatJob {
   using S = typename F::Storage;
@@ -137,51 +166,84 @@ struct FlatJob {
 };
 
 template <class F>
-inline void run_span_baseline(const FlatJob<F>& j, int64_t begin, int64_t end) {
+RMSPROP_ALWAYS_INLINE void flat_body(const FlatJob<F>& j, int64_t begin, int64_t end) {
+  span_any<F>(
+      j.grad + begin, j.param + begin, j.v + begin, j.param_out + begin,
+      j.v_out + begin, end - begin, j.k);
+}
+
+// A 2-D leaf (after collapsing dims) whose param and v are row-major
+// [rows, cols] and whose gradient is the same matrix stored column-major:
+// what autodiff returns for the weight of x @ W.T (every nn.Linear). Outputs
+// have param's layout. Rows [begin, end) are updated tile by tile: a
+// kTileRows x kTileCols block of the gradient is transposed into a local
+// buffer (reading whole cache lines of it), then each row of the block is a
+// contiguous run like the flat case.
+constexpr int64_t kTileRows = 64;
+constexpr int64_t kTileCols = 64;
+
+template <class F>
+struct TransposedJob {
   using S = typename F::Storage;
-  // Outputs either are their input's buffer or overlap no input.
-  bool p_in = j.param_out == j.param;
-  bool v_in = j.v_out == j.v;
-  S* p = const_cast<S*>(j.param) + begin;
-  S* s = const_cast<S*>(j.v) + begin;
-  const S* g = j.grad + begin;
-  S* po = j.param_out + begin;
-  S* so = j.v_out + begin;
-  int64_t n = end - begin;
-  if (p_in && v_in) {
-    rmsprop_span<F, true, true>(g, p, s, nullptr, nullptr, n, j.k);
-  } else if (p_in) {
-    rmsprop_span<F, true, false>(g, p, s, nullptr, so, n, j.k);
-  } else if (v_in) {
-    rmsprop_span<F, false, true>(g, p, s, po, nullptr, n, j.k);
-  } else {
-    rmsprop_span<F, false, false>(g, p, s, po, so, n, j.k);
+  const S* grad; // grad(r, c) = grad[c * rows + r]
+  const S* param; // param(r, c) = param[r * cols + c], v likewise
+  const S* v;
+  S* param_out;
+  S* v_out;
+  int64_t rows;
+  int64_t cols;
+  RMSpropCoefficients<typename F::Compute> k;
+};
+
+template <class F>
+RMSPROP_ALWAYS_INLINE void transposed_body(
+    const TransposedJob<F>& j,
+    int64_t row_begin,
+    int64_t row_end) {
+  using S = typename F::Storage;
+  alignas(64) S tile[kTileRows * kTileCols];
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kTileRows) {
+    int64_t nr = std::min(kTileRows, row_end - r0);
+    for (int64_t c0 = 0; c0 < j.cols; c0 += kTileCols) {
+      int64_t nc = std::min(kTileCols, j.cols - c0);
+      for (int64_t c = 0; c < nc; ++c) {
+        const S* column = j.grad + (c0 + c) * j.rows + r0;
+        for (int64_t r = 0; r < nr; ++r) {
+          tile[r * kTileCols + c] = column[r];
+        }
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        int64_t at = (r0 + r) * j.cols + c0;
+        span_any<F>(
+            tile + r * kTileCols, j.param + at, j.v + at, j.param_out + at,
+            j.v_out + at, nc, j.k);
+      }
+    }
   }
+}
+
+template <class F>
+void flat_baseline(const FlatJob<F>& j, int64_t begin, int64_t end) {
+  flat_body<F>(j, begin, end);
+}
+template <class F>
+void transposed_baseline(const TransposedJob<F>& j, int64_t begin, int64_t end) {
+  transposed_body<F>(j, begin, end);
 }
 
 #if RMSPROP_X86_DISPATCH
 // The same source compiled for AVX2 (8 floats per instruction). Only AVX2 is
 // enabled, not FMA: with -ffp-contract=off no a*b+c is fused either way.
 template <class F>
-RMSPROP_TARGET_AVX2 void run_span_avx2(const FlatJob<F>& j, int64_t begin, int64_t end) {
-  using S = typename F::Storage;
-  bool p_in = j.param_out == j.param;
-  bool v_in = j.v_out == j.v;
-  S* p = const_cast<S*>(j.param) + begin;
-  S* s = const_cast<S*>(j.v) + begin;
-  const S* g = j.grad + begin;
-  S* po = j.param_out + begin;
-  S* so = j.v_out + begin;
-  int64_t n = end - begin;
-  if (p_in && v_in) {
-    rmsprop_span<F, true, true>(g, p, s, nullptr, nullptr, n, j.k);
-  } else if (p_in) {
-    rmsprop_span<F, true, false>(g, p, s, nullptr, so, n, j.k);
-  } else if (v_in) {
-    rmsprop_span<F, false, true>(g, p, s, po, nullptr, n, j.k);
-  } else {
-    rmsprop_span<F, false, false>(g, p, s, po, so, n, j.k);
-  }
+RMSPROP_TARGET_AVX2 void flat_avx2(const FlatJob<F>& j, int64_t begin, int64_t end) {
+  flat_body<F>(j, begin, end);
+}
+template <class F>
+RMSPROP_TARGET_AVX2 void transposed_avx2(
+    const TransposedJob<F>& j,
+    int64_t begin,
+    int64_t end) {
+  transposed_body<F>(j, begin, end);
 }
 #endif
 
@@ -204,13 +266,23 @@ bool use_avx2() {
 }
 
 template <class F>
-void run_span(const FlatJob<F>& j, int64_t begin, int64_t end) {
+void run_flat(const FlatJob<F>& j, int64_t begin, int64_t end) {
 #if RMSPROP_X86_DISPATCH
   if (use_avx2()) {
-    return run_span_avx2<F>(j, begin, end);
+    return flat_avx2<F>(j, begin, end);
   }
 #endif
-  run_span_baseline<F>(j, begin, end);
+  flat_baseline<F>(j, begin, end);
+}
+
+template <class F>
+void run_transposed(const TransposedJob<F>& j, int64_t begin, int64_t end) {
+#if RMSPROP_X86_DISPATCH
+  if (use_avx2()) {
+    return transposed_avx2<F>(j, begin, end);
+  }
+#endif
+  transposed_baseline<F>(j, begin, end);
 }
 
 // ---- Splitting a leaf across cores.
@@ -356,28 +428,38 @@ int split_parts(int64_t n) {
   return static_cast<int>(std::clamp<int64_t>(by_size, 1, threads));
 }
 
-template <class F>
-void rmsprop_flat(const FlatJob<F>& job, int64_t n) {
-  int parts = split_parts(n);
+// Runs fn(begin, end) over [0, units) split into equal parts whose boundaries
+// are multiples of `align` units (the last part takes the rest), one part per
+// thread; `unit_elements` elements per unit decide how many threads pay off.
+template <class Fn>
+void split_run(int64_t units, int64_t align, int64_t unit_elements, const Fn& fn) {
+  int parts = split_parts(units * unit_elements);
+  if (parts > 1) {
+    parts = std::min<int64_t>(parts, (units + align - 1) / align);
+  }
   if (parts <= 1) {
-    run_span<F>(job, 0, n);
+    fn(int64_t{0}, units);
     return;
   }
-  // Equal parts, boundaries rounded up to kSplitAlign; the last takes the rest.
-  int64_t per_part = (n + parts - 1) / parts;
-  per_part = (per_part + kSplitAlign - 1) / kSplitAlign * kSplitAlign;
+  int64_t per_part = (units + parts - 1) / parts;
+  per_part = (per_part + align - 1) / align * align;
   auto& pool = worker_pool();
   parts = std::min(parts, pool.workers() + 1);
   pool.run(parts, [&](int p) {
-    int64_t begin = std::min(n, p * per_part);
-    int64_t end = p == parts - 1 ? n : std::min(n, begin + per_part);
+    int64_t begin = std::min(units, p * per_part);
+    int64_t end = p == parts - 1 ? units : std::min(units, begin + per_part);
     if (begin < end) {
-      run_span<F>(job, begin, end);
+      fn(begin, end);
     }
   });
 }
 
-// ---- Any layout: strided, transposed, broadcast. Outputs are row-contiguous.
+// ---- Any other layout: strided, transposed, broadcast inputs.
+//
+// Walks the joint collapsed layout of grad, param and v in row-major logical
+// order. When the outputs have param's layout (param dense), element i of
+// param' and v' is written at param's offset of element i; otherwise the
+// outputs are fresh row-contiguous arrays written in order.
 
 template <class F>
 void rmsprop_strided(
@@ -388,6 +470,7 @@ void rmsprop_strided(
     typename F::Storage* v_out,
     const mx::Shape& shape,
     const std::vector<mx::Strides>& strides,
+    bool outputs_like_param,
     RMSpropCoefficients<typename F::Compute> k) {
   using C = typename F::Compute;
   int ndim = static_cast<int>(shape.size());
@@ -399,18 +482,22 @@ void rmsprop_strided(
   const auto& gs = strides[0];
   const auto& ws = strides[1];
   const auto& vs = strides[2];
+  int64_t gi = gs[ndim - 1], wi = ws[ndim - 1], vi = vs[ndim - 1];
   std::vector<int64_t> pos(ndim, 0);
   int64_t g_off = 0, w_off = 0, v_off = 0, out = 0;
   for (int64_t row = 0; row < outer; ++row) {
-    for (int64_t i = 0; i < inner; ++i, ++out) {
+    for (int64_t i = 0; i < inner; ++i) {
+      // Read element i before writing it: param' / v' may be param / v.
       auto r = rmsprop_element<C>(
-          F::load(grad[g_off + i * gs[ndim - 1]]),
-          F::load(param[w_off + i * ws[ndim - 1]]),
-          F::load(v[v_off + i * vs[ndim - 1]]),
+          F::load(grad[g_off + i * gi]),
+          F::load(param[w_off + i * wi]),
+          F::load(v[v_off + i * vi]),
           k);
-      param_out[out] = F::store(r.param);
-      v_out[out] = F::store(r.v);
+      int64_t o = outputs_like_param ? w_off + i * wi : out + i;
+      param_out[o] = F::store(r.param);
+      v_out[o] = F::store(r.v);
     }
+    out += inner;
     // Advance the outer position like an odometer.
     for (int d = ndim - 2; d >= 0; --d) {
       g_off += gs[d];
@@ -427,11 +514,64 @@ void rmsprop_strided(
   }
 }
 
+// How the CPU kernel walks one leaf.
+enum class Walk {
+  flat, // grad, param, v share one dense layout
+  transposed, // param, v row-major 2-D (collapsed), grad its column-major twin
+  strided_like_param, // param dense: outputs in param's layout
+  strided, // anything else: fresh row-contiguous outputs
+};
+
+bool is_dense(const mx::array& a) {
+  return a.flags().contiguous && a.data_size() == a.size();
+}
+
+// The transposed case, seen on the collapsed layout.
+bool is_transposed_pair(const CollapsedLayout& l) {
+  if (l.shape.size() != 2) {
+    return false;
+  }
+  int64_t rows = l.shape[0], cols = l.shape[1];
+  const auto& g = l.strides[0];
+  const auto& w = l.strides[1];
+  const auto& v = l.strides[2];
+  return w[0] == cols && w[1] == 1 && v == w && g[0] == 1 && g[1] == rows;
+}
+
+// Outputs for the non-flat walks. With param dense, both outputs take param's
+// layout: param' donated by param when possible, v' donated by v when v is
+// donatable and laid out like param, fresh buffers of that layout otherwise.
+// (The flat walk uses allocate_outputs, shared with the GPU.)
+void allocate_like_param(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const auto& param = inputs[1];
+  const auto& v = inputs[2];
+  auto& param_out = outputs[0];
+  auto& v_out = outputs[1];
+  auto fresh = [&param](mx::array& out) {
+    out.set_data(
+        mx::allocator::malloc(param.data_size() * out.itemsize()),
+        param.data_size(),
+        param.strides(),
+        param.flags());
+  };
+  if (mx::is_donatable(param, param_out)) {
+    param_out.copy_shared_buffer(param);
+  } else {
+    fresh(param_out);
+  }
+  if (is_dense(v) && v.strides() == param.strides() && mx::is_donatable(v, v_out)) {
+    v_out.copy_shared_buffer(v);
+  } else {
+    fresh(v_out);
+  }
+}
+
 template <class F>
 void dispatch_typed(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs,
-    bool flat,
+    Walk walk,
+    const CollapsedLayout& layout,
     double alpha,
     double eps,
     mx::cpu::CommandEncoder& encoder) {
@@ -449,21 +589,38 @@ void dispatch_typed(
   S* w_out_ptr = reinterpret_cast<S*>(outputs[0].data<void>());
   S* v_out_ptr = reinterpret_cast<S*>(outputs[1].data<void>());
 
-  if (flat) {
-    // With the flat layout every array holds exactly size() elements.
-    encoder.dispatch([=, n = static_cast<int64_t>(param.size())]() {
-      FlatJob<F> job{
-          g_ptr, w_ptr, v_ptr, w_out_ptr, v_out_ptr,
-          make_coefficients<C>(*lr_ptr, alpha, eps)};
-      rmsprop_flat<F>(job, n);
-    });
-    return;
+  switch (walk) {
+    case Walk::flat:
+      // With the flat layout every array holds exactly size() elements.
+      encoder.dispatch([=, n = static_cast<int64_t>(param.size())]() {
+        FlatJob<F> job{
+            g_ptr, w_ptr, v_ptr, w_out_ptr, v_out_ptr,
+            make_coefficients<C>(*lr_ptr, alpha, eps)};
+        split_run(n, kSplitAlign, 1, [&](int64_t b, int64_t e) {
+          run_flat<F>(job, b, e);
+        });
+      });
+      return;
+    case Walk::transposed:
+      encoder.dispatch([=, rows = int64_t{layout.shape[0]}, cols = int64_t{layout.shape[1]}]() {
+        TransposedJob<F> job{
+            g_ptr, w_ptr, v_ptr, w_out_ptr, v_out_ptr, rows, cols,
+            make_coefficients<C>(*lr_ptr, alpha, eps)};
+        split_run(rows, kTileRows, cols, [&](int64_t b, int64_t e) {
+          run_transposed<F>(job, b, e);
+        });
+      });
+      return;
+    case Walk::strided_like_param:
+    case Walk::strided:
+      encoder.dispatch([=, like_param = walk == Walk::strided_like_param]() {
+        auto k = make_coefficients<C>(*lr_ptr, alpha, eps);
+        rmsprop_strided<F>(
+            g_ptr, w_ptr, v_ptr, w_out_ptr, v_out_ptr, layout.shape,
+            layout.strides, like_param, k);
+      });
+      return;
   }
-  encoder.dispatch([=, layout = collapse_layout(grad, param, v)]() {
-    auto k = make_coefficients<C>(*lr_ptr, alpha, eps);
-    rmsprop_strided<F>(
-        g_ptr, w_ptr, v_ptr, w_out_ptr, v_out_ptr, layout.shape, layout.strides, k);
-  });
 }
 
 // MLX gives each output of a multi-output primitive its own copy of the
@@ -498,10 +655,22 @@ void FusedRMSprop::eval_cpu(
   const auto& param = inputs[1];
   const auto& v = inputs[2];
 
-  // Empty leaves and 0-d leaves are row-contiguous, so they take the flat path.
-  bool flat = is_flat_layout(grad, param, v);
   release_sibling_inputs(inputs, outputs);
-  allocate_outputs(inputs, outputs, flat);
+
+  // Empty leaves and 0-d leaves are row-contiguous, so they take the flat path.
+  Walk walk = Walk::flat;
+  CollapsedLayout layout;
+  if (is_flat_layout(grad, param, v)) {
+    allocate_outputs(inputs, outputs, /* flat= */ true);
+  } else if (is_dense(param)) {
+    layout = collapse_layout(grad, param, v);
+    walk = is_transposed_pair(layout) ? Walk::transposed : Walk::strided_like_param;
+    allocate_like_param(inputs, outputs);
+  } else {
+    layout = collapse_layout(grad, param, v);
+    walk = Walk::strided;
+    allocate_outputs(inputs, outputs, /* flat= */ false);
+  }
 
   auto& encoder = mx::cpu::get_command_encoder(stream());
   for (const auto& in : inputs) {
@@ -515,13 +684,13 @@ void FusedRMSprop::eval_cpu(
 
   switch (param.dtype()) {
     case mx::float32:
-      return dispatch_typed<Float32Format>(inputs, outputs, flat, alpha_, eps_, encoder);
+      return dispatch_typed<Float32Format>(inputs, outputs, walk, layout, alpha_, eps_, encoder);
     case mx::float16:
-      return dispatch_typed<Float16Format>(inputs, outputs, flat, alpha_, eps_, encoder);
+      return dispatch_typed<Float16Format>(inputs, outputs, walk, layout, alpha_, eps_, encoder);
     case mx::bfloat16:
-      return dispatch_typed<BFloat16Format>(inputs, outputs, flat, alpha_, eps_, encoder);
+      return dispatch_typed<BFloat16Format>(inputs, outputs, walk, layout, alpha_, eps_, encoder);
     case mx::float64:
-      return dispatch_typed<Float64Format>(inputs, outputs, flat, alpha_, eps_, encoder);
+      return dispatch_typed<Float64Format>(inputs, outputs, walk, layout, alpha_, eps_, encoder);
     default:
       throw std::invalid_argument(
           "[FusedRMSprop] unsupported dtype reached the CPU kernel.");

@@ -1,0 +1,172 @@
+// Compares the CPU kernel's branch-free half conversions (csrc/rmsprop_cpu_half.h)
+// with mlx's own float16_t / bfloat16_t, bit for bit. Built and run by
+// tests/test_cpu_kernel.py; prints one line per check and exits non-zero on
+// the first mismatch.
+//
+// Usage: cpu_half_exact <random float32 patterns> <seed>
+//        cpu_half_exact all      (every one of the 2^32 float32 patterns)
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "mlx/types/half_types.h"
+#include "rmsprop_cpu_half.h"
+
+namespace hb = mlx_fused_rmsprop::half_bits;
+using mlx::core::bfloat16_t;
+using mlx::core::float16_t;
+
+static uint32_t f2u(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+static float u2f(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static uint16_t ref_f16(float x) {
+  float16_t h(x);
+  uint16_t b;
+  std::memcpy(&b, &h, 2);
+  return b;
+}
+static uint16_t ref_bf16(float x) {
+  bfloat16_t h(x);
+  uint16_t b;
+  std::memcpy(&b, &h, 2);
+  return b;
+}
+static float ref_from_f16(uint16_t b) {
+  float16_t h;
+  std::memcpy(&h, &b, 2);
+  return static_cast<float>(h);
+}
+static float ref_from_bf16(uint16_t b) {
+  bfloat16_t h;
+  std::memcpy(&h, &b, 2);
+  return static_cast<float>(h);
+}
+
+// Batched (vectorizable) versions, as the kernel uses them in loops.
+__attribute__((noinline)) static void batch_to_f32(
+    const uint16_t* in, float* out, int n, bool bf16) {
+  if (bf16) {
+    for (int i = 0; i < n; ++i) out[i] = hb::bf16_to_f32(in[i]);
+  } else {
+    for (int i = 0; i < n; ++i) out[i] = hb::f16_to_f32(in[i]);
+  }
+}
+__attribute__((noinline)) static void batch_from_f32(
+    const float* in, uint16_t* out, int n, bool bf16) {
+  if (bf16) {
+    for (int i = 0; i < n; ++i) out[i] = hb::f32_to_bf16(in[i]);
+  } else {
+    for (int i = 0; i < n; ++i) out[i] = hb::f32_to_f16(in[i]);
+  }
+}
+
+static int fail(const char* what, uint32_t in, uint32_t got, uint32_t want) {
+  std::printf("MISMATCH %s input=0x%08x got=0x%08x want=0x%08x\n", what, in, got, want);
+  return 1;
+}
+
+// Both directions over a list of float32 bit patterns.
+static int check_floats(const std::vector<uint32_t>& bits, const char* label) {
+  size_t n = bits.size();
+  std::vector<float> in(n);
+  for (size_t i = 0; i < n; ++i) in[i] = u2f(bits[i]);
+  std::vector<uint16_t> h(n), b(n);
+  batch_from_f32(in.data(), h.data(), static_cast<int>(n), false);
+  batch_from_f32(in.data(), b.data(), static_cast<int>(n), true);
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t want_h = ref_f16(in[i]), want_b = ref_bf16(in[i]);
+    if (h[i] != want_h) return fail("f32->f16 (batch)", bits[i], h[i], want_h);
+    if (b[i] != want_b) return fail("f32->bf16 (batch)", bits[i], b[i], want_b);
+    if (hb::f32_to_f16(in[i]) != want_h)
+      return fail("f32->f16 (scalar)", bits[i], hb::f32_to_f16(in[i]), want_h);
+    if (hb::f32_to_bf16(in[i]) != want_b)
+      return fail("f32->bf16 (scalar)", bits[i], hb::f32_to_bf16(in[i]), want_b);
+  }
+  std::printf("ok %s: %zu float32 patterns -> f16, bf16\n", label, n);
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  long random_count = argc > 1 ? std::atol(argv[1]) : 1000000;
+  unsigned seed = argc > 2 ? static_cast<unsigned>(std::atol(argv[2])) : 0;
+
+  // 1. Every half bit pattern -> float32, both formats, batch and scalar.
+  std::vector<uint16_t> all(65536);
+  for (int i = 0; i < 65536; ++i) all[i] = static_cast<uint16_t>(i);
+  std::vector<float> f(65536), bf(65536);
+  batch_to_f32(all.data(), f.data(), 65536, false);
+  batch_to_f32(all.data(), bf.data(), 65536, true);
+  for (int i = 0; i < 65536; ++i) {
+    uint16_t x = static_cast<uint16_t>(i);
+    uint32_t want = f2u(ref_from_f16(x)), want_b = f2u(ref_from_bf16(x));
+    if (f2u(f[i]) != want) return fail("f16->f32 (batch)", x, f2u(f[i]), want);
+    if (f2u(hb::f16_to_f32(x)) != want)
+      return fail("f16->f32 (scalar)", x, f2u(hb::f16_to_f32(x)), want);
+    if (f2u(bf[i]) != want_b) return fail("bf16->f32 (batch)", x, f2u(bf[i]), want_b);
+  }
+  std::printf("ok all 65536 f16 and bf16 patterns -> f32\n");
+
+  // 2. Every float32 a half can hold (round trips), and its neighbours: the
+  //    rounding boundaries (ties, just below/above) of every half interval.
+  std::vector<uint32_t> near;
+  near.reserve(65536 * 2 * 9);
+  for (int i = 0; i < 65536; ++i) {
+    uint32_t centers[2] = {f2u(ref_from_f16(static_cast<uint16_t>(i))),
+                           f2u(ref_from_bf16(static_cast<uint16_t>(i)))};
+    for (uint32_t c : centers) {
+      for (int d = -4; d <= 4; ++d) near.push_back(c + static_cast<uint32_t>(d));
+    }
+    // Exact midpoints between consecutive halves (ties to even).
+    uint32_t lo = f2u(ref_from_f16(static_cast<uint16_t>(i)));
+    uint32_t hi = f2u(ref_from_f16(static_cast<uint16_t>(i + 1)));
+    float mid = (u2f(lo) + u2f(hi)) * 0.5f;
+    for (int d = -1; d <= 1; ++d) near.push_back(f2u(mid) + static_cast<uint32_t>(d));
+  }
+  if (check_floats(near, "half values, midpoints and neighbours")) return 1;
+
+  // 3. Special float32 values and every float32 exponent's extremes.
+  std::vector<uint32_t> special;
+  for (uint32_t e = 0; e < 256; ++e) {
+    for (uint32_t s = 0; s < 2; ++s) {
+      uint32_t base = (s << 31) | (e << 23);
+      for (uint32_t m : {0u, 1u, 2u, 0x1000u, 0x0FFFu, 0x2000u, 0x1FFFu, 0x400000u,
+                         0x3FFFFFu, 0x7FFFFEu, 0x7FFFFFu, 0x7FE000u, 0x7FF000u}) {
+        special.push_back(base | m);
+      }
+    }
+  }
+  if (check_floats(special, "every exponent's edge mantissas (incl. NaN/Inf/subnormal)"))
+    return 1;
+
+  // 4. Every float32 bit pattern (slow: minutes), or random ones.
+  if (argc > 1 && std::strcmp(argv[1], "all") == 0) {
+    const uint64_t chunk = 1ull << 24;
+    std::vector<uint32_t> r(chunk);
+    for (uint64_t start = 0; start < (1ull << 32); start += chunk) {
+      for (uint64_t i = 0; i < chunk; ++i) r[i] = static_cast<uint32_t>(start + i);
+      if (check_floats(r, "all float32 bit patterns (chunk)")) return 1;
+    }
+    std::printf("ALL OK\n");
+    return 0;
+  }
+  std::mt19937_64 rng(seed);
+  const long chunk = 1 << 20;
+  for (long done = 0; done < random_count; done += chunk) {
+    long m = std::min(chunk, random_count - done);
+    std::vector<uint32_t> r(static_cast<size_t>(m));
+    for (auto& x : r) x = static_cast<uint32_t>(rng());
+    if (check_floats(r, "random float32 bit patterns")) return 1;
+  }
+  std::printf("ALL OK\n");
+  return 0;
+}
