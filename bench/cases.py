@@ -1,0 +1,257 @@
+"""What the benchmark measures: optimizer steps on single leaves and whole
+models, a plain memory copy of the same bytes, and the extra peak memory of
+a step. Every optimizer step is the normal training-loop step:
+
+    optimizer.update(model, grads)
+    mx.eval(model.parameters(), optimizer.state)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import threading
+from functools import partial
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+
+import mlx_fused_rmsprop
+
+LR = 1e-3
+ALPHA = 0.99
+EPS = 1e-8
+
+# Implementations, in the order tables and plots show them.
+IMPLS = {
+    "fused": "fused (ours)",
+    "fused_compiled": "fused, mx.compile",
+    "mlx": "mlx eager",
+    "mlx_compiled": "mlx, mx.compile",
+}
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def make_optimizer(impl: str) -> optim.Optimizer:
+    if impl.startswith("fused"):
+        return mlx_fused_rmsprop.RMSprop(learning_rate=LR, alpha=ALPHA, eps=EPS)
+    return optim.RMSprop(learning_rate=LR, alpha=ALPHA, eps=EPS)
+
+
+class Leaf(nn.Module):
+    """A model that is one parameter of n elements."""
+
+    def __init__(self, n: int, dtype: mx.Dtype, seed: int = 0):
+        super().__init__()
+        self.w = mx.random.normal((n,), key=mx.random.key(seed)).astype(dtype)
+
+
+def optimizer_step(
+    model: nn.Module, impl: str, grads: dict
+) -> tuple[Callable[[], None], optim.Optimizer]:
+    """A callable doing one full optimizer step on `model` with fixed grads,
+    evaluated (mx.compile'd for the *_compiled implementations)."""
+    opt = make_optimizer(impl)
+    opt.init(model.trainable_parameters())
+    mx.eval(model.parameters(), opt.state)
+    if impl.endswith("compiled"):
+        state = [model.state, opt.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def update(g):
+            opt.update(model, g)
+
+    else:
+
+        def update(g):
+            opt.update(model, g)
+
+    def step() -> None:
+        update(grads)
+        mx.eval(model.parameters(), opt.state)
+
+    return step, opt
+
+
+# ---- The memory roofline: a plain copy of the same bytes.
+
+
+class Copier:
+    """memmove of `nbytes` between two pre-faulted buffers, on 1 or several
+    threads (ctypes calls release the GIL); the best of these is the memory
+    roofline an element-wise kernel can hope for."""
+
+    def __init__(self, nbytes: int, threads: int):
+        self.nbytes = max(64, int(nbytes))
+        self.threads = max(1, threads)
+        self._src = (ctypes.c_char * self.nbytes)()
+        self._dst = (ctypes.c_char * self.nbytes)()
+        self.src = ctypes.addressof(self._src)
+        self.dst = ctypes.addressof(self._dst)
+        ctypes.memset(self.src, 1, self.nbytes)  # fault every page in
+        ctypes.memset(self.dst, 2, self.nbytes)
+        part = -(-self.nbytes // self.threads)
+        part = -(-part // 4096) * 4096
+        self.parts = [
+            (o, min(part, self.nbytes - o)) for o in range(0, self.nbytes, part)
+        ]
+
+    def copy_1t(self) -> None:
+        ctypes.memmove(self.dst, self.src, self.nbytes)
+
+    def copy_nt(self) -> None:
+        if len(self.parts) == 1:
+            return self.copy_1t()
+        workers = [
+            threading.Thread(
+                target=ctypes.memmove, args=(self.dst + o, self.src + o, n)
+            )
+            for o, n in self.parts[1:]
+        ]
+        for w in workers:
+            w.start()
+        o, n = self.parts[0]
+        ctypes.memmove(self.dst + o, self.src + o, n)
+        for w in workers:
+            w.join()
+
+
+def rmsprop_bytes(n: int, itemsize: int) -> int:
+    """Bytes one RMSprop step moves: reads grad, param, v; writes param, v."""
+    return 5 * n * itemsize
+
+
+# ---- Extra peak memory of a step in a training loop.
+
+
+def _leaf_loss(model: Leaf, x: mx.array) -> mx.array:
+    return mx.sum(model.w * x)
+
+
+def step_extra_peak(n: int, dtype: mx.Dtype, impl: str, steps: int = 3) -> float:
+    """Extra peak memory of one optimizer step, in units of the leaf's bytes.
+
+    A normal training loop on a one-leaf model: the gradients are computed and
+    evaluated, then `update(model, grads)` + `mx.eval(parameters, state)` is
+    measured from mx.reset_peak_memory(): the peak above what was live before
+    it (parameter, state, gradient, input). The last of `steps` steps counts
+    (the state exists from the first)."""
+    model = Leaf(n, dtype)
+    x = mx.random.normal((n,), key=mx.random.key(1)).astype(dtype)
+    mx.eval(model.parameters(), x)
+    opt = make_optimizer(impl)
+    value_and_grad = nn.value_and_grad(model, _leaf_loss)
+    if impl.endswith("compiled"):
+        state = [model.state, opt.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def update(g):
+            opt.update(model, g)
+
+    else:
+
+        def update(g):
+            opt.update(model, g)
+
+    extra = 0.0
+    for _ in range(steps):
+        loss, grads = value_and_grad(model, x)
+        mx.eval(loss, grads)
+        mx.synchronize()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        update(grads)
+        mx.eval(model.parameters(), opt.state)
+        mx.synchronize()
+        extra = max(0, mx.get_peak_memory() - base) / (n * dtype.size)
+        del loss, grads
+    del model, opt, x
+    gc.collect()
+    mx.clear_cache()
+    return extra
+
+
+# ---- Whole models.
+
+
+class MLP(nn.Module):
+    def __init__(self, dims: list[int]):
+        super().__init__()
+        self.layers = [nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])]
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = nn.relu(layer(x))
+        return self.layers[-1](x)
+
+
+def transformer_spec(quick: bool) -> dict:
+    if quick:
+        return dict(dims=32, num_heads=2, num_encoder_layers=1,
+                    num_decoder_layers=1, mlp_dims=64)
+    return dict(dims=256, num_heads=4, num_encoder_layers=4,
+                num_decoder_layers=4, mlp_dims=1024)
+
+
+def mlp_spec(quick: bool) -> list[int]:
+    return [64, 128, 64] if quick else [1024, 2048, 2048, 1024]
+
+
+def build_model(name: str, quick: bool, seed: int = 0) -> nn.Module:
+    mx.random.seed(seed)
+    if name == "transformer":
+        model = nn.Transformer(**transformer_spec(quick))
+    elif name == "mlp":
+        model = MLP(mlp_spec(quick))
+    else:
+        raise ValueError(name)
+    mx.eval(model.parameters())
+    return model
+
+
+def model_description(name: str, quick: bool) -> str:
+    if name == "transformer":
+        s = transformer_spec(quick)
+        return (
+            f"nn.Transformer(dims={s['dims']}, num_heads={s['num_heads']}, "
+            f"num_encoder_layers={s['num_encoder_layers']}, "
+            f"num_decoder_layers={s['num_decoder_layers']}, mlp_dims={s['mlp_dims']})"
+        )
+    return "MLP(" + " -> ".join(str(d) for d in mlp_spec(quick)) + ", ReLU)"
+
+
+def real_grads(name: str, model: nn.Module, quick: bool, seed: int = 1) -> dict:
+    """Gradients of a loss on random data, computed once with
+    nn.value_and_grad and evaluated: the arrays, and their memory layouts
+    (a Linear weight's gradient is the column-major transpose of a matmul),
+    are the ones a training loop hands the optimizer."""
+    mx.random.seed(seed)
+    if name == "transformer":
+        dims = transformer_spec(quick)["dims"]
+        src = mx.random.normal((4, 32, dims))
+        tgt = mx.random.normal((4, 32, dims))
+
+        def loss_fn(m):
+            return mx.mean(mx.square(m(src, tgt, None, None, None)))
+
+    else:
+        dims = mlp_spec(quick)
+        x = mx.random.normal((64, dims[0]))
+        y = mx.random.normal((64, dims[-1]))
+
+        def loss_fn(m):
+            return mx.mean(mx.square(m(x) - y))
+
+    loss, grads = nn.value_and_grad(model, loss_fn)(model)
+    mx.eval(loss, grads)
+    return grads
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    from mlx.utils import tree_flatten
+
+    leaves = tree_flatten(model.trainable_parameters())
+    return sum(p.size for _, p in leaves), len(leaves)

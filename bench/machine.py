@@ -1,0 +1,108 @@
+"""What machine a benchmark ran on: CPU, cores, memory, mlx and device."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from typing import Any
+
+import mlx.core as mx
+
+
+def _cpu_model() -> str:
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                for line in f:
+                    if line.lower().startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+    elif sys.platform == "darwin":
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _cpu_flags() -> list[str]:
+    """The SIMD extensions the CPU kernel may use (x86 Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [x for x in ("sse2", "avx2", "f16c", "avx512f") if x in flags]
+    except OSError:
+        pass
+    return []
+
+
+def _memory_gib() -> float | None:
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES")
+        page = os.sysconf("SC_PAGE_SIZE")
+        return round(pages * page / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def kernel_threads() -> int:
+    """Threads the fused CPU kernel splits a large leaf across (mirrors
+    csrc/rmsprop_cpu.cpp: MLX_FUSED_RMSPROP_NUM_THREADS, else usable cores
+    capped at 8)."""
+    env = os.environ.get("MLX_FUSED_RMSPROP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return min(usable_cores(), 8)
+
+
+def describe() -> dict[str, Any]:
+    import mlx_fused_rmsprop
+
+    device = mx.default_device()
+    return {
+        "cpu": _cpu_model(),
+        "cpu_simd": _cpu_flags(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "memory_gib": _memory_gib(),
+        "os": f"{platform.system()} {platform.release()}",
+        "arch": platform.machine(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_fused_rmsprop": mlx_fused_rmsprop.__version__,
+        "device": "gpu" if device == mx.gpu else "cpu",
+        "metal_available": bool(mx.metal.is_available()),
+        "kernel_threads": kernel_threads(),
+    }
+
+
+def one_line(m: dict[str, Any]) -> str:
+    mem = f", {m['memory_gib']} GiB" if m.get("memory_gib") else ""
+    simd = f" [{' '.join(m['cpu_simd'])}]" if m.get("cpu_simd") else ""
+    return (
+        f"{m['cpu']}{simd}, {m['usable_cores']} usable of {m['logical_cores']} cores"
+        f"{mem}, {m['os']} {m['arch']}; mlx {m['mlx']}, device {m['device']}; "
+        f"mlx-fused-rmsprop {m['mlx_fused_rmsprop']} "
+        f"(CPU kernel threads: {m['kernel_threads']}); Python {m['python']}"
+    )

@@ -1,0 +1,223 @@
+"""The benchmark's outputs: markdown table, target check, PNG plot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import machine
+from .cases import IMPLS
+
+TARGET_N = 16 * 2**20
+
+
+def fmt_elems(n: int) -> str:
+    if n >= 2**20 and n % 2**20 == 0:
+        return f"{n // 2**20}M"
+    if n >= 2**10 and n % 2**10 == 0:
+        return f"{n // 2**10}K"
+    return str(n)
+
+
+def fmt_time(s: float) -> str:
+    if s >= 1.0:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.0f} µs"
+
+
+def _x(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f}×"
+
+
+def _find_leaf(results: dict, dtype: str, n: int) -> dict | None:
+    for leaf in results.get("leaves", []):
+        if leaf["dtype"] == dtype and leaf["elements"] == n:
+            return leaf
+    return None
+
+
+def targets(results: dict) -> list[dict[str, Any]]:
+    """The performance targets of issue #4, checked against this run (a target
+    whose case did not run is reported as not measured)."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, measured: float | None, goal: float, higher_is_better: bool = True,
+            unit: str = "×") -> None:
+        met = None if measured is None else (
+            measured >= goal if higher_is_better else measured <= goal)
+        out.append({"target": name, "goal": goal, "measured": measured,
+                    "unit": unit, "met": met,
+                    "comparison": ">=" if higher_is_better else "<="})
+
+    f32 = _find_leaf(results, "float32", TARGET_N)
+    bf16 = _find_leaf(results, "bfloat16", TARGET_N)
+    add("16M float32 leaf: speed-up over mlx eager",
+        f32["speedup"].get("mlx") if f32 else None, 6.0)
+    add("16M float32 leaf: speed-up over mlx compiled",
+        f32["speedup"].get("mlx_compiled") if f32 else None, 4.0)
+    add("16M float32 leaf: fraction of copy bandwidth",
+        f32["impls"]["fused"]["fraction_of_copy"] if f32 else None, 0.60, unit="")
+    add("16M bfloat16 leaf: speed-up over mlx eager",
+        bf16["speedup"].get("mlx") if bf16 else None, 8.0)
+    tr = next((m for m in results.get("models", []) if m["model"] == "transformer"
+               and "dims=256" in m["description"]), None)
+    add("Transformer step: speed-up over mlx eager",
+        tr["speedup"].get("mlx") if tr else None, 3.0)
+    mem = [m["extra_peak_x_leaf"]["fused"] for m in results.get("memory", [])]
+    add("extra peak memory of a step (worst dtype), × leaf bytes",
+        max(mem) if mem else None, 0.10, higher_is_better=False, unit="× leaf")
+    return out
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    s = results["settings"]
+    lines = [
+        "## mlx-fused-rmsprop benchmark",
+        "",
+        f"**Machine:** {machine.one_line(m)}",
+        "",
+        f"Run: `{s['mode']}` mode, {results.get('started', '')}, "
+        f"{results.get('elapsed_s', 0):.0f} s. Each time is the median of "
+        f"interleaved rounds (every implementation once per round, order rotated); "
+        f"fast steps are repeated within a round to last ≥ {s['min_batch_s'] * 1e3:.0f} ms. "
+        "A step is `optimizer.update(model, grads)` + "
+        "`mx.eval(model.parameters(), optimizer.state)`. Only ratios within one run "
+        "are comparable.",
+        "",
+    ]
+    if results["leaves"]:
+        has_c = "mlx_compiled" in s["leaf_impls"]
+        lines += [
+            "### Single leaf: time per step",
+            "",
+            "Copy = `memmove` of the bytes an RMSprop step moves (3 reads + 2 writes per "
+            "element), best of 1 and N threads: the memory roofline. "
+            "GB/s = those bytes / time; % copy = GB/s as a fraction of the copy's.",
+            "",
+            "| dtype | elements | fused (ours) | mlx eager |"
+            + (" mlx compiled |" if has_c else "")
+            + " copy | vs eager |" + (" vs compiled |" if has_c else "")
+            + " fused GB/s | % copy |",
+            "|---|---:|---:|---:|" + ("---:|" if has_c else "") + "---:|---:|"
+            + ("---:|" if has_c else "") + "---:|---:|",
+        ]
+        for leaf in results["leaves"]:
+            im = leaf["impls"]
+            row = [leaf["dtype"], fmt_elems(leaf["elements"]),
+                   fmt_time(im["fused"]["median_s"]), fmt_time(im["mlx"]["median_s"])]
+            if has_c:
+                row.append(fmt_time(im["mlx_compiled"]["median_s"]))
+            row.append(fmt_time(leaf["copy_median_s"]))
+            row.append(_x(leaf["speedup"].get("mlx")))
+            if has_c:
+                row.append(_x(leaf["speedup"].get("mlx_compiled")))
+            row.append(f"{im['fused']['gbps']:.1f}")
+            row.append(f"{im['fused']['fraction_of_copy'] * 100:.0f}%")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    if results["models"]:
+        impls = s["model_impls"]
+        lines += [
+            "### Whole models: one optimizer step over every parameter",
+            "",
+            "| model | parameters | leaves | " + " | ".join(IMPLS[i] for i in impls)
+            + " | " + " | ".join(f"{IMPLS[i]} / fused" for i in impls if i != "fused") + " |",
+            "|---|---:|---:|" + "---:|" * (2 * len(impls) - 1),
+        ]
+        for mod in results["models"]:
+            row = [mod["description"], f"{mod['parameters']:,}", str(mod["leaves"])]
+            row += [fmt_time(mod["impls"][i]["median_s"]) for i in impls]
+            row += [_x(mod["speedup"][i]) for i in impls if i != "fused"]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    if results["memory"]:
+        impls = s["leaf_impls"]
+        lines += [
+            "### Extra peak memory of one step (× the leaf's bytes)",
+            "",
+            "Training loop on a one-leaf model; gradients evaluated first, then "
+            "`mx.reset_peak_memory()`, the step, `mx.get_peak_memory()` minus the memory "
+            "live before the step.",
+            "",
+            "| dtype | elements | " + " | ".join(IMPLS[i] for i in impls) + " |",
+            "|---|---:|" + "---:|" * len(impls),
+        ]
+        for mem in results["memory"]:
+            row = [mem["dtype"], fmt_elems(mem["elements"])]
+            row += [f"{mem['extra_peak_x_leaf'][i]:.2f}" for i in impls]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    tg = results.get("targets") or []
+    if any(t["measured"] is not None for t in tg):
+        lines += ["### Targets", "", "| target | goal | measured | met |", "|---|---:|---:|:---:|"]
+        for t in tg:
+            if t["measured"] is None:
+                meas, met = "not measured", "–"
+            else:
+                if t["unit"] == "":
+                    meas = f"{t['measured'] * 100:.0f}%"
+                else:
+                    meas = f"{t['measured']:.2f}{t['unit']}"
+                met = "yes" if t["met"] else "**no**"
+            goal = (f"{t['comparison']} {t['goal'] * 100:.0f}%" if t["unit"] == ""
+                    else f"{t['comparison']} {t['goal']:g}{t['unit']}")
+            lines.append(f"| {t['target']} | {goal} | {meas} | {met} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> bool:
+    """Time vs size per implementation and GB/s against the copy roofline, one
+    column per dtype. Returns False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    leaves = results["leaves"]
+    if not leaves:
+        return False
+    dtypes = list(dict.fromkeys(leaf["dtype"] for leaf in leaves))
+    fig, axes = plt.subplots(2, len(dtypes), figsize=(5.2 * len(dtypes), 8.5),
+                             squeeze=False)
+    styles = {"fused": ("tab:red", "o"), "mlx": ("tab:blue", "s"),
+              "mlx_compiled": ("tab:green", "^"), "fused_compiled": ("tab:orange", "v")}
+    for col, dt in enumerate(dtypes):
+        rows = sorted((lf for lf in leaves if lf["dtype"] == dt), key=lambda x: x["elements"])
+        ns = [r["elements"] for r in rows]
+        ax_t, ax_b = axes[0][col], axes[1][col]
+        for impl in results["settings"]["leaf_impls"]:
+            color, marker = styles.get(impl, ("black", "x"))
+            ax_t.plot(ns, [r["impls"][impl]["median_s"] * 1e3 for r in rows],
+                      marker=marker, color=color, label=IMPLS.get(impl, impl))
+            ax_b.plot(ns, [r["impls"][impl]["gbps"] for r in rows],
+                      marker=marker, color=color, label=IMPLS.get(impl, impl))
+        ax_t.plot(ns, [r["copy_median_s"] * 1e3 for r in rows], linestyle="--",
+                  color="gray", label="copy of the same bytes")
+        ax_b.plot(ns, [r["roofline_gbps"] for r in rows], linestyle="--", color="gray",
+                  label="copy (roofline)")
+        for ax in (ax_t, ax_b):
+            ax.set_xscale("log", base=2)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_xlabel("leaf elements")
+        ax_t.set_yscale("log")
+        ax_t.set_ylabel("time per step (ms)")
+        ax_t.set_title(dt)
+        ax_b.set_ylabel("effective GB/s (5 × elements × itemsize / time)")
+        ax_b.set_ylim(bottom=0)
+        ax_t.legend(fontsize=8)
+        ax_b.legend(fontsize=8)
+    m = results["machine"]
+    fig.suptitle(
+        f"mlx-fused-rmsprop vs mlx.optimizers.RMSprop — {m['cpu']}, "
+        f"{m['usable_cores']} cores, mlx {m['mlx']} ({m['device']})",
+        fontsize=11,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,280 @@
+"""`python -m mlx_fused_rmsprop bench`: runs every case and writes the table
+(stdout), a JSON file and a PNG plot."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import mlx.core as mx
+
+from . import cases, machine, report
+from .timing import Progress, interleaved, summarize
+
+DEFAULT_SIZES = [4096 * 4**i for i in range(7)]  # 4K ... 16M
+FULL_SIZES = DEFAULT_SIZES + [64 * 2**20]  # ... 64M
+QUICK_SIZES = [4096, 16384]
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper()
+    mult = 1
+    if t.endswith("K"):
+        mult, t = 2**10, t[:-1]
+    elif t.endswith("M"):
+        mult, t = 2**20, t[:-1]
+    value = int(float(t) * mult)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_fused_rmsprop bench",
+        description=(
+            "Benchmark the fused RMSprop against mlx.optimizers.RMSprop (eager and "
+            "mx.compile'd) and a plain memory copy, on the default device. Prints a "
+            "markdown table; writes JSON and a PNG plot (needs matplotlib: "
+            "pip install 'mlx-fused-rmsprop[bench]'). The default run takes about "
+            "2 minutes on 2 cores."
+        ),
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true",
+                      help="leaves up to 64M elements and more repeats")
+    mode.add_argument("--quick", action="store_true",
+                      help="tiny sizes and models, 3 repeats: a smoke test (seconds)")
+    p.add_argument("--sizes", type=lambda s: [parse_size(x) for x in s.split(",")],
+                   help="comma-separated leaf sizes in elements, e.g. 4K,1M,16M")
+    p.add_argument("--dtypes", type=lambda s: s.split(","),
+                   help="comma-separated subset of float32,float16,bfloat16")
+    p.add_argument("--repeats", type=int,
+                   help="interleaved rounds per measurement (median taken)")
+    p.add_argument("--min-batch-ms", type=float, default=None,
+                   help="shortest timed batch; fast steps are repeated to reach it")
+    p.add_argument("--no-compiled", action="store_true",
+                   help="skip the mx.compile'd variants")
+    p.add_argument("--no-models", action="store_true", help="skip the whole-model cases")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory cases")
+    p.add_argument("--out", default="bench-results",
+                   help="directory for the JSON and PNG (default: ./bench-results)")
+    p.add_argument("--name", default=None,
+                   help="file name stem (default: bench-<quick|default|full>)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    mode = "quick" if args.quick else "full" if args.full else "default"
+    sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES if args.full
+                           else DEFAULT_SIZES)
+    dtypes = args.dtypes or list(cases.DTYPES)
+    for d in dtypes:
+        if d not in cases.DTYPES:
+            raise SystemExit(f"unknown dtype {d!r}; choose from {', '.join(cases.DTYPES)}")
+    repeats = args.repeats or (3 if args.quick else 11 if args.full else 7)
+    min_batch_s = (args.min_batch_ms if args.min_batch_ms is not None
+                   else 1.0 if args.quick else 5.0) / 1e3
+    impls = ["fused", "mlx"] + ([] if args.no_compiled else ["mlx_compiled"])
+    model_impls = ["fused", "mlx"] + (
+        [] if args.no_compiled else ["fused_compiled", "mlx_compiled"])
+    return {
+        "mode": mode,
+        "sizes": sorted(set(sizes)),
+        "dtypes": dtypes,
+        "repeats": repeats,
+        "min_batch_s": min_batch_s,
+        "leaf_impls": impls,
+        "model_impls": model_impls,
+        "models": [] if args.no_models else ["transformer", "mlp"],
+        "memory": not args.no_memory,
+        "quick": bool(args.quick),
+    }
+
+
+def _rounds_for(n: int, settings: dict) -> int:
+    """Fewer rounds for the largest leaves (each eager step there is long)."""
+    r = settings["repeats"]
+    if settings["mode"] == "default" and n >= 16 * 2**20:
+        return max(5, r - 2)
+    return r
+
+
+def _free() -> None:
+    gc.collect()
+    mx.synchronize()
+    mx.clear_cache()
+
+
+def run_leaf(n: int, dtype_name: str, settings: dict, progress: Progress) -> dict:
+    dtype = cases.DTYPES[dtype_name]
+    itemsize = dtype.size
+    nbytes = cases.rmsprop_bytes(n, itemsize)
+    label = f"leaf {dtype_name} {report.fmt_elems(n)}"
+    grads = {"w": mx.random.normal((n,), key=mx.random.key(7)).astype(dtype) * 1e-2}
+    mx.eval(grads)
+    steps, keep = {}, []
+    for impl in settings["leaf_impls"]:
+        model = cases.Leaf(n, dtype)
+        step, opt = cases.optimizer_step(model, impl, grads)
+        steps[impl] = step
+        keep.append((model, opt))
+    copier = cases.Copier(nbytes // 2, machine.kernel_threads())
+    steps["copy_1t"] = copier.copy_1t
+    if copier.threads > 1:
+        steps[f"copy_{copier.threads}t"] = copier.copy_nt
+
+    rounds = _rounds_for(n, settings)
+    progress.set_label(f"{label}: warm-up")
+    samples = interleaved(
+        steps,
+        rounds,
+        settings["min_batch_s"],
+        on_round=lambda name, r: progress.advance(1, f"{label}: {name} round {r + 1}/{rounds}"),
+    )
+    result: dict[str, Any] = {
+        "dtype": dtype_name,
+        "elements": n,
+        "leaf_bytes": n * itemsize,
+        "bytes_per_step": nbytes,
+        "rounds": rounds,
+        "impls": {},
+        "copy": {},
+    }
+    for name, s in samples.items():
+        summ = summarize(s)
+        summ["gbps"] = nbytes / summ["median_s"] / 1e9
+        (result["copy"] if name.startswith("copy") else result["impls"])[name] = summ
+    best_copy = min(result["copy"].values(), key=lambda c: c["median_s"])
+    result["roofline_gbps"] = best_copy["gbps"]
+    result["copy_median_s"] = best_copy["median_s"]
+    for impl, summ in result["impls"].items():
+        summ["fraction_of_copy"] = summ["gbps"] / result["roofline_gbps"]
+    fused = result["impls"]["fused"]["median_s"]
+    result["speedup"] = {
+        impl: summ["median_s"] / fused
+        for impl, summ in result["impls"].items() if impl != "fused"
+    }
+    del steps, keep, grads, copier
+    _free()
+    return result
+
+
+def run_model(name: str, settings: dict, progress: Progress) -> dict:
+    quick = settings["quick"]
+    label = f"model {name}"
+    grads_model = cases.build_model(name, quick)
+    grads = cases.real_grads(name, grads_model, quick)
+    params, leaves = cases.count_params(grads_model)
+    del grads_model
+    steps, keep = {}, []
+    for impl in settings["model_impls"]:
+        model = cases.build_model(name, quick)
+        step, opt = cases.optimizer_step(model, impl, grads)
+        steps[impl] = step
+        keep.append((model, opt))
+    rounds = settings["repeats"]
+    progress.set_label(f"{label}: warm-up")
+    samples = interleaved(
+        steps,
+        rounds,
+        settings["min_batch_s"],
+        on_round=lambda impl, r: progress.advance(1, f"{label}: {impl} round {r + 1}/{rounds}"),
+    )
+    result: dict[str, Any] = {
+        "model": name,
+        "description": cases.model_description(name, quick),
+        "parameters": params,
+        "leaves": leaves,
+        "rounds": rounds,
+        "impls": {impl: summarize(s) for impl, s in samples.items()},
+    }
+    fused = result["impls"]["fused"]["median_s"]
+    result["speedup"] = {
+        impl: summ["median_s"] / fused
+        for impl, summ in result["impls"].items() if impl != "fused"
+    }
+    del steps, keep, grads
+    _free()
+    return result
+
+
+def run_memory(n: int, dtype_name: str, settings: dict, progress: Progress) -> dict:
+    dtype = cases.DTYPES[dtype_name]
+    out = {"dtype": dtype_name, "elements": n, "leaf_bytes": n * dtype.size,
+           "extra_peak_x_leaf": {}}
+    for impl in settings["leaf_impls"]:
+        progress.set_label(f"peak memory {dtype_name} {report.fmt_elems(n)}: {impl}")
+        out["extra_peak_x_leaf"][impl] = cases.step_extra_peak(n, dtype, impl)
+        progress.advance(1)
+        _free()
+    return out
+
+
+def run(settings: dict) -> dict:
+    leaf_cases = [(n, d) for d in settings["dtypes"] for n in settings["sizes"]]
+    memory_n = max(settings["sizes"])
+    memory_cases = [(memory_n, d) for d in settings["dtypes"]] if settings["memory"] else []
+    n_leaf_steps = len(settings["leaf_impls"]) + 2
+    total = sum(_rounds_for(n, settings) * n_leaf_steps for n, _ in leaf_cases)
+    total += len(settings["models"]) * settings["repeats"] * len(settings["model_impls"])
+    total += len(memory_cases) * len(settings["leaf_impls"])
+    progress = Progress(total)
+    started = time.time()
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {
+        "machine": machine.describe(),
+        "settings": {k: v for k, v in settings.items() if k != "quick"},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "leaves": [],
+        "models": [],
+        "memory": [],
+    }
+    try:
+        for n, d in leaf_cases:
+            results["leaves"].append(run_leaf(n, d, settings, progress))
+        for name in settings["models"]:
+            results["models"].append(run_model(name, settings, progress))
+        for n, d in memory_cases:
+            results["memory"].append(run_memory(n, d, settings, progress))
+    finally:
+        progress.close()
+    results["elapsed_s"] = time.perf_counter() - t0
+    results["targets"] = report.targets(results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m mlx_fused_rmsprop bench`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    settings = _settings(args)
+    results = run(settings)
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = args.name or f"bench-{settings['mode']}"
+    json_path = os.path.join(args.out, stem + ".json")
+    png_path = os.path.join(args.out, stem + ".png")
+    md_path = os.path.join(args.out, stem + ".md")
+    results["outputs"] = {"json": json_path, "markdown": md_path}
+    if not args.no_plot:
+        written = report.plot(results, png_path)
+        if written:
+            results["outputs"]["png"] = png_path
+        else:
+            print("[bench] matplotlib is not installed: no plot "
+                  "(pip install 'mlx-fused-rmsprop[bench]')", file=sys.stderr)
+    markdown = report.markdown(results)
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(markdown)
+    print(markdown)
+    print(f"[bench] wrote {', '.join(results['outputs'].values())} "
+          f"in {results['elapsed_s']:.0f} s", file=sys.stderr)
+    return 0

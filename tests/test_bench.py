@@ -1,0 +1,119 @@
+"""Smoke tests of the benchmark suite (`python -m mlx_fused_rmsprop bench`):
+it runs end to end at a tiny size and its outputs have the documented
+structure. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mlx_fused_rmsprop import bench
+from mlx_fused_rmsprop.bench import report, runner
+
+IMPLS = {"fused", "mlx", "mlx_compiled"}
+MACHINE_KEYS = {"cpu", "logical_cores", "usable_cores", "mlx", "device",
+                "mlx_fused_rmsprop", "kernel_threads", "os", "arch", "python"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_fused_rmsprop", "bench", "--quick",
+         "--out", str(out), "--name", "smoke"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    with open(out / "smoke.json", encoding="utf-8") as f:
+        data = json.load(f)
+    return proc, data, out
+
+
+def test_quick_run_writes_json_with_every_section(quick_run):
+    _, data, _ = quick_run
+    assert MACHINE_KEYS <= set(data["machine"])
+    assert data["machine"]["mlx"]
+    assert data["settings"]["mode"] == "quick"
+    assert data["elapsed_s"] > 0
+
+    leaves = data["leaves"]
+    assert {(x["dtype"], x["elements"]) for x in leaves} == {
+        (d, n) for d in ("float32", "float16", "bfloat16") for n in (4096, 16384)}
+    for leaf in leaves:
+        assert set(leaf["impls"]) == IMPLS
+        for summ in leaf["impls"].values():
+            assert summ["median_s"] > 0 and summ["gbps"] > 0
+            assert len(summ["samples_s"]) == leaf["rounds"]
+            assert summ["fraction_of_copy"] > 0
+        assert leaf["copy"] and leaf["roofline_gbps"] > 0
+        assert leaf["bytes_per_step"] == 5 * leaf["leaf_bytes"]
+        assert set(leaf["speedup"]) == IMPLS - {"fused"}
+
+    assert [m["model"] for m in data["models"]] == ["transformer", "mlp"]
+    for m in data["models"]:
+        assert m["parameters"] > 0 and m["leaves"] > 0
+        assert set(m["impls"]) == IMPLS | {"fused_compiled"}
+
+    assert {m["dtype"] for m in data["memory"]} == {"float32", "float16", "bfloat16"}
+    for m in data["memory"]:
+        assert set(m["extra_peak_x_leaf"]) == IMPLS
+        assert all(v >= 0 for v in m["extra_peak_x_leaf"].values())
+
+    assert len(data["targets"]) == 6
+    for t in data["targets"]:
+        assert {"target", "goal", "measured", "met"} <= set(t)
+
+
+def test_quick_run_prints_markdown_tables_and_progress(quick_run):
+    proc, data, out = quick_run
+    md = proc.stdout
+    assert "**Machine:**" in md and data["machine"]["cpu"] in md
+    for heading in ("### Single leaf", "### Whole models",
+                    "### Extra peak memory", "### Targets"):
+        assert heading in md
+    table_rows = [line for line in md.splitlines()
+                  if line.startswith("| float32 |") or line.startswith("| bfloat16 |")]
+    assert len(table_rows) >= 4
+    # Same header width in every row of the leaf table.
+    header = next(line for line in md.splitlines() if line.startswith("| dtype | elements | fused"))
+    assert all(r.count("|") == header.count("|") for r in table_rows[:4])
+    assert (out / "smoke.md").read_text(encoding="utf-8").strip() == md.strip()
+    assert "[bench]" in proc.stderr or "%" in proc.stderr  # progress reported
+
+
+def test_quick_run_plot(quick_run):
+    pytest.importorskip("matplotlib")
+    _, data, out = quick_run
+    png = out / "smoke.png"
+    assert data["outputs"]["png"].endswith("smoke.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_main_is_exported_and_parses_its_own_arguments(capsys):
+    assert callable(bench.main)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0
+    assert "--full" in capsys.readouterr().out
+
+
+def test_settings_and_sizes():
+    parser = runner.build_parser()
+    s = runner._settings(parser.parse_args([]))
+    assert s["sizes"][0] == 4096 and s["sizes"][-1] == 16 * 2**20
+    full = runner._settings(parser.parse_args(["--full"]))
+    assert full["sizes"][-1] == 64 * 2**20
+    custom = runner._settings(parser.parse_args(["--sizes", "4K,1M", "--dtypes", "bfloat16",
+                                                 "--no-compiled"]))
+    assert custom["sizes"] == [4096, 2**20] and custom["dtypes"] == ["bfloat16"]
+    assert "mlx_compiled" not in custom["leaf_impls"]
+    assert runner.parse_size("16M") == 16 * 2**20
+    assert report.fmt_elems(16 * 2**20) == "16M" and report.fmt_elems(4096) == "4K"
+
+
+def test_targets_report_not_measured_without_the_cases():
+    targets = report.targets({"leaves": [], "models": [], "memory": []})
+    assert len(targets) == 6
+    assert all(t["measured"] is None and t["met"] is None for t in targets)
