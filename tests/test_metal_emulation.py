@@ -671,9 +671,18 @@ def test_shader_matches_cpu(drivers, tmp_path, dtype_name, layout, inplace):
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_shader_matches_cpu_over_a_million_elements(drivers, tmp_path, dtype_name):
-    cases = _cases(
-        dtype_name, ["contiguous"], [BIG_SIZE], [True], _seed(dtype_name, "big")
-    ) + _cases(dtype_name, ["strided"], [BIG_SIZE], [False], _seed(dtype_name, "big-strided"))
+    """Over 2^20 elements (with a tail for every dtype): flat in place, flat
+    transposed in place, strided slice, broadcast gradient."""
+    cases = []
+    for layout, inplace in [
+        ("contiguous", True),
+        ("transposed", True),  # (3, n): 3n elements
+        ("strided", False),
+        ("broadcast_grad", False),  # (n, 3): 3n elements
+    ]:
+        n = BIG_SIZE if layout in ("contiguous", "strided") else -(-BIG_SIZE // 3)
+        cases += _cases(dtype_name, [layout], [n], [inplace], _seed(dtype_name, "big", layout))
+    assert all(c.views[1].np_view.size >= BIG_SIZE for c in cases)
     _run_cases(drivers["sanitized"], cases, tmp_path)
 
 
