@@ -70,6 +70,15 @@ __attribute__((noinline)) static void batch_from_f32(
   }
 }
 
+static bool have_f16c() {
+#if RMSPROP_HAVE_F16C
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
 static int fail(const char* what, uint32_t in, uint32_t got, uint32_t want) {
   std::printf("MISMATCH %s input=0x%08x got=0x%08x want=0x%08x\n", what, in, got, want);
   return 1;
@@ -83,8 +92,13 @@ static int check_floats(const std::vector<uint32_t>& bits, const char* label) {
   std::vector<uint16_t> h(n), b(n);
   batch_from_f32(in.data(), h.data(), static_cast<int>(n), false);
   batch_from_f32(in.data(), b.data(), static_cast<int>(n), true);
+  std::vector<uint16_t> hc(n);
+#if RMSPROP_HAVE_F16C
+  if (have_f16c()) hb::f32_to_f16_f16c(in.data(), hc.data(), static_cast<int64_t>(n));
+#endif
   for (size_t i = 0; i < n; ++i) {
     uint16_t want_h = ref_f16(in[i]), want_b = ref_bf16(in[i]);
+    if (have_f16c() && hc[i] != want_h) return fail("f32->f16 (F16C)", bits[i], hc[i], want_h);
     if (h[i] != want_h) return fail("f32->f16 (batch)", bits[i], h[i], want_h);
     if (b[i] != want_b) return fail("f32->bf16 (batch)", bits[i], b[i], want_b);
     if (hb::f32_to_f16(in[i]) != want_h)
@@ -114,7 +128,18 @@ int main(int argc, char** argv) {
       return fail("f16->f32 (scalar)", x, f2u(hb::f16_to_f32(x)), want);
     if (f2u(bf[i]) != want_b) return fail("bf16->f32 (batch)", x, f2u(bf[i]), want_b);
   }
-  std::printf("ok all 65536 f16 and bf16 patterns -> f32\n");
+#if RMSPROP_HAVE_F16C
+  if (have_f16c()) {
+    std::vector<float> fc(65536);
+    hb::f16_to_f32_f16c(all.data(), fc.data(), 65536);
+    for (int i = 0; i < 65536; ++i) {
+      uint32_t want = f2u(ref_from_f16(static_cast<uint16_t>(i)));
+      if (f2u(fc[i]) != want) return fail("f16->f32 (F16C)", i, f2u(fc[i]), want);
+    }
+  }
+#endif
+  std::printf("ok all 65536 f16 and bf16 patterns -> f32%s\n",
+              have_f16c() ? " (portable and F16C)" : "");
 
   // 2. Every float32 a half can hold (round trips), and its neighbours: the
   //    rounding boundaries (ties, just below/above) of every half interval.

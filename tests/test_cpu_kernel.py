@@ -279,7 +279,7 @@ def _split_cases(min_per_thread: int):
     return cases
 
 
-@pytest.mark.parametrize("min_per_thread", [300, 65536])
+@pytest.mark.parametrize("min_per_thread", [300, 131072])
 def test_split_across_threads_gives_identical_results(min_per_thread):
     env = {"MLX_FUSED_RMSPROP_MIN_ELEMENTS_PER_THREAD": str(min_per_thread)}
     cases = _split_cases(min_per_thread)
