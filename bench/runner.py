@@ -208,10 +208,12 @@ def run_model(name: str, settings: dict, progress: Progress) -> dict:
 def run_memory(n: int, dtype_name: str, settings: dict, progress: Progress) -> dict:
     dtype = cases.DTYPES[dtype_name]
     out = {"dtype": dtype_name, "elements": n, "leaf_bytes": n * dtype.size,
-           "extra_peak_x_leaf": {}}
+           "extra_peak_x_leaf": {}, "train_step_extra_peak_x_leaf": {}}
     for impl in settings["leaf_impls"]:
         progress.set_label(f"peak memory {dtype_name} {report.fmt_elems(n)}: {impl}")
         out["extra_peak_x_leaf"][impl] = cases.step_extra_peak(n, dtype, impl)
+        out["train_step_extra_peak_x_leaf"][impl] = cases.step_extra_peak(
+            n, dtype, impl, one_eval=True)
         progress.advance(1)
         _free()
     return out

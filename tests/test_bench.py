@@ -59,6 +59,7 @@ def test_quick_run_writes_json_with_every_section(quick_run):
     assert {m["dtype"] for m in data["memory"]} == {"float32", "float16", "bfloat16"}
     for m in data["memory"]:
         assert set(m["extra_peak_x_leaf"]) == IMPLS
+        assert set(m["train_step_extra_peak_x_leaf"]) == IMPLS
         assert all(v >= 0 for v in m["extra_peak_x_leaf"].values())
 
     assert len(data["targets"]) == 6
