@@ -165,13 +165,6 @@ CollapsedLayout collapse_layout(
   return out;
 }
 
-namespace {
-
-// make_arrays gives each of our two outputs its own copy of the input list, so
-// every input is referenced twice and never is_donatable(). The evaluator
-// detaches (clears the inputs of) both outputs right after eval anyway unless
-// they are tracers, so for non-tracers we drop the sibling's copy a little
-// earlier: an input referenced by nothing else can then be donated.
 void release_sibling_inputs(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
@@ -186,8 +179,6 @@ void release_sibling_inputs(
     }
   }
 }
-
-} // namespace
 
 void allocate_outputs(
     const std::vector<mx::array>& inputs,
@@ -204,7 +195,6 @@ void allocate_outputs(
   }
   // The kernel reads element i of an input before writing element i of the
   // output that shares its buffer, so donation is safe.
-  release_sibling_inputs(inputs, outputs);
   auto take_or_allocate = [&param](const mx::array& in, mx::array& out) {
     if (mx::is_donatable(in, out)) {
       out.copy_shared_buffer(in);

@@ -79,6 +79,19 @@ CollapsedLayout collapse_layout(
     const mx::array& v);
 
 /**
+ * make_arrays gives each of the two outputs its own copy of the input list,
+ * so every input is referenced twice and never is_donatable(): each step
+ * would allocate (and page-fault) two leaf-sized buffers. MLX clears those
+ * lists when it detaches the evaluated outputs anyway (unless they are
+ * tracers), so both backends call this first in eval: for non-tracers it drops
+ * the sibling's copy, and an input referenced by nothing else becomes
+ * donatable. The evaluated output's own list keeps every input alive.
+ */
+void release_sibling_inputs(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs);
+
+/**
  * Give the two outputs their buffers. Flat layout: outputs take param's
  * layout and, when param / v are donatable, their very buffers (the update is
  * then in place). Otherwise: fresh row-contiguous buffers.

@@ -722,29 +722,6 @@ void dispatch_typed(
   }
 }
 
-// MLX gives each output of a multi-output primitive its own copy of the
-// inputs, so an old parameter that nothing else references is still held
-// twice (by param' and by v') and array::is_donatable() could never hold:
-// every step would allocate (and page-fault) two fresh leaf-sized buffers.
-// Drop the siblings' copies; eval_cpu's `inputs` (the evaluated array's own)
-// keeps every input alive until the step is done, and MLX clears all of them
-// when it detaches the evaluated arrays anyway. Under a transformation that
-// keeps the graph (tracers), nothing is touched and nothing is donated.
-void release_sibling_inputs(
-    const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs) {
-  for (const auto& out : outputs) {
-    if (out.is_tracer()) {
-      return;
-    }
-  }
-  for (auto& out : outputs) {
-    if (&out.inputs() != &inputs) {
-      out.inputs().clear();
-    }
-  }
-}
-
 } // namespace
 
 void FusedRMSprop::eval_cpu(

@@ -55,6 +55,7 @@ void FusedRMSprop::eval_gpu(
   const auto& v = inputs[2];
   const auto& lr = inputs[3];
 
+  release_sibling_inputs(inputs, outputs);
   bool flat = is_flat_layout(grad, param, v);
   allocate_outputs(inputs, outputs, flat);
   if (param.size() == 0) {
