@@ -4,6 +4,7 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "mlx/transforms.h"
 #include "mlx/version.h"
 
 #include "rmsprop.h"
@@ -100,6 +101,26 @@ NB_MODULE(_ext, m) {
       "eps"_a,
       "stream"_a = nb::none(),
       "Raise ValueError unless the arguments form a valid rmsprop_update call.");
+
+  m.def(
+      "_dispatch_layout",
+      [](mx::array grad, mx::array param, mx::array v) {
+        mx::eval({grad, param, v}); // layouts are known once evaluated
+        bool flat = mlx_fused_rmsprop::is_flat_layout(grad, param, v);
+        auto layout = mlx_fused_rmsprop::collapse_layout(grad, param, v);
+        std::vector<int> shape(layout.shape.begin(), layout.shape.end());
+        std::vector<std::vector<int64_t>> strides;
+        for (const auto& s : layout.strides) {
+          strides.emplace_back(s.begin(), s.end());
+        }
+        return nb::make_tuple(flat, shape, strides);
+      },
+      "grad"_a,
+      "param"_a,
+      "v"_a,
+      "For tests (the Metal-as-C++ harness): (flat, shape, strides) as eval_gpu "
+      "would choose them -- the contiguous kernel when flat, else the general "
+      "kernel over the collapsed shape and the grad/param/v strides.");
 
   // What this binary was compiled against; the package compares it with the
   // mlx found at import time.

@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_fused_rmsprop import rmsprop_update
+from mlx_fused_rmsprop import _ext, rmsprop_update
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "tests" / "metal_harness"
@@ -190,57 +190,12 @@ def drivers(tmp_path_factory) -> dict[str, Driver]:
 # ---------------------------------------------------------------- layouts
 
 
-def _row_contiguous(shape, strides) -> bool:
-    """mlx's check_contiguity: row-major strides, ignoring size-1 dims."""
-    expected = 1
-    for extent, stride in zip(reversed(shape), reversed(strides)):
-        if extent != 1 and stride != expected:
-            return False
-        expected *= extent
-    return True
-
-
-def _dense(shape, strides) -> bool:
-    """Whether the array covers exactly `size` consecutive elements with
-    positive strides (mlx: flags().contiguous and data_size() == size())."""
-    dims = sorted((s, e) for e, s in zip(shape, strides) if e != 1)
-    expected = 1
-    for stride, extent in dims:
-        if stride != expected:
-            return False
-        expected *= extent
-    return True
-
-
-def _is_flat(arrays) -> bool:
-    """Mirror of is_flat_layout() in csrc/rmsprop.cpp (the choice between the
-    contiguous and the general kernel); checked against the CPU's outputs in
-    _run_cases."""
-    grad, param, v = arrays
-    if all(_row_contiguous(a.shape, a.strides) for a in arrays):
-        return True
-    return all(_dense(a.shape, a.strides) and a.strides == param.strides for a in arrays)
-
-
-def _collapse(shape, strides3):
-    """Mirror of collapse_layout() in csrc/rmsprop.cpp: what eval_gpu binds
-    as the general kernel's shape and strides."""
-    out_shape: list[int] = []
-    out = [[], [], []]
-    for d, extent in enumerate(shape):
-        if extent == 1:
-            continue
-        if out_shape and all(out[a][-1] == strides3[a][d] * extent for a in range(3)):
-            out_shape[-1] *= extent
-            for a in range(3):
-                out[a][-1] = strides3[a][d]
-        else:
-            out_shape.append(extent)
-            for a in range(3):
-                out[a].append(strides3[a][d])
-    if not out_shape:
-        return [1], [[0], [0], [0]]
-    return out_shape, out
+def _dispatch_layout(views, dtype_name):
+    """(flat, shape, strides) from the extension's own is_flat_layout() and
+    collapse_layout(): the kernel choice and general-kernel layout eval_gpu
+    binds for these views."""
+    dtype = DTYPES[dtype_name][0]
+    return _ext._dispatch_layout(*(view.to_mx(dtype) for view in views))
 
 
 @dataclass
@@ -390,10 +345,11 @@ class Case:
     reverse: bool
     hyper: tuple
     views: list
-    flat: bool
+    flat: bool  # contiguous kernel (else general, over general_shape/strides)
+    general_shape: list
+    general_strides: list
     expected_param: np.ndarray = None  # logical, bits
     expected_v: np.ndarray = None
-    cpu_out_strides: tuple = None
 
 
 def _make_case(rng, dtype_name, layout, n, inplace, reverse, index) -> Case | None:
@@ -405,7 +361,7 @@ def _make_case(rng, dtype_name, layout, n, inplace, reverse, index) -> Case | No
         views.append(View(_random_bits(rng, dtype_name, length, kind), ops))
     shapes = {v.shape for v in views}
     assert len(shapes) == 1, f"{layout}: shapes differ {shapes}"
-    flat = _is_flat(views)
+    flat, shape, strides = _dispatch_layout(views, dtype_name)
     return Case(
         dtype=dtype_name,
         layout=layout,
@@ -415,6 +371,8 @@ def _make_case(rng, dtype_name, layout, n, inplace, reverse, index) -> Case | No
         hyper=HYPERPARAMETERS[index % len(HYPERPARAMETERS)],
         views=views,
         flat=flat,
+        general_shape=shape,
+        general_strides=strides,
     )
 
 
@@ -429,9 +387,6 @@ def _cpu_reference(case: Case) -> None:
     mx_uint = MX_UINT[uint]
     case.expected_param = np.array(w2.view(mx_uint))
     case.expected_v = np.array(v2.view(mx_uint))
-    if w2.size:
-        item = DTYPES[case.dtype][2]
-        case.cpu_out_strides = tuple(s // item for s in memoryview(w2.view(mx_uint)).strides)
 
 
 # ---------------------------------------------------------------- running
@@ -461,7 +416,7 @@ def _write_manifest(cases: list[Case], workdir: Path) -> Path:
             "offsets " + " ".join(str(view.offset) for view in case.views),
         ]
         if not case.flat:
-            shape, strides = _collapse(param.shape, [view.strides for view in case.views])
+            shape, strides = case.general_shape, case.general_strides
             lines += [
                 "shape " + " ".join(map(str, shape)),
                 "strides_grad " + " ".join(map(str, strides[0])),
@@ -544,15 +499,6 @@ def _run_cases(driver: Driver, cases: list[Case], workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     for case in cases:
         _cpu_reference(case)
-        param = case.views[1]
-        # The CPU backend makes the same flat / general choice: on the flat
-        # layout its outputs take param's strides, otherwise row-major ones.
-        if case.cpu_out_strides is not None and not _row_contiguous(param.shape, param.strides):
-            cpu_flat = case.cpu_out_strides == param.strides
-            assert cpu_flat == case.flat, (
-                f"{case.layout}: the test's is_flat_layout mirror says {case.flat}, "
-                f"the CPU primitive decided {cpu_flat}"
-            )
     manifest = _write_manifest(cases, workdir)
     env = dict(os.environ, **SANITIZER_ENV)
     proc = subprocess.run(
