@@ -49,6 +49,17 @@ class Leaf(nn.Module):
         self.w = mx.random.normal((n,), key=mx.random.key(seed)).astype(dtype)
 
 
+def _update_fn(model: nn.Module, opt: optim.Optimizer, impl: str) -> Callable:
+    """g -> opt.update(model, g), under mx.compile for the *_compiled impls."""
+    def update(g):
+        opt.update(model, g)
+
+    if impl.endswith("compiled"):
+        state = [model.state, opt.state]
+        return partial(mx.compile, inputs=state, outputs=state)(update)
+    return update
+
+
 def optimizer_step(
     model: nn.Module, impl: str, grads: dict
 ) -> tuple[Callable[[], None], optim.Optimizer]:
@@ -57,17 +68,7 @@ def optimizer_step(
     opt = make_optimizer(impl)
     opt.init(model.trainable_parameters())
     mx.eval(model.parameters(), opt.state)
-    if impl.endswith("compiled"):
-        state = [model.state, opt.state]
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def update(g):
-            opt.update(model, g)
-
-    else:
-
-        def update(g):
-            opt.update(model, g)
+    update = _update_fn(model, opt, impl)
 
     def step() -> None:
         update(grads)
@@ -150,17 +151,7 @@ def step_extra_peak(
     mx.eval(model.parameters(), x)
     opt = make_optimizer(impl)
     value_and_grad = nn.value_and_grad(model, _leaf_loss)
-    if impl.endswith("compiled"):
-        state = [model.state, opt.state]
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def update(g):
-            opt.update(model, g)
-
-    else:
-
-        def update(g):
-            opt.update(model, g)
+    update = _update_fn(model, opt, impl)
 
     extra = 0.0
     for _ in range(steps):

@@ -131,13 +131,7 @@ def run_leaf(n: int, dtype_name: str, settings: dict, progress: Progress) -> dic
         steps[f"copy_{copier.threads}t"] = copier.copy_nt
 
     rounds = _rounds_for(n, settings)
-    progress.set_label(f"{label}: warm-up")
-    samples = interleaved(
-        steps,
-        rounds,
-        settings["min_batch_s"],
-        on_round=lambda name, r: progress.advance(1, f"{label}: {name} round {r + 1}/{rounds}"),
-    )
+    samples = _interleaved_with_progress(steps, rounds, settings, progress, label)
     result: dict[str, Any] = {
         "dtype": dtype_name,
         "elements": n,
@@ -166,6 +160,17 @@ def run_leaf(n: int, dtype_name: str, settings: dict, progress: Progress) -> dic
     return result
 
 
+def _interleaved_with_progress(steps, rounds, settings, progress, label):
+    """interleaved() timing of `steps`, advancing the progress bar per round."""
+    progress.set_label(f"{label}: warm-up")
+    return interleaved(
+        steps,
+        rounds,
+        settings["min_batch_s"],
+        on_round=lambda name, r: progress.advance(1, f"{label}: {name} round {r + 1}/{rounds}"),
+    )
+
+
 def run_model(name: str, settings: dict, progress: Progress) -> dict:
     quick = settings["quick"]
     label = f"model {name}"
@@ -180,13 +185,7 @@ def run_model(name: str, settings: dict, progress: Progress) -> dict:
         steps[impl] = step
         keep.append((model, opt))
     rounds = settings["repeats"]
-    progress.set_label(f"{label}: warm-up")
-    samples = interleaved(
-        steps,
-        rounds,
-        settings["min_batch_s"],
-        on_round=lambda impl, r: progress.advance(1, f"{label}: {impl} round {r + 1}/{rounds}"),
-    )
+    samples = _interleaved_with_progress(steps, rounds, settings, progress, label)
     result: dict[str, Any] = {
         "model": name,
         "description": cases.model_description(name, quick),

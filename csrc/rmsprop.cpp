@@ -44,26 +44,25 @@ void check_rmsprop_inputs(
         << (on_gpu ? "" : " (and float64 on the CPU)") << ".";
     fail(msg);
   }
-  if (grad.dtype() != param.dtype()) {
-    msg << "[rmsprop_update] gradient dtype " << grad.dtype()
-        << " does not match parameter dtype " << param.dtype() << ".";
-    fail(msg);
-  }
-  if (v.dtype() != param.dtype()) {
-    msg << "[rmsprop_update] state 'v' dtype " << v.dtype()
-        << " does not match parameter dtype " << param.dtype() << ".";
-    fail(msg);
-  }
-  if (grad.shape() != param.shape()) {
-    msg << "[rmsprop_update] gradient shape " << grad.shape()
-        << " does not match parameter shape " << param.shape() << ".";
-    fail(msg);
-  }
-  if (v.shape() != param.shape()) {
-    msg << "[rmsprop_update] state 'v' shape " << v.shape()
-        << " does not match parameter shape " << param.shape() << ".";
-    fail(msg);
-  }
+  // grad and v must be laid over param element for element.
+  auto check_dtype = [&](const mx::array& a, const char* what) {
+    if (a.dtype() != param.dtype()) {
+      msg << "[rmsprop_update] " << what << " dtype " << a.dtype()
+          << " does not match parameter dtype " << param.dtype() << ".";
+      fail(msg);
+    }
+  };
+  check_dtype(grad, "gradient");
+  check_dtype(v, "state 'v'");
+  auto check_shape = [&](const mx::array& a, const char* what) {
+    if (a.shape() != param.shape()) {
+      msg << "[rmsprop_update] " << what << " shape " << a.shape()
+          << " does not match parameter shape " << param.shape() << ".";
+      fail(msg);
+    }
+  };
+  check_shape(grad, "gradient");
+  check_shape(v, "state 'v'");
   if (lr.size() != 1) {
     msg << "[rmsprop_update] learning rate must be a scalar, got shape "
         << lr.shape() << ".";

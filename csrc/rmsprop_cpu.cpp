@@ -52,26 +52,20 @@ namespace {
 
 // ---- Element formats: storage type in memory, compute type, conversions.
 
-struct Float32Format {
-  using Storage = float;
-  using Compute = float;
-  static float load(float x) {
+// float32 and float64 compute in their own type: loading is the identity.
+template <typename T>
+struct NativeFormat {
+  using Storage = T;
+  using Compute = T;
+  static T load(T x) {
     return x;
   }
-  static float store(float x) {
-    return x;
-  }
-};
-struct Float64Format {
-  using Storage = double;
-  using Compute = double;
-  static double load(double x) {
-    return x;
-  }
-  static double store(double x) {
+  static T store(T x) {
     return x;
   }
 };
+using Float32Format = NativeFormat<float>;
+using Float64Format = NativeFormat<double>;
 struct Float16Format {
   using Storage = uint16_t; // the bits of mx::float16_t
   using Compute = float;

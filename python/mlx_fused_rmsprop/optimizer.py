@@ -198,11 +198,8 @@ def _check_state_entries(node: Any, params: Any, path: str) -> int:
                 f"but the parameter is {params.shape} {params.dtype}"
             )
         return 1
-    if isinstance(node, dict):
-        entries = node.items()
-    elif isinstance(node, (list, tuple)):
-        entries = enumerate(node)
-    else:
+    entries = _entries(node)
+    if entries is None:
         raise ValueError(
             f"RMSprop: the optimizer state entry '{path}' is "
             f"{type(node).__name__}, expected a dict or list like the parameters"
@@ -217,6 +214,15 @@ def _check_state_entries(node: Any, params: Any, path: str) -> int:
             )
         count += _check_state_entries(child, param, _join(path, key))
     return count
+
+
+def _entries(tree: Any) -> Any:
+    """(key, child) pairs of a dict or list/tuple node of a tree; else None."""
+    if isinstance(tree, dict):
+        return tree.items()
+    if isinstance(tree, (list, tuple)):
+        return enumerate(tree)
+    return None
 
 
 def _join(path: str, key: Any) -> str:
@@ -239,11 +245,8 @@ def _walk_leaves(
             raise ValueError(f"RMSprop: leaf '{path}': no parameter for this gradient")
         yield path, gradients, parameters, state
         return
-    if isinstance(gradients, dict):
-        items = gradients.items()
-    elif isinstance(gradients, (list, tuple)):
-        items = enumerate(gradients)
-    else:
+    items = _entries(gradients)
+    if items is None:
         raise TypeError(
             f"RMSprop: leaf '{path}': the gradient is {type(gradients).__name__}, "
             "expected mlx.core.array"
