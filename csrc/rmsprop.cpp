@@ -111,19 +111,22 @@ std::vector<mx::array> rmsprop_update(
       {grad, param, v, lr_scalar});
 }
 
+bool is_dense(const mx::array& a) {
+  return a.flags().contiguous && a.data_size() == a.size();
+}
+
+bool laid_like(const mx::array& a, const mx::array& param) {
+  if (a.flags().row_contiguous && param.flags().row_contiguous) {
+    return true; // strides may differ only on size-1 dims
+  }
+  return is_dense(a) && a.strides() == param.strides();
+}
+
 bool is_flat_layout(
     const mx::array& grad,
     const mx::array& param,
     const mx::array& v) {
-  if (grad.flags().row_contiguous && param.flags().row_contiguous &&
-      v.flags().row_contiguous) {
-    return true;
-  }
-  auto flat_like_param = [&param](const mx::array& a) {
-    return a.flags().contiguous && a.data_size() == a.size() &&
-        a.strides() == param.strides();
-  };
-  return flat_like_param(param) && flat_like_param(grad) && flat_like_param(v);
+  return is_dense(param) && laid_like(grad, param) && laid_like(v, param);
 }
 
 CollapsedLayout collapse_layout(
@@ -182,20 +185,20 @@ void release_sibling_inputs(
 void allocate_outputs(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs,
-    bool flat) {
+    bool like_param) {
   const auto& param = inputs[1];
   const auto& v = inputs[2];
   auto& param_out = outputs[0];
   auto& v_out = outputs[1];
-  if (!flat) {
+  if (!like_param) {
     param_out.set_data(mx::allocator::malloc(param_out.nbytes()));
     v_out.set_data(mx::allocator::malloc(v_out.nbytes()));
     return;
   }
-  // The kernel reads element i of an input before writing element i of the
+  // The kernels read element i of an input before writing element i of the
   // output that shares its buffer, so donation is safe.
   auto take_or_allocate = [&param](const mx::array& in, mx::array& out) {
-    if (mx::is_donatable(in, out)) {
+    if (laid_like(in, param) && mx::is_donatable(in, out)) {
       out.copy_shared_buffer(in);
     } else {
       out.set_data(

@@ -57,10 +57,18 @@ RMSpropCoefficients<C> make_coefficients(C lr, double alpha, double eps) {
       lr, static_cast<C>(alpha), static_cast<C>(1.0 - alpha), static_cast<C>(eps)};
 }
 
+/** True when `a` covers exactly size() consecutive elements (no gaps, no
+ * broadcast): flags().contiguous and data_size() == size(). */
+bool is_dense(const mx::array& a);
+
+/** True when element i of `a` sits at the same buffer offset as element i of
+ * `param` (both row-contiguous, or `a` dense with param's strides). */
+bool laid_like(const mx::array& a, const mx::array& param);
+
 /**
  * True when grad, param and v can be walked as one flat buffer each with the
- * same index meaning the same element (all row-contiguous, or all contiguous
- * with identical strides and no broadcast). Both backends use it.
+ * same index meaning the same element: param dense, grad and v laid like it.
+ * Both backends use it.
  */
 bool is_flat_layout(const mx::array& grad, const mx::array& param, const mx::array& v);
 
@@ -92,14 +100,15 @@ void release_sibling_inputs(
     std::vector<mx::array>& outputs);
 
 /**
- * Give the two outputs their buffers. Flat layout: outputs take param's
- * layout and, when param / v are donatable, their very buffers (the update is
- * then in place). Otherwise: fresh row-contiguous buffers.
+ * Give the two outputs their buffers. like_param (param must be dense): both
+ * outputs take param's layout, and param' / v' take the very buffers of
+ * param / v when those are donatable (v only when laid like param), so the
+ * update is in place. Otherwise: fresh row-contiguous buffers.
  */
 void allocate_outputs(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs,
-    bool flat);
+    bool like_param);
 
 class FusedRMSprop : public mx::Primitive {
  public:

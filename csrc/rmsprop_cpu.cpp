@@ -39,13 +39,6 @@
 #include "rmsprop.h"
 #include "rmsprop_cpu_half.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define RMSPROP_X86_DISPATCH 1
-#define RMSPROP_TARGET_AVX2 __attribute__((target("avx2,f16c")))
-#else
-#define RMSPROP_X86_DISPATCH 0
-#endif
-
 namespace mlx_fused_rmsprop {
 
 namespace {
@@ -66,26 +59,20 @@ struct NativeFormat {
 };
 using Float32Format = NativeFormat<float>;
 using Float64Format = NativeFormat<double>;
-struct Float16Format {
-  using Storage = uint16_t; // the bits of mx::float16_t
+// float16 and bfloat16 are stored as their bits and computed in float32.
+template <float (*kLoad)(uint16_t), uint16_t (*kStore)(float)>
+struct HalfFormat {
+  using Storage = uint16_t; // the bits of mx::float16_t / mx::bfloat16_t
   using Compute = float;
   static float load(uint16_t x) {
-    return half_bits::f16_to_f32(x);
+    return kLoad(x);
   }
   static uint16_t store(float x) {
-    return half_bits::f32_to_f16(x);
+    return kStore(x);
   }
 };
-struct BFloat16Format {
-  using Storage = uint16_t; // the bits of mx::bfloat16_t
-  using Compute = float;
-  static float load(uint16_t x) {
-    return half_bits::bf16_to_f32(x);
-  }
-  static uint16_t store(float x) {
-    return half_bits::f32_to_bf16(x);
-  }
-};
+using Float16Format = HalfFormat<half_bits::f16_to_f32, half_bits::f32_to_f16>;
+using BFloat16Format = HalfFormat<half_bits::bf16_to_f32, half_bits::f32_to_bf16>;
 
 // ---- The flat loop.
 //
@@ -147,14 +134,14 @@ RMSPROP_ALWAYS_INLINE void span_any(
   }
 }
 
-#if RMSPROP_X86_DISPATCH
+#if RMSPROP_HAVE_AVX2_F16C
 // float16 with F16C (AVX2 build only): blocks converted by vcvtph2ps /
 // vcvtps2ph (rmsprop_cpu_half.h, same bits as the portable conversions)
 // around the same float32 loop. Every element of a block is read before any
 // is written, so in place is safe.
 constexpr int64_t kF16Block = 512;
 
-RMSPROP_TARGET_F16C inline void span_f16c(
+RMSPROP_TARGET_AVX2_F16C inline void span_f16c(
     const uint16_t* grad,
     const uint16_t* param,
     const uint16_t* v,
@@ -187,7 +174,7 @@ RMSPROP_ALWAYS_INLINE void span_for(
     typename F::Storage* v_out,
     int64_t n,
     RMSpropCoefficients<typename F::Compute> k) {
-#if RMSPROP_X86_DISPATCH
+#if RMSPROP_HAVE_AVX2_F16C
   if constexpr (kWide && std::is_same_v<F, Float16Format>) {
     return span_f16c(grad, param, v, param_out, v_out, n, k);
   }
@@ -238,9 +225,9 @@ struct TransposedJob {
   RMSpropCoefficients<typename F::Compute> k;
 };
 
-#if RMSPROP_X86_DISPATCH
+#if RMSPROP_HAVE_AVX2_F16C
 // Transposes an 8x8 block of floats: dst[r * ds + c] = src[c * ss + r].
-RMSPROP_TARGET_AVX2 inline void transpose8x8(
+RMSPROP_TARGET_AVX2_F16C inline void transpose8x8(
     const float* src,
     int64_t ss,
     float* dst,
@@ -280,7 +267,7 @@ RMSPROP_ALWAYS_INLINE void transposed_body(
     for (int64_t c0 = 0; c0 < j.cols; c0 += kTileCols) {
       int64_t nc = std::min(kTileCols, j.cols - c0);
       bool done = false;
-#if RMSPROP_X86_DISPATCH
+#if RMSPROP_HAVE_AVX2_F16C
       // Whole float32 tiles in the AVX2 build: 8x8 register transposes
       // (measured 1.5x faster than the element loop on cache-resident leaves).
       if constexpr (kWide && std::is_same_v<F, Float32Format>) {
@@ -321,16 +308,16 @@ void transposed_baseline(const TransposedJob<F>& j, int64_t begin, int64_t end) 
   transposed_body<F, false>(j, begin, end);
 }
 
-#if RMSPROP_X86_DISPATCH
+#if RMSPROP_HAVE_AVX2_F16C
 // The same source compiled for AVX2 (8 floats per instruction) and F16C
 // (float16 conversions in hardware); every x86-64 CPU with AVX2 has F16C.
 // FMA is not enabled: with -ffp-contract=off no a*b+c is fused either way.
 template <class F>
-RMSPROP_TARGET_AVX2 void flat_avx2(const FlatJob<F>& j, int64_t begin, int64_t end) {
+RMSPROP_TARGET_AVX2_F16C void flat_avx2(const FlatJob<F>& j, int64_t begin, int64_t end) {
   flat_body<F, true>(j, begin, end);
 }
 template <class F>
-RMSPROP_TARGET_AVX2 void transposed_avx2(
+RMSPROP_TARGET_AVX2_F16C void transposed_avx2(
     const TransposedJob<F>& j,
     int64_t begin,
     int64_t end) {
@@ -341,7 +328,7 @@ RMSPROP_TARGET_AVX2 void transposed_avx2(
 // Which instruction set the flat loop uses; overridable for testing with
 // MLX_FUSED_RMSPROP_ISA=baseline.
 bool use_avx2() {
-#if RMSPROP_X86_DISPATCH
+#if RMSPROP_HAVE_AVX2_F16C
   static const bool enabled = [] {
     const char* isa = std::getenv("MLX_FUSED_RMSPROP_ISA");
     if (isa != nullptr && std::string(isa) == "baseline") {
@@ -358,7 +345,7 @@ bool use_avx2() {
 
 template <class F>
 void run_flat(const FlatJob<F>& j, int64_t begin, int64_t end) {
-#if RMSPROP_X86_DISPATCH
+#if RMSPROP_HAVE_AVX2_F16C
   if (use_avx2()) {
     return flat_avx2<F>(j, begin, end);
   }
@@ -368,7 +355,7 @@ void run_flat(const FlatJob<F>& j, int64_t begin, int64_t end) {
 
 template <class F>
 void run_transposed(const TransposedJob<F>& j, int64_t begin, int64_t end) {
-#if RMSPROP_X86_DISPATCH
+#if RMSPROP_HAVE_AVX2_F16C
   if (use_avx2()) {
     return transposed_avx2<F>(j, begin, end);
   }
@@ -615,10 +602,6 @@ enum class Walk {
   strided, // anything else: fresh row-contiguous outputs
 };
 
-bool is_dense(const mx::array& a) {
-  return a.flags().contiguous && a.data_size() == a.size();
-}
-
 // The transposed case, seen on the collapsed layout.
 bool is_transposed_pair(const CollapsedLayout& l) {
   if (l.shape.size() != 2) {
@@ -629,34 +612,6 @@ bool is_transposed_pair(const CollapsedLayout& l) {
   const auto& w = l.strides[1];
   const auto& v = l.strides[2];
   return w[0] == cols && w[1] == 1 && v == w && g[0] == 1 && g[1] == rows;
-}
-
-// Outputs for the non-flat walks. With param dense, both outputs take param's
-// layout: param' donated by param when possible, v' donated by v when v is
-// donatable and laid out like param, fresh buffers of that layout otherwise.
-// (The flat walk uses allocate_outputs, shared with the GPU.)
-void allocate_like_param(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  const auto& param = inputs[1];
-  const auto& v = inputs[2];
-  auto& param_out = outputs[0];
-  auto& v_out = outputs[1];
-  auto fresh = [&param](mx::array& out) {
-    out.set_data(
-        mx::allocator::malloc(param.data_size() * out.itemsize()),
-        param.data_size(),
-        param.strides(),
-        param.flags());
-  };
-  if (mx::is_donatable(param, param_out)) {
-    param_out.copy_shared_buffer(param);
-  } else {
-    fresh(param_out);
-  }
-  if (is_dense(v) && v.strides() == param.strides() && mx::is_donatable(v, v_out)) {
-    v_out.copy_shared_buffer(v);
-  } else {
-    fresh(v_out);
-  }
 }
 
 template <class F>
@@ -730,17 +685,18 @@ void FusedRMSprop::eval_cpu(
   // Empty leaves and 0-d leaves are row-contiguous, so they take the flat path.
   Walk walk = Walk::flat;
   CollapsedLayout layout;
-  if (is_flat_layout(grad, param, v)) {
-    allocate_outputs(inputs, outputs, /* flat= */ true);
-  } else if (is_dense(param)) {
+  if (!is_flat_layout(grad, param, v)) {
     layout = collapse_layout(grad, param, v);
-    walk = is_transposed_pair(layout) ? Walk::transposed : Walk::strided_like_param;
-    allocate_like_param(inputs, outputs);
-  } else {
-    layout = collapse_layout(grad, param, v);
-    walk = Walk::strided;
-    allocate_outputs(inputs, outputs, /* flat= */ false);
+    if (!is_dense(param)) {
+      walk = Walk::strided;
+    } else if (is_transposed_pair(layout)) {
+      walk = Walk::transposed;
+    } else {
+      walk = Walk::strided_like_param;
+    }
   }
+  // Every walk but the plain strided one writes the outputs in param's layout.
+  allocate_outputs(inputs, outputs, walk != Walk::strided);
 
   auto& encoder = mx::cpu::get_command_encoder(stream());
   for (const auto& in : inputs) {

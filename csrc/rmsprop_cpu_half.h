@@ -19,10 +19,11 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define RMSPROP_HAVE_F16C 1
-#define RMSPROP_TARGET_F16C __attribute__((target("avx2,f16c")))
+// The x86-64 build target of the F16C conversions and of the kernel's AVX2 loop.
+#define RMSPROP_HAVE_AVX2_F16C 1
+#define RMSPROP_TARGET_AVX2_F16C __attribute__((target("avx2,f16c")))
 #else
-#define RMSPROP_HAVE_F16C 0
+#define RMSPROP_HAVE_AVX2_F16C 0
 #endif
 
 namespace mlx_fused_rmsprop::half_bits {
@@ -86,11 +87,11 @@ inline uint16_t f32_to_bf16(float x) {
   return static_cast<uint16_t>(is_nan ? 0x7FC0u : rounded);
 }
 
-#if RMSPROP_HAVE_F16C
+#if RMSPROP_HAVE_AVX2_F16C
 // n halves -> floats with vcvtph2ps (exact, like f16_to_f32; a NaN keeps its
 // sign and payload and becomes quiet, as mlx's conversion makes it); the
 // tail of n % 8 elements goes through f16_to_f32.
-RMSPROP_TARGET_F16C inline void f16_to_f32_f16c(
+RMSPROP_TARGET_AVX2_F16C inline void f16_to_f32_f16c(
     const uint16_t* __restrict in,
     float* __restrict out,
     int64_t n) {
@@ -107,7 +108,7 @@ RMSPROP_TARGET_F16C inline void f16_to_f32_f16c(
 // n floats -> halves with vcvtps2ph, round to nearest even (exact like
 // f32_to_f16), then NaN lanes rewritten to mlx's sign | 0x7D00 (the
 // instruction would keep the payload); the tail goes through f32_to_f16.
-RMSPROP_TARGET_F16C inline void f32_to_f16_f16c(
+RMSPROP_TARGET_AVX2_F16C inline void f32_to_f16_f16c(
     const float* __restrict in,
     uint16_t* __restrict out,
     int64_t n) {

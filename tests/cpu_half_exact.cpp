@@ -5,6 +5,7 @@
 //
 // Usage: cpu_half_exact <random float32 patterns> <seed>
 //        cpu_half_exact all      (every one of the 2^32 float32 patterns)
+#include <bit>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -19,38 +20,13 @@ namespace hb = mlx_fused_rmsprop::half_bits;
 using mlx::core::bfloat16_t;
 using mlx::core::float16_t;
 
-static uint32_t f2u(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-static float u2f(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-static uint16_t ref_f16(float x) {
-  float16_t h(x);
-  uint16_t b;
-  std::memcpy(&b, &h, 2);
-  return b;
-}
-static uint16_t ref_bf16(float x) {
-  bfloat16_t h(x);
-  uint16_t b;
-  std::memcpy(&b, &h, 2);
-  return b;
-}
-static float ref_from_f16(uint16_t b) {
-  float16_t h;
-  std::memcpy(&h, &b, 2);
-  return static_cast<float>(h);
-}
-static float ref_from_bf16(uint16_t b) {
-  bfloat16_t h;
-  std::memcpy(&h, &b, 2);
-  return static_cast<float>(h);
-}
+// Bit views of floats and of mlx's own half types (the reference).
+static uint32_t f2u(float f) { return std::bit_cast<uint32_t>(f); }
+static float u2f(uint32_t u) { return std::bit_cast<float>(u); }
+static uint16_t ref_f16(float x) { return std::bit_cast<uint16_t>(float16_t(x)); }
+static uint16_t ref_bf16(float x) { return std::bit_cast<uint16_t>(bfloat16_t(x)); }
+static float ref_from_f16(uint16_t b) { return static_cast<float>(std::bit_cast<float16_t>(b)); }
+static float ref_from_bf16(uint16_t b) { return static_cast<float>(std::bit_cast<bfloat16_t>(b)); }
 
 // Batched (vectorizable) versions, as the kernel uses them in loops.
 __attribute__((noinline)) static void batch_to_f32(
@@ -71,7 +47,7 @@ __attribute__((noinline)) static void batch_from_f32(
 }
 
 static bool have_f16c() {
-#if RMSPROP_HAVE_F16C
+#if RMSPROP_HAVE_AVX2_F16C
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
 #else
@@ -93,7 +69,7 @@ static int check_floats(const std::vector<uint32_t>& bits, const char* label) {
   batch_from_f32(in.data(), h.data(), static_cast<int>(n), false);
   batch_from_f32(in.data(), b.data(), static_cast<int>(n), true);
   std::vector<uint16_t> hc(n);
-#if RMSPROP_HAVE_F16C
+#if RMSPROP_HAVE_AVX2_F16C
   if (have_f16c()) hb::f32_to_f16_f16c(in.data(), hc.data(), static_cast<int64_t>(n));
 #endif
   for (size_t i = 0; i < n; ++i) {
@@ -128,7 +104,7 @@ int main(int argc, char** argv) {
       return fail("f16->f32 (scalar)", x, f2u(hb::f16_to_f32(x)), want);
     if (f2u(bf[i]) != want_b) return fail("bf16->f32 (batch)", x, f2u(bf[i]), want_b);
   }
-#if RMSPROP_HAVE_F16C
+#if RMSPROP_HAVE_AVX2_F16C
   if (have_f16c()) {
     std::vector<float> fc(65536);
     hb::f16_to_f32_f16c(all.data(), fc.data(), 65536);
