@@ -1,4 +1,4 @@
-"""Shared fixtures: the devices a test runs on, and the reference optimizer."""
+"""Shared fixtures: the devices a test runs on."""
 
 import mlx.core as mx
 import pytest
@@ -6,6 +6,20 @@ import pytest
 # Tests that take `device` run on the CPU everywhere and also on the GPU where
 # Metal is available (a Mac), so there the suite covers the real shader.
 DEVICES = [mx.cpu] + ([mx.gpu] if mx.metal.is_available() else [])
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_the_test_takes_device():
+    """Every test runs on the CPU unless it takes `device`. Bit-equality with
+    mlx.optimizers.RMSprop is a CPU promise (MLX's GPU kernels divide with a
+    plain `/`, ours with metal::precise::divide); a test that also runs on the
+    GPU asserts the GPU contract there (oracle.assert_float32_contract)."""
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        yield
+    finally:
+        mx.set_default_device(previous)
 
 
 @pytest.fixture(params=DEVICES, ids=lambda d: "gpu" if d == mx.gpu else "cpu")

@@ -1,4 +1,5 @@
-"""The oracle: mlx.optimizers.RMSprop itself, and the float64 truth."""
+"""The oracle: mlx.optimizers.RMSprop itself, the float64 truth, and the
+contract a result must meet against them on each device."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import mlx.core as mx
 from mlx_fused_rmsprop._reference import (  # noqa: F401 (re-exported)
     bit_equal,
     count_worse_than_reference,
+    float32_contract_failures,
     reference_step,
+    ulp_distance,
 )
 
 FLOAT_DTYPES = [mx.float32, mx.float16, mx.bfloat16]
-
 
 def assert_at_least_as_close(ours, ref, grad, param, v, lr, alpha, eps):
     """Per element, ours is no further from the float64 truth than the
@@ -22,3 +24,12 @@ def assert_at_least_as_close(ours, ref, grad, param, v, lr, alpha, eps):
             f"{name}: {n_worse} of {param.size} elements further from the "
             f"float64 truth than mlx.optimizers.RMSprop"
         )
+
+
+def assert_float32_contract(device, ours, ref, grad, param, v, lr, alpha, eps, what=""):
+    """The float32 contract of one step computed on `device` (see
+    float32_contract_failures): bit-identical to mlx.optimizers.RMSprop on the
+    CPU; on the GPU bit-identical to our CPU primitive and within
+    GPU_REFERENCE_ULPS of MLX's GPU reference."""
+    failures = float32_contract_failures(device, ours, ref, grad, param, v, lr, alpha, eps)
+    assert not failures, f"{what}: " + "; ".join(failures)

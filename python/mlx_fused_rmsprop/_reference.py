@@ -10,6 +10,12 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.optimizers as optim
 
+# On the GPU, how far (in float32 ulps) a fused result may be from MLX's own
+# GPU reference: its Metal kernels divide with a plain `/`, not the correctly
+# rounded metal::precise::divide of ours, so bit-equality there is with our
+# own CPU primitive instead.
+GPU_REFERENCE_ULPS = 1
+
 
 def reference_step(
     grad: mx.array, param: mx.array, v: mx.array, lr, alpha: float, eps: float
@@ -28,6 +34,30 @@ def bit_equal(a: mx.array, b: mx.array) -> bool:
         and a.shape == b.shape
         and mx.array_equal(a, b, equal_nan=True).item()
     )
+
+
+# Bits of each float dtype's integer twin, for ulp distances.
+_BITS = {mx.float32: mx.int32, mx.float16: mx.int16, mx.bfloat16: mx.int16}
+
+
+def ulp_distance(a: mx.array, b: mx.array) -> mx.array:
+    """Per element, how many representable values of a's dtype (float32,
+    float16 or bfloat16) lie between a and b, as int64: 0 where equal (+0 and
+    -0 included) or both NaN; huge where only one is NaN."""
+    if a.dtype != b.dtype or a.dtype not in _BITS:
+        raise TypeError(f"ulp_distance needs two arrays of one float dtype, got {a.dtype}, {b.dtype}")
+    s = mx.cpu
+    sign = 1 << (8 * a.itemsize - 1)
+
+    def ordered(x):
+        # Sign-magnitude bits -> integers in the order of the floats.
+        bits = x.view(_BITS[x.dtype]).astype(mx.int64, stream=s)
+        return mx.where(bits < 0, mx.subtract(-sign, bits, stream=s), bits, stream=s)
+
+    distance = mx.abs(mx.subtract(ordered(a), ordered(b), stream=s), stream=s)
+    nan_a, nan_b = mx.isnan(a, stream=s), mx.isnan(b, stream=s)
+    distance = mx.where(mx.logical_and(nan_a, nan_b, stream=s), 0, distance, stream=s)
+    return mx.where(mx.logical_xor(nan_a, nan_b, stream=s), 1 << 62, distance, stream=s)
 
 
 def rmsprop_truth(
@@ -123,3 +153,40 @@ def count_worse_than_reference(
         worse = mx.greater(abs_error(mine, truth), allowed, stream=s)
         counts[name] = int(mx.sum(worse, stream=s).item())
     return counts
+
+
+def float32_contract_failures(
+    device: mx.Device,
+    ours: tuple[mx.array, mx.array],
+    ref: tuple[mx.array, mx.array],
+    grad: mx.array,
+    param: mx.array,
+    v: mx.array,
+    lr,
+    alpha: float,
+    eps: float,
+) -> list[str]:
+    """What breaks the float32 contract of one fused step computed on
+    `device` (empty: it holds).
+
+    CPU: bit-identical to mlx.optimizers.RMSprop (``ref``). GPU: bit-identical
+    to our own CPU primitive on the same inputs, and within
+    GPU_REFERENCE_ULPS of MLX's GPU reference."""
+    names = ("param", "v")
+    if device == mx.cpu:
+        return [
+            f"{name} differs from mlx.optimizers.RMSprop"
+            for name, a, b in zip(names, ours, ref)
+            if not bit_equal(a, b)
+        ]
+    from ._ext import rmsprop_update  # the package imports this module first
+
+    cpu = rmsprop_update(grad, param, v, mx.array(lr), alpha=alpha, eps=eps, stream=mx.cpu)
+    failures = []
+    for name, a, b, c in zip(names, ours, ref, cpu):
+        if not bit_equal(a, c):
+            failures.append(f"{name} on the GPU differs from the CPU primitive")
+        far = ulp_distance(a, b).max().item() if a.size else 0
+        if far > GPU_REFERENCE_ULPS:
+            failures.append(f"{name}: {far} ulps from the GPU reference")
+    return failures

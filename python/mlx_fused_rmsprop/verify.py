@@ -2,9 +2,11 @@
 
 Runs the fused update and mlx.optimizers.RMSprop side by side on the default
 device (or --device), for every supported dtype and a few layouts, and prints
-the largest differences. PASS means: float32 (and float64) bit-identical to the
-reference on the CPU; everywhere else, no element further from the float64
-truth than the reference's. Exits 1 on FAIL.
+the largest differences. PASS means: float32 (and float64, CPU only)
+bit-identical to the reference on the CPU, and on the GPU bit-identical to our
+own CPU primitive and within 1 ulp of the reference (MLX's GPU kernels divide
+less precisely than ours); float16 / bfloat16: no element further from the
+float64 truth than the reference's. Exits 1 on FAIL.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import mlx.core as mx
 from . import _build_info, rmsprop_update
 from ._reference import (
     abs_error,
-    bit_equal,
     count_worse_than_reference,
+    float32_contract_failures,
     reference_step,
     rmsprop_truth,
 )
@@ -40,7 +42,7 @@ def _layouts(dtype: mx.Dtype) -> Iterator[tuple[str, Callable[[int], mx.array]]]
 
 
 def _check_dtype(dtype: mx.Dtype, device: mx.Device) -> tuple[bool, str]:
-    exact = device == mx.cpu and dtype in (mx.float32, mx.float64)
+    exact = dtype in (mx.float32, mx.float64)
     max_diff = max_ours = max_ref = 0.0
     failures = []
     for name, make in _layouts(dtype):
@@ -57,8 +59,12 @@ def _check_dtype(dtype: mx.Dtype, device: mx.Device) -> tuple[bool, str]:
             max_ours = max(max_ours, abs_error(new_ours[0], truth[0]).max().item())
             max_ref = max(max_ref, abs_error(new_ref[0], truth[0]).max().item())
             if exact:
-                if not (bit_equal(new_ours[0], new_ref[0]) and bit_equal(new_ours[1], new_ref[1])):
-                    failures.append(f"{name}, step {step}: not bit-identical")
+                failures += [
+                    f"{name}, step {step}: {failure}"
+                    for failure in float32_contract_failures(
+                        device, new_ours, new_ref, grad, *ours, lr, ALPHA, EPS
+                    )
+                ]
             else:
                 worse = count_worse_than_reference(
                     new_ours, new_ref, grad, *ours, LR, ALPHA, EPS
@@ -66,7 +72,11 @@ def _check_dtype(dtype: mx.Dtype, device: mx.Device) -> tuple[bool, str]:
                 if any(worse.values()):
                     failures.append(f"{name}, step {step}: worse than the reference {worse}")
             ours = new_ours
-    criterion = "bit-identical" if exact else "<= reference error"
+    criterion = (
+        ("bit-identical" if device == mx.cpu else "= CPU, <= 1 ulp from mlx")
+        if exact
+        else "<= reference error"
+    )
     line = (
         f"  {str(dtype).split('.')[-1]:9s} max|ours-mlx| {max_diff:.3e}  "
         f"max err vs float64: ours {max_ours:.3e}, mlx {max_ref:.3e}  "
