@@ -8,6 +8,7 @@
 #include "mlx/version.h"
 
 #include "rmsprop.h"
+#include "rmsprop_metal_library.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -106,21 +107,40 @@ NB_MODULE(_ext, m) {
       "_dispatch_layout",
       [](mx::array grad, mx::array param, mx::array v) {
         mx::eval({grad, param, v}); // layouts are known once evaluated
-        bool flat = mlx_fused_rmsprop::is_flat_layout(grad, param, v);
-        auto layout = mlx_fused_rmsprop::collapse_layout(grad, param, v);
-        std::vector<int> shape(layout.shape.begin(), layout.shape.end());
+        auto dispatch = mlx_fused_rmsprop::choose_gpu_dispatch(grad, param, v);
+        std::vector<int> shape(
+            dispatch.layout.shape.begin(), dispatch.layout.shape.end());
         std::vector<std::vector<int64_t>> strides;
-        for (const auto& s : layout.strides) {
+        for (const auto& s : dispatch.layout.strides) {
           strides.emplace_back(s.begin(), s.end());
         }
-        return nb::make_tuple(flat, shape, strides);
+        return nb::make_tuple(
+            mlx_fused_rmsprop::rmsprop_kernel_kind(dispatch.kernel), shape, strides);
       },
       "grad"_a,
       "param"_a,
       "v"_a,
-      "For tests (the Metal-as-C++ harness): (flat, shape, strides) as eval_gpu "
-      "would choose them -- the contiguous kernel when flat, else the general "
-      "kernel over the collapsed shape and the grad/param/v strides.");
+      "For tests (the Metal-as-C++ harness): (kernel, shape, strides) as "
+      "eval_gpu would choose them -- kernel 'contiguous', 'general_idx32' or "
+      "'general_idx64'; for the general kernels the collapsed shape and the "
+      "grad/param/v strides it walks (empty for 'contiguous').");
+
+  m.def(
+      "_metal_library_plan",
+      [](const std::string& extension_dir) {
+        auto plan = mlx_fused_rmsprop::plan_metal_library(extension_dir);
+        return nb::make_tuple(
+            plan.from_metallib ? "metallib" : "source", plan.metallib_path);
+      },
+      "extension_dir"_a,
+      "For tests: where eval_gpu would take its kernels from for an extension "
+      "in `extension_dir`: ('metallib', path) or ('source', '') -- the "
+      "embedded source, compiled at run time.");
+
+  // kernels/rmsprop.metal with rmsprop_math.h inlined, as eval_gpu compiles
+  // it when no metallib is installed.
+  m.attr("metal_source") = std::string(mlx_fused_rmsprop::kEmbeddedMetalSource);
+  m.attr("extension_dir") = mlx_fused_rmsprop::extension_dir();
 
   // What this binary was compiled against; the package compares it with the
   // mlx found at import time.

@@ -3,6 +3,9 @@
 #include "rmsprop.h"
 
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 
@@ -98,10 +101,15 @@ std::vector<mx::array> rmsprop_update(
 
   // The kernel reads lr as its compute type: double for float64 leaves,
   // float otherwise (half leaves compute in float32).
+  // Metal has no float64: a float64 lr (0-d, so the hop is free) is reshaped
+  // and converted on the CPU, whatever stream the update runs on.
   auto lr_dtype = param.dtype() == mx::float64 ? mx::float64 : mx::float32;
-  auto lr_scalar = mx::reshape(lr, {}, stream);
+  auto lr_stream = lr.dtype() == mx::float64 && lr_dtype != mx::float64
+      ? mx::default_stream(mx::Device::cpu)
+      : stream;
+  auto lr_scalar = mx::reshape(lr, {}, lr_stream);
   if (lr_scalar.dtype() != lr_dtype) {
-    lr_scalar = mx::astype(lr_scalar, lr_dtype, stream);
+    lr_scalar = mx::astype(lr_scalar, lr_dtype, lr_stream);
   }
 
   return mx::array::make_arrays(
@@ -141,7 +149,12 @@ CollapsedLayout collapse_layout(
     if (extent == 1) {
       continue;
     }
-    bool merges = !out.shape.empty();
+    // Extents are int (mx::Shape): a merge past INT32_MAX would wrap (three
+    // broadcast (2, 2^30, 2) views gave extent 0), so such dims stay apart,
+    // as in MLX's own collapse_contiguous_dims.
+    bool merges = !out.shape.empty() &&
+        static_cast<int64_t>(out.shape.back()) * extent <=
+            std::numeric_limits<int32_t>::max();
     for (int a = 0; a < 3 && merges; ++a) {
       merges = out.strides[a].back() ==
           arrays[a]->strides()[d] * static_cast<int64_t>(extent);
@@ -165,6 +178,40 @@ CollapsedLayout collapse_layout(
     }
   }
   return out;
+}
+
+bool needs_64bit_index(const CollapsedLayout& layout) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  int64_t size = 1;
+  for (auto extent : layout.shape) {
+    size *= extent;
+  }
+  if (size > kMax) {
+    return true;
+  }
+  for (const auto& strides : layout.strides) {
+    int64_t reach = 0;
+    for (size_t d = 0; d < layout.shape.size(); ++d) {
+      reach += (layout.shape[d] - 1) * std::abs(strides[d]);
+      if (reach > kMax) {
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+GpuDispatch choose_gpu_dispatch(
+    const mx::array& grad,
+    const mx::array& param,
+    const mx::array& v) {
+  if (is_flat_layout(grad, param, v)) {
+    return {RMSpropKernel::contiguous, {}};
+  }
+  auto layout = collapse_layout(grad, param, v);
+  auto kernel = needs_64bit_index(layout) ? RMSpropKernel::general_idx64
+                                          : RMSpropKernel::general_idx32;
+  return {kernel, std::move(layout)};
 }
 
 void release_sibling_inputs(

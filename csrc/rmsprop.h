@@ -8,6 +8,7 @@
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
 
+#include "rmsprop_grid.h"
 #include "rmsprop_math.h"
 
 namespace mlx_fused_rmsprop {
@@ -74,14 +75,36 @@ bool is_flat_layout(const mx::array& grad, const mx::array& param, const mx::arr
 
 /**
  * The joint layout of grad, param and v with size-1 dims dropped and dims
- * merged wherever all three arrays are contiguous across them (at least one
- * dim is kept). Feeds the strided CPU loop and the general GPU kernel.
+ * merged wherever all three arrays are contiguous across them and the merged
+ * extent stays <= INT32_MAX (at least one dim is kept). Feeds the strided CPU
+ * loop and the general GPU kernel.
  */
 struct CollapsedLayout {
   mx::Shape shape;
   std::vector<mx::Strides> strides; // grad, param, v
 };
 CollapsedLayout collapse_layout(
+    const mx::array& grad,
+    const mx::array& param,
+    const mx::array& v);
+
+/**
+ * True unless every index the general GPU kernel forms over `layout` fits in
+ * int32: the element count, and each array's largest offset from its first
+ * element (sum of (extent - 1) * |stride|).
+ */
+bool needs_64bit_index(const CollapsedLayout& layout);
+
+/**
+ * The GPU kernel for a leaf and, for the general kernels, the layout it walks
+ * (empty for the contiguous kernel). eval_gpu binds exactly this; the
+ * harness asks for it through the extension.
+ */
+struct GpuDispatch {
+  RMSpropKernel kernel;
+  CollapsedLayout layout;
+};
+GpuDispatch choose_gpu_dispatch(
     const mx::array& grad,
     const mx::array& param,
     const mx::array& v);

@@ -1,6 +1,7 @@
-// How many GPU threads a FusedRMSprop kernel is dispatched with, and which
-// kernel. One definition, used by eval_gpu and by the Metal-as-C++ harness
-// (tests/metal_harness), so the harness runs the exact grid the GPU would.
+// Which kernel of kernels/rmsprop.metal a FusedRMSprop update runs and how many
+// GPU threads it is dispatched with. One definition, used by eval_gpu and by
+// the Metal-as-C++ harness (tests/metal_harness), so the harness runs the
+// exact kernels and grids the GPU would. Plain C++: no mlx types.
 #pragma once
 
 #include <cstdint>
@@ -18,27 +19,60 @@
 
 namespace mlx_fused_rmsprop {
 
+// The kernels, by layout: flat buffers, or any strides with 32- or 64-bit
+// index math (needs_64bit_index() in rmsprop.h decides).
+enum class RMSpropKernel { contiguous, general_idx32, general_idx64 };
+
+// The kernel's kind as its host names spell it.
+inline std::string rmsprop_kernel_kind(RMSpropKernel kernel) {
+  switch (kernel) {
+    case RMSpropKernel::contiguous:
+      return "contiguous";
+    case RMSpropKernel::general_idx32:
+      return "general_idx32";
+    case RMSpropKernel::general_idx64:
+      return "general_idx64";
+  }
+  return "";
+}
+
+// Host name of the kernel instantiated in kernels/rmsprop.metal for a dtype
+// name ("float32", "float16", "bfloat16"), e.g. rmsprop_general_idx32_float16.
+inline std::string rmsprop_kernel_name(RMSpropKernel kernel, const std::string& dtype) {
+  return "rmsprop_" + rmsprop_kernel_kind(kernel) + "_" + dtype;
+}
+
+// Threads of a dispatch over n elements. The contiguous kernel: one thread per
+// RMSPROP_BYTES_PER_THREAD chunk. The general kernel: one thread per run of
+// RMSPROP_GENERAL_ELEMENTS_PER_THREAD elements of each row of `inner`
+// elements (the innermost extent of the collapsed layout).
+inline uint64_t rmsprop_threads(
+    RMSpropKernel kernel,
+    uint64_t n,
+    int itemsize,
+    uint64_t inner) {
+  if (kernel == RMSpropKernel::contiguous) {
+    uint64_t per_thread = RMSPROP_BYTES_PER_THREAD / itemsize;
+    return (n + per_thread - 1) / per_thread;
+  }
+  if (n == 0 || inner == 0) {
+    return 0;
+  }
+  const uint64_t per_thread = RMSPROP_GENERAL_ELEMENTS_PER_THREAD;
+  return (n / inner) * ((inner + per_thread - 1) / per_thread);
+}
+
 struct RMSpropGrid {
   uint32_t width; // threads per grid row (x)
   uint32_t height; // grid rows (y); > 1 only past RMSPROP_GRID_MAX_WIDTH threads
   uint32_t group_width; // threads per threadgroup (x)
 };
 
-// Elements one thread updates: a whole RMSPROP_BYTES_PER_THREAD chunk in the
-// contiguous kernel, one element in the general one.
-inline uint32_t rmsprop_elements_per_thread(bool contiguous, int itemsize) {
-  return contiguous ? RMSPROP_BYTES_PER_THREAD / itemsize : 1;
-}
-
-// Grid of dispatch_threads for n elements. Thread (x, y) has the linear index
-// y * width + x; threads whose first element is past the last one (the
-// padding of the last row of a 2-D grid) return at once in the kernels.
-inline RMSpropGrid rmsprop_grid(
-    uint64_t n,
-    uint32_t elements_per_thread,
-    uint32_t max_threads_per_group) {
+// Grid of dispatch_threads for `threads` threads. Thread (x, y) has the
+// linear index y * width + x; threads past the last one (the padding of the
+// last row of a 2-D grid) return at once in the kernels.
+inline RMSpropGrid rmsprop_grid(uint64_t threads, uint32_t max_threads_per_group) {
   const uint64_t max_width = RMSPROP_GRID_MAX_WIDTH;
-  uint64_t threads = (n + elements_per_thread - 1) / elements_per_thread;
   uint64_t width = threads < max_width ? threads : max_width;
   uint64_t height = width == 0 ? 0 : (threads + width - 1) / width;
   uint64_t group = max_threads_per_group < width ? max_threads_per_group : width;
@@ -46,14 +80,6 @@ inline RMSpropGrid rmsprop_grid(
       static_cast<uint32_t>(width),
       static_cast<uint32_t>(height),
       static_cast<uint32_t>(group == 0 ? 1 : group)};
-}
-
-// Host name of the kernel instantiated in kernels/rmsprop.metal for a layout
-// (flat -> contiguous kernel, otherwise general) and a dtype name
-// ("float32", "float16", "bfloat16").
-inline std::string rmsprop_kernel_name(bool contiguous, const std::string& dtype) {
-  return std::string("rmsprop_") + (contiguous ? "contiguous_" : "general_") +
-      dtype;
 }
 
 } // namespace mlx_fused_rmsprop

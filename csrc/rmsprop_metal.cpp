@@ -1,6 +1,9 @@
-// GPU evaluation of FusedRMSprop: dispatch the kernels of kernels/rmsprop.metal
-// from the metallib installed beside this extension. Built for real only where
-// MLX has Metal (macOS); elsewhere eval_gpu raises.
+// GPU evaluation of FusedRMSprop: dispatch the kernels of kernels/rmsprop.metal,
+// from the metallib installed beside this extension or, where none was built
+// (no Metal compiler at build time) or MLX_FUSED_RMSPROP_METAL_JIT is set,
+// from the shader source embedded in the extension, compiled once per process
+// (rmsprop_metal_library.h). Built for real only where MLX has Metal (macOS);
+// elsewhere eval_gpu raises.
 #include <stdexcept>
 #include <string>
 
@@ -8,28 +11,15 @@
 
 #ifdef _METAL_
 
-#include <dlfcn.h>
-
 #include "mlx/backend/metal/device.h"
 #include "mlx/backend/metal/utils.h"
 
 #include "rmsprop_grid.h"
+#include "rmsprop_metal_library.h"
 
 namespace mlx_fused_rmsprop {
 
 namespace {
-
-// The folder holding this shared library; rmsprop.metallib is installed there.
-std::string extension_dir() {
-  Dl_info info;
-  if (dladdr(reinterpret_cast<const void*>(&extension_dir), &info) == 0 ||
-      info.dli_fname == nullptr) {
-    throw std::runtime_error(
-        "[FusedRMSprop] cannot locate the extension to load rmsprop.metallib.");
-  }
-  std::string path(info.dli_fname);
-  return path.substr(0, path.find_last_of('/'));
-}
 
 std::string dtype_name(mx::Dtype dtype) {
   switch (dtype) {
@@ -45,6 +35,20 @@ std::string dtype_name(mx::Dtype dtype) {
   }
 }
 
+// The library, loaded or compiled on first use; MLX caches it by name.
+MTL::Library* rmsprop_library(mx::metal::Device& device) {
+  static const MetalLibraryPlan plan = plan_metal_library(extension_dir());
+  if (plan.from_metallib) {
+    return device.get_library(kMetalLibraryName, plan.metallib_path);
+  }
+  // Safe math: no fast-math; the source's own pragma turns FMA contraction off.
+  mx::CompileOptions options;
+  options.math_mode = mx::MathMode::Safe;
+  return device.get_library(kMetalLibraryName, options, [] {
+    return std::string(kEmbeddedMetalSource);
+  });
+}
+
 } // namespace
 
 void FusedRMSprop::eval_gpu(
@@ -56,7 +60,8 @@ void FusedRMSprop::eval_gpu(
   const auto& lr = inputs[3];
 
   release_sibling_inputs(inputs, outputs);
-  bool flat = is_flat_layout(grad, param, v);
+  auto dispatch = choose_gpu_dispatch(grad, param, v);
+  bool flat = dispatch.kernel == RMSpropKernel::contiguous;
   allocate_outputs(inputs, outputs, flat);
   if (param.size() == 0) {
     return;
@@ -64,9 +69,9 @@ void FusedRMSprop::eval_gpu(
 
   auto& s = stream();
   auto& d = mx::metal::device(s.device);
-  auto* library = d.get_library("rmsprop", extension_dir());
   auto* kernel = d.get_kernel(
-      rmsprop_kernel_name(flat, dtype_name(param.dtype())), library);
+      rmsprop_kernel_name(dispatch.kernel, dtype_name(param.dtype())),
+      rmsprop_library(d));
 
   auto& encoder = mx::metal::get_command_encoder(s);
   encoder.set_compute_pipeline_state(kernel);
@@ -81,19 +86,20 @@ void FusedRMSprop::eval_gpu(
   encoder.set_bytes(scalars, 6);
   uint64_t size = param.size();
   encoder.set_bytes(size, 7);
+  uint64_t inner = 0;
   if (!flat) {
-    auto layout = collapse_layout(grad, param, v);
+    const auto& layout = dispatch.layout;
     int ndim = static_cast<int>(layout.shape.size());
     encoder.set_vector_bytes(layout.shape, 8);
     encoder.set_vector_bytes(layout.strides[0], 9);
     encoder.set_vector_bytes(layout.strides[1], 10);
     encoder.set_vector_bytes(layout.strides[2], 11);
     encoder.set_bytes(ndim, 12);
+    inner = static_cast<uint64_t>(layout.shape.back());
   }
 
   auto grid = rmsprop_grid(
-      size,
-      rmsprop_elements_per_thread(flat, param.itemsize()),
+      rmsprop_threads(dispatch.kernel, size, param.itemsize(), inner),
       static_cast<uint32_t>(kernel->maxTotalThreadsPerThreadgroup()));
   encoder.dispatch_threads(
       MTL::Size(grid.width, grid.height, 1),

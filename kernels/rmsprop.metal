@@ -1,13 +1,19 @@
 // RMSprop in one fused pass per parameter buffer, on Apple GPUs.
 //
 // Kernels (instantiated by name at the bottom):
-//   rmsprop_contiguous_<dtype>  flat buffers; each thread updates
-//                               RMSPROP_BYTES_PER_THREAD bytes of each input
-//                               (4 float32 or 8 float16/bfloat16 elements),
-//                               the last thread only what is left
-//   rmsprop_general_<dtype>     any strides (transposed, sliced, reversed,
-//                               broadcast); one element per thread,
-//                               row-contiguous outputs
+//   rmsprop_contiguous_<dtype>       flat buffers; each thread updates
+//                                    RMSPROP_BYTES_PER_THREAD bytes of each
+//                                    input (4 float32 or 8 float16/bfloat16
+//                                    elements), the last thread what is left
+//   rmsprop_general_idx32_<dtype>    any strides (transposed, sliced, reversed,
+//   rmsprop_general_idx64_<dtype>    broadcast); each thread updates a run of
+//                                    RMSPROP_GENERAL_ELEMENTS_PER_THREAD
+//                                    elements of one row (innermost dim);
+//                                    row-contiguous outputs. idx32 does its
+//                                    index math in 32 bits (Apple GPUs emulate
+//                                    64-bit / and % in software), chosen by
+//                                    the host whenever every index and offset
+//                                    fits (needs_64bit_index, csrc/rmsprop.h)
 // The math is kernels/rmsprop_math.h, shared with the CPU kernel.
 //
 // Buffers: 0 grad, 1 param, 2 v, 3 lr (0-d float32), 4 param_out, 5 v_out,
@@ -19,8 +25,8 @@
 // before it stores any, and no thread touches another thread's elements, so
 // the result does not depend on the order threads run in.
 //
-// Indices are 64-bit; past 2^31 threads the grid is 2-D (csrc/rmsprop_grid.h)
-// and the padding threads of its last row return at once.
+// Past 2^31 threads the grid is 2-D (csrc/rmsprop_grid.h) and the padding
+// threads of its last row return at once.
 //
 // Loads are scalar on purpose: an mlx array may start at any element offset
 // inside its buffer, so a float4 / half4 view of it could be misaligned.
@@ -28,17 +34,20 @@
 // This file is also compiled as C++ by tests/metal_harness (a shim header maps
 // the Metal qualifiers, attributes and types), so it stays inside what that
 // shim expresses: `device` / `constant` pointers and references, `uint2`,
-// `ulong`, `long`, `half`, `bfloat`, and metal::precise::{sqrt, divide}.
+// `ulong`, `long`, `half`, `bfloat`, and metal::precise::{sqrt, divide}. The
+// build also embeds it, with rmsprop_math.h inlined, in the extension as the
+// source eval_gpu compiles at run time when no metallib was built: keep it
+// ASCII (Metal reads that string as ASCII).
 #include <metal_stdlib>
 
-// Bit-equality with the CPU needs a*b + c to round twice: no FMA contraction.
-// mlx_build_metallib already passes -fno-fast-math, which still leaves clang's
-// -ffp-contract=on (contraction inside one expression) in force. The pragma
-// below applies to everything after it, including rmsprop_math.h. (GCC, which
-// only compiles this file in the harness, does not know the pragma and is
-// told -ffp-contract=off on its command line instead.)
-#if defined(__clang__) || !defined(__GNUC__)
-#pragma clang fp contract(off)
+// Bit-equality with the CPU needs a*b + c to round twice: no FMA contraction,
+// with the pragma the Metal Shading Language specification documents. It
+// applies to everything after it, rmsprop_math.h included; the metallib build
+// also passes -ffp-contract=off (CMakeLists.txt). Compiled as C++ by the
+// harness, whose compilers do not know this pragma, the driver is built with
+// -ffp-contract=off instead (tests/metal_harness/metal_shim.h).
+#ifndef RMSPROP_METAL_SHIM
+#pragma METAL fp contract(off)
 #endif
 
 #include "rmsprop_math.h"
@@ -51,18 +60,19 @@ typedef bfloat bfloat16_t;
 #endif
 
 // Update the element at offsets in_g / in_w / in_v of the inputs (signed:
-// strides may be negative) and store it at index `out` of the outputs.
-template <typename T>
+// strides may be negative) and store it at index `out` of the outputs. IdxT
+// is the kernel's index type (int, long or ulong).
+template <typename T, typename IdxT>
 inline void rmsprop_update_element(
     device const T* grad,
     device const T* param,
     device const T* v,
     device T* param_out,
     device T* v_out,
-    long in_g,
-    long in_w,
-    long in_v,
-    ulong out,
+    IdxT in_g,
+    IdxT in_w,
+    IdxT in_v,
+    IdxT out,
     RMSpropCoefficients<float> k) {
   RMSpropResult<float> r = rmsprop_element<float>(
       static_cast<float>(grad[in_g]),
@@ -123,13 +133,13 @@ template <typename T>
     // Tail: the last thread covers the remaining size - start < N elements,
     // each loaded before it is stored.
     for (ulong i = start; i < size; ++i) {
-      rmsprop_update_element<T>(
-          grad, param, v, param_out, v_out, long(i), long(i), long(i), i, k);
+      rmsprop_update_element<T, ulong>(
+          grad, param, v, param_out, v_out, i, i, i, i, k);
     }
   }
 }
 
-template <typename T>
+template <typename T, typename IdxT>
 [[kernel]] void rmsprop_general(
     device const T* grad [[buffer(0)]],
     device const T* param [[buffer(1)]],
@@ -146,40 +156,63 @@ template <typename T>
     constant int& ndim [[buffer(12)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid_dims [[threads_per_grid]]) {
-  ulong index = rmsprop_thread_index(gid, grid_dims);
-  if (index >= size) {
+  // Thread t updates run (t % runs) of row (t / runs): elements
+  // [first, first + N) of the innermost dimension, clipped to the row.
+  const IdxT N = RMSPROP_GENERAL_ELEMENTS_PER_THREAD;
+  const int last = ndim - 1;
+  const IdxT inner = IdxT(shape[last]);
+  const IdxT runs = (inner + N - 1) / N;
+  const IdxT t = IdxT(rmsprop_thread_index(gid, grid_dims));
+  const IdxT row = t / runs;
+  if (ulong(row) * ulong(inner) >= size) {
     return; // padding thread of a 2-D grid
   }
-  // Row-major element index -> offset in each input.
-  long g_off = 0, w_off = 0, v_off = 0;
-  ulong rest = index;
-  for (int d = ndim - 1; d >= 0; --d) {
-    ulong extent = ulong(shape[d]);
-    long coord = long(rest % extent);
+  const IdxT first = (t - row * runs) * N;
+  // Offsets of (row, first) in each input: one division per outer dim.
+  IdxT g_off = first * IdxT(grad_strides[last]);
+  IdxT w_off = first * IdxT(param_strides[last]);
+  IdxT v_off = first * IdxT(v_strides[last]);
+  IdxT rest = row;
+  for (int d = last - 1; d >= 0; --d) {
+    const IdxT extent = IdxT(shape[d]);
+    const IdxT coord = rest % extent;
     rest /= extent;
-    g_off += coord * grad_strides[d];
-    w_off += coord * param_strides[d];
-    v_off += coord * v_strides[d];
+    g_off += coord * IdxT(grad_strides[d]);
+    w_off += coord * IdxT(param_strides[d]);
+    v_off += coord * IdxT(v_strides[d]);
   }
   RMSpropCoefficients<float> k = {
       lr[0], scalars.alpha, scalars.one_minus_alpha, scalars.eps};
-  rmsprop_update_element<T>(
-      grad, param, v, param_out, v_out, g_off, w_off, v_off, index, k);
+  const IdxT count = inner - first < N ? inner - first : N;
+  const IdxT out = row * inner + first;
+  for (IdxT i = 0; i < count; ++i) {
+    rmsprop_update_element<T, IdxT>(
+        grad, param, v, param_out, v_out, g_off, w_off, v_off, out + i, k);
+    g_off += IdxT(grad_strides[last]);
+    w_off += IdxT(param_strides[last]);
+    v_off += IdxT(v_strides[last]);
+  }
 }
 
-// RMSPROP_KERNEL(host, func, type) gives func<type> the host name `host`
-// (the explicit-instantiation idiom of MLX's own kernels). The parameter is
-// deliberately not called `kernel`: it would also replace the attribute
-// [[kernel]] in the expansion. The C++ harness defines this macro first to
-// register every instantiation by the same name.
+// RMSPROP_KERNEL(host, func, template arguments...) gives func<arguments>
+// the host name `host` (the explicit-instantiation idiom of MLX's own
+// kernels; the arguments come last, as __VA_ARGS__, because the comma between
+// them would split a macro argument). The parameter is deliberately not
+// called `kernel`: it would also replace the attribute [[kernel]] in the
+// expansion. The C++ harness defines this macro first to register every
+// instantiation by the same name.
 #ifndef RMSPROP_KERNEL
-#define RMSPROP_KERNEL(host, func, type) \
-  template [[host_name(host)]] [[kernel]] decltype(func<type>) func<type>;
+#define RMSPROP_KERNEL(host, func, ...)                        \
+  template [[host_name(host)]] [[kernel]] decltype(func<__VA_ARGS__>) \
+      func<__VA_ARGS__>;
 #endif
 
 #define RMSPROP_INSTANTIATE(dtype_name, type)                                \
   RMSPROP_KERNEL("rmsprop_contiguous_" #dtype_name, rmsprop_contiguous, type) \
-  RMSPROP_KERNEL("rmsprop_general_" #dtype_name, rmsprop_general, type)
+  RMSPROP_KERNEL(                                                            \
+      "rmsprop_general_idx32_" #dtype_name, rmsprop_general, type, int)      \
+  RMSPROP_KERNEL(                                                            \
+      "rmsprop_general_idx64_" #dtype_name, rmsprop_general, type, long)
 
 RMSPROP_INSTANTIATE(float32, float)
 RMSPROP_INSTANTIATE(float16, half)

@@ -11,7 +11,13 @@
 // The grouping is mlx.optimizers.RMSprop's; in floating point it matters.
 // Builds must not contract a*b+c into an FMA (-ffp-contract=off on the CPU,
 // no fast-math on Metal) or float32 results stop being bit-identical.
-#pragma once
+//
+// An include guard, not #pragma once: the build inlines this file into the
+// shader source embedded in the extension (cmake/embed_metal_source.cmake),
+// and the guard still stops a second copy where the harness has already
+// included it.
+#ifndef MLX_FUSED_RMSPROP_MATH_H
+#define MLX_FUSED_RMSPROP_MATH_H
 
 #ifdef __METAL_VERSION__
 #include <metal_stdlib>
@@ -60,6 +66,11 @@ inline RMSpropResult<C> rmsprop_element(
 // 128-bit access per buffer, i.e. 4 float32 or 8 float16/bfloat16 elements.
 #define RMSPROP_BYTES_PER_THREAD 16
 
+// Consecutive elements of one row (innermost dimension) one thread of the
+// general kernel updates: its index math (a division per outer dimension) is
+// paid once per run, and the run itself advances by adding strides.
+#define RMSPROP_GENERAL_ELEMENTS_PER_THREAD 4
+
 // The step's constant scalars as bound at buffer(6); lr is a separate 0-d
 // buffer so a schedule never changes the kernel's arguments' shape.
 struct RMSpropDeviceScalars {
@@ -67,3 +78,5 @@ struct RMSpropDeviceScalars {
   float one_minus_alpha;
   float eps;
 };
+
+#endif // MLX_FUSED_RMSPROP_MATH_H

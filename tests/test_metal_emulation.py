@@ -1,14 +1,18 @@
 """The Metal shader, run as C++ on the CPU, against the CPU primitive.
 
-No machine here has Metal. tests/metal_harness/driver.cpp compiles the REAL
-kernels/rmsprop.metal after a shim header (Metal qualifiers, attributes and
-types mapped to C++) and runs the kernel eval_gpu would pick for every thread
-of the grid csrc/rmsprop_grid.h computes. Its outputs must equal
-``rmsprop_update(..., stream=mx.cpu)`` bit for bit for every dtype, size,
-layout (flat, transposed, sliced, reversed, broadcast) and with the outputs
-aliasing the inputs (in-place). This proves the shader's indexing, tails,
-strides, aliasing and math; it does not prove that Apple's Metal compiler
-accepts the file, which only a macOS build can.
+No machine here has Metal. tests/metal_harness/driver.cpp compiles a Metal
+source as C++ after a shim header (Metal qualifiers, attributes and types
+mapped to C++) and runs the kernel eval_gpu would pick for every thread of the
+grid csrc/rmsprop_grid.h computes. Two sources are compiled: the REAL
+kernels/rmsprop.metal, and the source embedded in the extension
+(``_ext.metal_source``: the same file with rmsprop_math.h inlined, the exact
+bytes eval_gpu compiles at run time on a Mac without a metallib). Their outputs
+must equal ``rmsprop_update(..., stream=mx.cpu)`` bit for bit for every dtype,
+size, layout (flat, transposed, sliced, reversed, broadcast), both index widths
+of the general kernel, and with the outputs aliasing the inputs (in place).
+This proves the shader's indexing, tails, strides, aliasing and math; it does
+not prove that Apple's Metal compiler accepts the file, which only a macOS
+build can.
 """
 
 from __future__ import annotations
@@ -49,14 +53,19 @@ DTYPES = {
 }
 MX_UINT = {np.uint32: mx.uint32, np.uint16: mx.uint16}
 
+MATH_HEADER = ROOT / "kernels" / "rmsprop_math.h"
+
+
+def _math_define(name: str) -> int:
+    return int(re.search(rf"#define {name} (\d+)", MATH_HEADER.read_text()).group(1))
+
+
 # Bytes of each input one thread of the contiguous kernel updates (the
 # shader's RMSPROP_BYTES_PER_THREAD): 4 float32 or 8 float16/bfloat16 elements.
-BYTES_PER_THREAD = int(
-    re.search(
-        r"#define RMSPROP_BYTES_PER_THREAD (\d+)",
-        (ROOT / "kernels" / "rmsprop_math.h").read_text(),
-    ).group(1)
-)
+BYTES_PER_THREAD = _math_define("RMSPROP_BYTES_PER_THREAD")
+# Elements of a row one thread of the general kernels updates.
+GENERAL_PER_THREAD = _math_define("RMSPROP_GENERAL_ELEMENTS_PER_THREAD")
+KERNEL_KINDS = ("contiguous", "general_idx32", "general_idx64")
 THREADGROUP = 1024  # maxTotalThreadsPerThreadgroup the harness assumes
 
 # Every size around the chunk widths, powers of two and the threadgroup width
@@ -107,10 +116,10 @@ def _mlx_include() -> str:
     return str(Path(prefix) / "include")
 
 
-def _include_flags() -> list[str]:
+def _include_flags(kernels_dir: Path = ROOT / "kernels") -> list[str]:
     return [
         f"-I{HARNESS}",
-        f"-I{ROOT / 'kernels'}",
+        f"-I{kernels_dir}",
         f"-I{ROOT / 'csrc'}",
         "-isystem",
         _mlx_include(),
@@ -122,7 +131,9 @@ def _is_gcc(cxx: str) -> bool:
     return "Free Software Foundation" in out
 
 
-def _build(cxx: str, out: Path, extra: list[str]) -> tuple[Path, str]:
+def _build(cxx: str, out: Path, extra: list[str], includes: list[str]) -> tuple[Path, str]:
+    # -ffp-contract=off: the C++ spelling of the shader's
+    # `#pragma METAL fp contract(off)`, which the shim leaves out.
     cmd = [
         cxx,
         "-std=c++20",
@@ -130,7 +141,7 @@ def _build(cxx: str, out: Path, extra: list[str]) -> tuple[Path, str]:
         "-ffp-contract=off",
         "-Wall",
         "-Wextra",
-        *_include_flags(),
+        *includes,
         *extra,
         str(HARNESS / "driver.cpp"),
         "-o",
@@ -138,6 +149,25 @@ def _build(cxx: str, out: Path, extra: list[str]) -> tuple[Path, str]:
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)
     return out, (proc.stdout + proc.stderr if proc.returncode else "")
+
+
+# Stands in for kernels/rmsprop_math.h in the build of the embedded source: the
+# host headers the driver includes after the shader must find the math
+# already defined by the embedded string's inlined copy, never this file.
+POISONED_MATH_HEADER = """#ifndef MLX_FUSED_RMSPROP_MATH_H
+#error "the embedded Metal source must define the math itself (rmsprop_math.h inlined)"
+#endif
+"""
+
+
+def _embedded_source_dir(root: Path) -> Path:
+    """A folder holding _ext.metal_source as embedded.metal, beside a poisoned
+    rmsprop_math.h, so a build from it can only use the embedded bytes."""
+    folder = root / "embedded_source"
+    folder.mkdir()
+    (folder / "embedded.metal").write_text(_ext.metal_source)
+    (folder / "rmsprop_math.h").write_text(POISONED_MATH_HEADER)
+    return folder
 
 
 @dataclass
@@ -150,40 +180,51 @@ class Driver:
 
 @pytest.fixture(scope="session")
 def drivers(tmp_path_factory) -> dict[str, Driver]:
-    """Both builds of the driver, compiled once per session, in parallel:
+    """Three builds of the driver, compiled once per session, in parallel:
 
-    - "sanitized": the real grid width, -O1, AddressSanitizer + UBSan;
-    - "small_grid": RMSPROP_GRID_MAX_WIDTH=64 so small arrays run 2-D grids
-      (the only grids with padding threads), -O0, AddressSanitizer, and gcov
-      instrumentation (GCC) to show every shader line and branch runs (UBSan
-      would add branches of its own to the count).
+    - "sanitized": kernels/rmsprop.metal, the real grid width, -O1,
+      AddressSanitizer + UBSan;
+    - "small_grid": kernels/rmsprop.metal with RMSPROP_GRID_MAX_WIDTH=64 so
+      small arrays run 2-D grids (the only grids with padding threads), -O0,
+      AddressSanitizer, and gcov instrumentation (GCC) to show every shader
+      line and branch runs (UBSan would add branches of its own to the count);
+    - "embedded": the source embedded in the extension (_ext.metal_source),
+      the real grid width, -O1, AddressSanitizer + UBSan.
     """
     cxx = _compiler()
     gcc = _is_gcc(cxx)
     root = tmp_path_factory.mktemp("metal_harness")
-    sanitized_dir = root / "sanitized"
-    small_dir = root / "small_grid"
-    sanitized_dir.mkdir()
-    small_dir.mkdir()
+    dirs = {name: root / name for name in ("sanitized", "small_grid", "embedded")}
+    for folder in dirs.values():
+        folder.mkdir()
+    embedded = _embedded_source_dir(root)
     asan = ["-fno-omit-frame-pointer", "-fsanitize=address"]
     ubsan = ["-fsanitize=undefined", "-fno-sanitize-recover=all"]
     jobs = {
-        "sanitized": (sanitized_dir / "driver", ["-O1", *asan, *ubsan]),
+        "sanitized": (["-O1", *asan, *ubsan], _include_flags()),
         "small_grid": (
-            small_dir / "driver",
             ["-O0", *asan, f"-DRMSPROP_GRID_MAX_WIDTH={FAKE_MAX_WIDTH}"]
             + (["--coverage"] if gcc else []),
+            _include_flags(),
+        ),
+        "embedded": (
+            ["-O1", *asan, *ubsan, f'-DRMSPROP_SHADER_FILE="{embedded / "embedded.metal"}"'],
+            _include_flags(embedded),
         ),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = {k: pool.submit(_build, cxx, *v) for k, v in jobs.items()}
-        built = {k: f.result() for k, f in results.items()}
+        results = {
+            name: pool.submit(_build, cxx, dirs[name] / "driver", extra, includes)
+            for name, (extra, includes) in jobs.items()
+        }
+        built = {name: f.result() for name, f in results.items()}
     errors = "\n".join(f"[{k}]\n{err}" for k, (_, err) in built.items() if err)
     if errors:
         pytest.fail(f"building the Metal harness failed:\n{errors}")
     return {
-        "sanitized": Driver(built["sanitized"][0], REAL_MAX_WIDTH, False, sanitized_dir),
-        "small_grid": Driver(built["small_grid"][0], FAKE_MAX_WIDTH, gcc, small_dir),
+        "sanitized": Driver(built["sanitized"][0], REAL_MAX_WIDTH, False, dirs["sanitized"]),
+        "small_grid": Driver(built["small_grid"][0], FAKE_MAX_WIDTH, gcc, dirs["small_grid"]),
+        "embedded": Driver(built["embedded"][0], REAL_MAX_WIDTH, False, dirs["embedded"]),
     }
 
 
@@ -191,9 +232,9 @@ def drivers(tmp_path_factory) -> dict[str, Driver]:
 
 
 def _dispatch_layout(views, dtype_name):
-    """(flat, shape, strides) from the extension's own is_flat_layout() and
-    collapse_layout(): the kernel choice and general-kernel layout eval_gpu
-    binds for these views."""
+    """(kernel kind, shape, strides) from the extension's own
+    choose_gpu_dispatch(): the kernel and general-kernel layout eval_gpu binds
+    for these views."""
     dtype = DTYPES[dtype_name][0]
     return _ext._dispatch_layout(*(view.to_mx(dtype) for view in views))
 
@@ -258,7 +299,8 @@ def _apply(arr, op):
 
 
 # Each layout maps a size n to the base length and ops of grad, param and v
-# (or None when n does not apply). "flat" is what is_flat_layout decides.
+# (or None when n does not apply). Which are flat (the contiguous kernel) is
+# what choose_gpu_dispatch decides.
 def _plain(n):
     return (n, [])
 
@@ -345,14 +387,22 @@ class Case:
     reverse: bool
     hyper: tuple
     views: list
-    flat: bool  # contiguous kernel (else general, over general_shape/strides)
+    kernel: str  # a KERNEL_KINDS entry; general ones walk general_shape/strides
     general_shape: list
     general_strides: list
     expected_param: np.ndarray = None  # logical, bits
     expected_v: np.ndarray = None
 
+    @property
+    def flat(self) -> bool:
+        return self.kernel == "contiguous"
 
-def _make_case(rng, dtype_name, layout, n, inplace, reverse, index) -> Case | None:
+
+def _make_case(
+    rng, dtype_name, layout, n, inplace, reverse, index, force_idx64=False
+) -> Case | None:
+    """One case, on the kernel eval_gpu picks (with force_idx64, a general
+    case runs the 64-bit index kernel instead of the 32-bit one)."""
     spec = LAYOUTS[layout](n)
     if spec is None:
         return None
@@ -361,7 +411,9 @@ def _make_case(rng, dtype_name, layout, n, inplace, reverse, index) -> Case | No
         views.append(View(_random_bits(rng, dtype_name, length, kind), ops))
     shapes = {v.shape for v in views}
     assert len(shapes) == 1, f"{layout}: shapes differ {shapes}"
-    flat, shape, strides = _dispatch_layout(views, dtype_name)
+    kernel, shape, strides = _dispatch_layout(views, dtype_name)
+    if force_idx64 and kernel == "general_idx32":
+        kernel = "general_idx64"
     return Case(
         dtype=dtype_name,
         layout=layout,
@@ -370,7 +422,7 @@ def _make_case(rng, dtype_name, layout, n, inplace, reverse, index) -> Case | No
         reverse=reverse,
         hyper=HYPERPARAMETERS[index % len(HYPERPARAMETERS)],
         views=views,
-        flat=flat,
+        kernel=kernel,
         general_shape=shape,
         general_strides=strides,
     )
@@ -404,7 +456,7 @@ def _write_manifest(cases: list[Case], workdir: Path) -> Path:
                 f.write(view.base.tobytes())
         lines += [
             f"dtype {case.dtype}",
-            f"flat {int(case.flat)}",
+            f"kernel {case.kernel}",
             f"size {size}",
             f"alpha {float(alpha).hex()}",
             f"eps {float(eps).hex()}",
@@ -518,7 +570,7 @@ def _run_cases(driver: Driver, cases: list[Case], workdir: Path) -> None:
             f"{case.dtype} {case.layout} n={case.size_arg} "
             f"{'in-place' if case.inplace else 'out-of-place'} "
             f"{'reverse' if case.reverse else 'forward'} "
-            f"{'contiguous' if case.flat else 'general'} kernel"
+            f"{case.kernel} kernel"
         )
         for name, got, want in (
             ("param'", got_param, case.expected_param),
@@ -529,13 +581,15 @@ def _run_cases(driver: Driver, cases: list[Case], workdir: Path) -> None:
                 pytest.fail(f"{label}: {_describe_mismatch(name, got, want, case.dtype)}")
 
 
-def _cases(dtype_name, layouts, sizes, inplace_modes, seed):
+def _cases(dtype_name, layouts, sizes, inplace_modes, seed, force_idx64=False):
     rng = np.random.default_rng(seed)
     cases = []
     for layout in layouts:
         for inplace in inplace_modes:
             for i, n in enumerate(sizes):
-                case = _make_case(rng, dtype_name, layout, n, inplace, i % 2 == 1, len(cases))
+                case = _make_case(
+                    rng, dtype_name, layout, n, inplace, i % 2 == 1, len(cases), force_idx64
+                )
                 if case is not None:
                     cases.append(case)
     return cases
@@ -553,108 +607,210 @@ def _seed(*parts) -> int:
 # shader's own RMSPROP_KERNEL: attributes on an explicit instantiation
 # (`template [[host_name(..)]] [[kernel]] ...`, as in MLX's kernels) are a Metal
 # extension that GCC tolerates and clang (Apple's g++ on macOS) refuses.
-STANDARD_INSTANTIATION = "-DRMSPROP_KERNEL(host,func,type)=template decltype(func<type>) func<type>;"
+STANDARD_INSTANTIATION = (
+    "-DRMSPROP_KERNEL(host,func,...)=template decltype(func<__VA_ARGS__>) func<__VA_ARGS__>;"
+)
 
 
-def test_syntax_gate_metal_under_shim():
-    """kernels/rmsprop.metal compiles under the shim with every warning an
-    error, as C++14 (the base of the Metal 3.1 language) and as C++17; with
-    GCC also through the shader's own RMSPROP_KERNEL, whose expansion must not
-    leave an unknown attribute behind (-Wattributes)."""
-    cxx = _compiler()
-    variants = [[STANDARD_INSTANTIATION]] + ([[]] if _is_gcc(cxx) else [])
-    for std in ("c++14", "c++17"):
-        for defines in variants:
-            proc = subprocess.run(
-                [
-                    cxx,
-                    f"-std={std}",
-                    "-fsyntax-only",
-                    "-Wall",
-                    "-Wextra",
-                    "-Werror",
-                    "-Wpedantic",
-                    "-x",
-                    "c++",
-                    *_include_flags(),
-                    "-include",
-                    "metal_shim.h",
-                    *defines,
-                    str(SHADER),
-                ],
-                capture_output=True,
-                text=True,
-            )
-            assert proc.returncode == 0, f"-std={std} {defines}:\n{proc.stderr}"
-
-
-def test_every_kernel_is_registered_under_eval_gpus_names(drivers):
-    """The shader instantiates exactly the kernels eval_gpu asks for."""
-    out = subprocess.run(
-        [str(drivers["sanitized"].path), "list"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    expected = sorted(
-        f"rmsprop_{kind}_{dtype}" for kind in ("contiguous", "general") for dtype in DTYPES
+def _inline_quoted_includes(path: Path) -> str:
+    """The embedding rule of cmake/embed_metal_source.cmake, written again
+    here: each line `#include "NAME"` replaced by the text of NAME from the
+    same folder."""
+    return re.sub(
+        r'^#include "([^"\n]+)"',
+        lambda m: (path.parent / m.group(1)).read_text(),
+        path.read_text(),
+        flags=re.MULTILINE,
     )
+
+
+def test_embedded_source_is_the_shader_with_its_math_inlined():
+    """_ext.metal_source, what eval_gpu compiles at run time without a
+    metallib, is kernels/rmsprop.metal with rmsprop_math.h inlined, byte for
+    byte: generated at build time, it cannot drift from the files. It is
+    self-contained and ASCII (Metal reads the string as ASCII)."""
+    embedded = _ext.metal_source
+    assert embedded == _inline_quoted_includes(SHADER)
+    assert MATH_HEADER.read_text() in embedded
+    assert not re.search(r'^#include "', embedded, flags=re.MULTILINE)
+    assert embedded.isascii()
+
+
+def test_fma_contraction_is_off_in_every_build_of_the_shader():
+    """No a*b+c contraction anywhere the shader is compiled: the Metal
+    Shading Language pragma comes before the math (file and embedded source),
+    only the C++ shim leaves it out (its builds pass -ffp-contract=off), and
+    the metallib build passes -ffp-contract=off as well."""
+    pragma = "#pragma METAL fp contract(off)"
+    for text, math in (
+        (SHADER.read_text(), '#include "rmsprop_math.h"'),
+        (_ext.metal_source, MATH_HEADER.read_text()),
+    ):
+        assert text.index(pragma) < text.index(math)
+        guard = text[: text.index(pragma)].splitlines()[-1]
+        assert guard == "#ifndef RMSPROP_METAL_SHIM"
+    assert "#define RMSPROP_METAL_SHIM" in (HARNESS / "metal_shim.h").read_text()
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    options = re.search(r"COMPILE_OPTIONS\s+(.*?)\s+OUTPUT_DIRECTORY", cmake, re.S).group(1)
+    assert options.split() == ["-std=metal3.1", "-ffp-contract=off"]
+
+
+def test_syntax_gate_metal_under_shim(tmp_path):
+    """kernels/rmsprop.metal and the embedded source compile under the shim
+    with every warning an error, as C++14 (the base of the Metal 3.1 language)
+    and as C++17; with GCC also through the shader's own RMSPROP_KERNEL, whose
+    expansion must not leave an unknown attribute behind (-Wattributes)."""
+    cxx = _compiler()
+    embedded = tmp_path / "embedded.metal"
+    embedded.write_text(_ext.metal_source)
+    variants = [[STANDARD_INSTANTIATION]] + ([[]] if _is_gcc(cxx) else [])
+    for source in (SHADER, embedded):
+        for std in ("c++14", "c++17"):
+            for defines in variants:
+                proc = subprocess.run(
+                    [
+                        cxx,
+                        f"-std={std}",
+                        "-fsyntax-only",
+                        "-Wall",
+                        "-Wextra",
+                        "-Werror",
+                        "-Wpedantic",
+                        "-x",
+                        "c++",
+                        *_include_flags(),
+                        "-include",
+                        "metal_shim.h",
+                        *defines,
+                        str(source),
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
+                assert proc.returncode == 0, f"{source.name} -std={std} {defines}:\n{proc.stderr}"
+
+
+@pytest.mark.parametrize("build", ["sanitized", "embedded"])
+def test_every_kernel_is_registered_under_eval_gpus_names(drivers, build):
+    """The shader (file and embedded source) instantiates exactly the
+    kernels eval_gpu asks for: every kind, both index widths, every dtype."""
+    out = subprocess.run(
+        [str(drivers[build].path), "list"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    expected = sorted(f"rmsprop_{kind}_{dtype}" for kind in KERNEL_KINDS for dtype in DTYPES)
     assert sorted(out) == expected
 
 
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize(
-    "layout,inplace",
-    [(layout, False) for layout in FLAT_LAYOUTS]
-    + [(layout, True) for layout in FLAT_LAYOUTS]
-    + [(layout, False) for layout in GENERAL_LAYOUTS],
+# (layout, in place, force the 64-bit index kernel): in place only where
+# eval_gpu donates (the flat layout); general layouts on the kernel eval_gpu
+# picks for them (32-bit indices at these sizes) and on the 64-bit one.
+LAYOUT_RUNS = (
+    [(layout, False, False) for layout in FLAT_LAYOUTS]
+    + [(layout, True, False) for layout in FLAT_LAYOUTS]
+    + [(layout, False, force) for layout in GENERAL_LAYOUTS for force in (False, True)]
 )
-def test_shader_matches_cpu(drivers, tmp_path, dtype_name, layout, inplace):
-    """Every size around the chunk / threadgroup boundaries, one layout, one
-    dtype; in place only where eval_gpu donates (the flat layout)."""
-    cases = _cases(dtype_name, [layout], SIZES, [inplace], _seed(dtype_name, layout, inplace))
+
+
+def _run_id(run):
+    layout, inplace, force = run
+    return f"{layout}-{'inplace' if inplace else 'fresh'}" + ("-idx64" if force else "")
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("run", LAYOUT_RUNS, ids=_run_id)
+def test_shader_matches_cpu(drivers, tmp_path, dtype_name, run):
+    """Every size around the chunk / run / threadgroup boundaries, one layout,
+    one dtype, one kernel."""
+    layout, inplace, force_idx64 = run
+    cases = _cases(
+        dtype_name, [layout], SIZES, [inplace], _seed(dtype_name, layout, inplace), force_idx64
+    )
     # (With n = 1 most views degenerate to row-contiguous ones, hence flat.)
-    assert all(c.flat == (layout in FLAT_LAYOUTS) for c in cases if c.size_arg > 1)
+    expected = (
+        "contiguous" if layout in FLAT_LAYOUTS else "general_idx64" if force_idx64 else "general_idx32"
+    )
+    assert all(c.kernel == expected for c in cases if c.size_arg > 1)
     _run_cases(drivers["sanitized"], cases, tmp_path)
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_shader_matches_cpu_over_a_million_elements(drivers, tmp_path, dtype_name):
     """Over 2^20 elements (with a tail for every dtype): flat in place, flat
-    transposed in place, strided slice, broadcast gradient."""
+    transposed in place, strided slice and broadcast gradient on both index
+    widths."""
     cases = []
-    for layout, inplace in [
-        ("contiguous", True),
-        ("transposed", True),  # (3, n): 3n elements
-        ("strided", False),
-        ("broadcast_grad", False),  # (n, 3): 3n elements
+    for layout, inplace, force_idx64 in [
+        ("contiguous", True, False),
+        ("transposed", True, False),  # (3, n): 3n elements
+        ("strided", False, False),
+        ("strided", False, True),
+        ("broadcast_grad", False, False),  # (n, 3): 3n elements
+        ("broadcast_grad", False, True),
     ]:
         n = BIG_SIZE if layout in ("contiguous", "strided") else -(-BIG_SIZE // 3)
-        cases += _cases(dtype_name, [layout], [n], [inplace], _seed(dtype_name, "big", layout))
+        cases += _cases(
+            dtype_name, [layout], [n], [inplace], _seed(dtype_name, "big", layout), force_idx64
+        )
     assert all(c.views[1].np_view.size >= BIG_SIZE for c in cases)
+    assert {c.kernel for c in cases} == set(KERNEL_KINDS)
     _run_cases(drivers["sanitized"], cases, tmp_path)
 
 
-def _expected_grid(n, ept, max_group, max_width):
-    threads = -(-n // ept)
-    width = min(threads, max_width)
-    height = 0 if width == 0 else -(-threads // width)
-    group = min(max_group, width)
-    return width, height, group if group else 1
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_embedded_source_matches_cpu(drivers, tmp_path, dtype_name):
+    """The embedded source, the exact bytes eval_gpu compiles at run time,
+    run as C++: every kernel, in place and fresh, sizes around every chunk and
+    run boundary, bit for bit with the CPU primitive."""
+    sizes = [0, 1, 2, 3, 4, 5, 7, 8, 9, 17, 255, 257, 4095, 4096, 4097, 8193]
+    cases = []
+    for layout, inplace, force_idx64 in [
+        ("contiguous", True, False),
+        ("offset", False, False),
+        ("transposed_grad", False, False),
+        ("mixed", False, False),
+        ("mixed", False, True),
+        ("broadcast_grad", False, True),
+    ]:
+        cases += _cases(
+            dtype_name, [layout], sizes, [inplace], _seed(dtype_name, "embedded", layout), force_idx64
+        )
+    assert {c.kernel for c in cases} == set(KERNEL_KINDS)
+    _run_cases(drivers["embedded"], cases, tmp_path)
 
 
-@pytest.mark.parametrize("ept", [1, 4, 8])
-def test_grid_past_two_to_the_31_threads(drivers, ept):
-    """rmsprop_grid() at the real width: 1-D up to 2^31 threads, then rows of
-    2^31 threads; every element has a thread and no row is pure padding."""
+def _grid(driver: Driver, kind: str, n: int, itemsize: int, inner: int) -> list[int]:
+    """(threads, width, height, group_width, max_width) as eval_gpu computes them."""
+    out = subprocess.run(
+        [str(driver.path), "grid", kind, str(n), str(itemsize), str(inner), "1024"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    return list(map(int, out))
+
+
+@pytest.mark.parametrize(
+    "kind,itemsize,inner",
+    [("contiguous", 4, 0), ("contiguous", 2, 0), ("general_idx32", 4, 5), ("general_idx64", 2, 1 << 20)],
+)
+def test_grid_past_two_to_the_31_threads(drivers, kind, itemsize, inner):
+    """rmsprop_threads() and rmsprop_grid() at the real width: a thread per
+    chunk (contiguous) or per run of a row (general); 1-D up to 2^31 threads,
+    then rows of 2^31 threads; every element has a thread and no row is pure
+    padding."""
     driver = drivers["sanitized"]
     w = REAL_MAX_WIDTH
-    for n in [0, 1, ept, ept + 1, w * ept - 1, w * ept, w * ept + 1, 3 * w * ept + 5, (1 << 40) + 7]:
-        out = subprocess.run(
-            [str(driver.path), "grid", str(n), str(ept), "1024"],
-            capture_output=True, text=True, check=True,
-        ).stdout.split()
-        width, height, group, max_width = map(int, out)
+    per_thread = BYTES_PER_THREAD // itemsize if kind == "contiguous" else GENERAL_PER_THREAD
+    unit = per_thread if kind == "contiguous" else inner  # n is a multiple of inner
+    for rows in [0, 1, 2, 7, w // 3, w, 3 * w + 5, (1 << 40) // max(unit, 1) + 7]:
+        n = rows * unit if kind != "contiguous" else rows * per_thread + (rows % 3)
+        threads, width, height, group, max_width = _grid(driver, kind, n, itemsize, inner)
         assert max_width == REAL_MAX_WIDTH  # eval_gpu's default, not overridden
-        assert (width, height, group) == _expected_grid(n, ept, 1024, w), n
-        threads = -(-n // ept)
+        if kind == "contiguous":
+            assert threads == -(-n // per_thread), n
+        else:
+            assert threads == (n // inner) * -(-inner // per_thread), n
+        assert width == min(threads, w)
+        assert height == (0 if width == 0 else -(-threads // width))
+        assert group == (min(1024, width) or 1)
         assert width * height >= threads
         assert height == 0 or (height - 1) * width < threads
         assert width <= REAL_MAX_WIDTH
@@ -668,21 +824,19 @@ def test_two_d_grids_match_cpu(drivers, tmp_path, dtype_name):
     driver = drivers["small_grid"]
     per_thread = BYTES_PER_THREAD // DTYPES[dtype_name][2]
     w = FAKE_MAX_WIDTH
-    out = subprocess.run(
-        [str(driver.path), "grid", str(w * per_thread * 3 + 1), str(per_thread), "1024"],
-        capture_output=True, text=True, check=True,
-    ).stdout.split()
-    assert list(map(int, out)) == [w, 4, w, w]
+    threads, *grid = _grid(driver, "contiguous", w * per_thread * 3 + 1, DTYPES[dtype_name][2], 0)
+    assert grid == [w, 4, w, w]
     sizes = sorted({
         1, w - 1, w, w + 1, w * per_thread - 1, w * per_thread, w * per_thread + 1,
         3 * w * per_thread + 5, 1000,
     })
-    cases = _cases(
-        dtype_name, FLAT_LAYOUTS, sizes, [False, True], _seed(dtype_name, "2d")
-    ) + _cases(
-        dtype_name, ["transposed_grad", "reversed", "mixed"], sizes, [False],
-        _seed(dtype_name, "2d-general"),
+    general = ["transposed_grad", "reversed", "mixed"]
+    cases = (
+        _cases(dtype_name, FLAT_LAYOUTS, sizes, [False, True], _seed(dtype_name, "2d"))
+        + _cases(dtype_name, general, sizes, [False], _seed(dtype_name, "2d-general"))
+        + _cases(dtype_name, general, sizes, [False], _seed(dtype_name, "2d-g64"), True)
     )
+    assert {c.kernel for c in cases} == set(KERNEL_KINDS)
     _run_cases(driver, cases, tmp_path)
 
 
@@ -708,8 +862,8 @@ def _gcov_json(driver: Driver) -> dict:
 def test_every_shader_line_and_kernel_runs(drivers, tmp_path):
     """gcov on the small-grid build: every executable line, both ways of
     every branch and every instantiated function of the shader run in a
-    compact run of the harness (a tail-only array and a 2-D grid with full
-    chunks, a tail and padding threads, per dtype and kernel)."""
+    compact run of the harness (per dtype and kernel: a tail-only array and a
+    2-D grid with full chunks or runs, a short run and padding threads)."""
     driver = drivers["small_grid"]
     if not driver.coverage:
         pytest.skip("coverage needs GCC's gcov; the compiler here is not GCC")
@@ -719,9 +873,18 @@ def test_every_shader_line_and_kernel_runs(drivers, tmp_path):
     for dtype_name in DTYPES:
         per_thread = BYTES_PER_THREAD // DTYPES[dtype_name][2]
         sizes = [3, w * per_thread + 1]  # tail only; 2-D grid with padding
-        cases = _cases(dtype_name, ["contiguous"], sizes, [True], _seed(dtype_name, "cov")) + _cases(
-            dtype_name, ["transposed_grad"], [1, w + 1], [False], _seed(dtype_name, "cov-g")
+        # transposed_grad is (3, n): n = 2 is a single short run per row;
+        # n = 4w + 1 gives 3 rows of w + 1 runs (the last one short), so
+        # 3w + 3 threads: a 2-D grid of 4 rows with padding.
+        general_sizes = [2, 4 * w + 1]
+        cases = (
+            _cases(dtype_name, ["contiguous"], sizes, [True], _seed(dtype_name, "cov"))
+            + _cases(dtype_name, ["transposed_grad"], general_sizes, [False], _seed(dtype_name, "cov-g"))
+            + _cases(
+                dtype_name, ["transposed_grad"], general_sizes, [False], _seed(dtype_name, "cov-g64"), True
+            )
         )
+        assert {c.kernel for c in cases} == set(KERNEL_KINDS)
         _run_cases(driver, cases, tmp_path / dtype_name)
 
     report = _gcov_json(driver)
@@ -750,7 +913,7 @@ def test_every_shader_line_and_kernel_runs(drivers, tmp_path):
     never = [name for name, count in names.items() if count == 0]
     assert not never, f"functions never called: {never}"
     kernels = [n for n in names if n.startswith(("void rmsprop_contiguous<", "void rmsprop_general<"))]
-    assert len(kernels) == 6, kernels
+    assert len(kernels) == len(KERNEL_KINDS) * len(DTYPES), kernels
 
 
 def _actionlint() -> str | None:

@@ -1,16 +1,23 @@
-// Runs the kernels of kernels/rmsprop.metal on the CPU, compiled as C++ under
+// Runs the kernels of a Metal shader on the CPU, compiled as C++ under
 // metal_shim.h, for every thread (x, y) of the grid eval_gpu would dispatch.
+// The shader is kernels/rmsprop.metal, or with -DRMSPROP_SHADER_FILE="path"
+// any other file: the test-suite passes the source embedded in the extension
+// (rmsprop.metal with rmsprop_math.h inlined), the exact bytes a Mac compiles
+// at run time.
 //
 //   driver list                    registered kernel names, one a line
-//   driver grid N EPT MAX_GROUP    rmsprop_grid(N, EPT, MAX_GROUP) as
-//                                  "width height group_width max_width"
+//   driver grid KIND N ITEMSIZE INNER MAX_GROUP
+//                                  rmsprop_threads(KIND, N, ITEMSIZE, INNER)
+//                                  and rmsprop_grid() of it, as "threads width
+//                                  height group_width max_width"
 //   driver run MANIFEST            run the cases of MANIFEST (format below)
 //
 // A manifest is a list of cases, each a block of "key value..." lines ending
 // with "end":
 //   dtype float32|float16|bfloat16
-//   flat 0|1            contiguous kernel when 1, general kernel when 0
-//                       (the choice eval_gpu makes with is_flat_layout)
+//   kernel contiguous|general_idx32|general_idx64
+//                       the kernel kind (eval_gpu's choose_gpu_dispatch, or a
+//                       forced index width)
 //   size N              elements of the update
 //   alpha A / eps E     doubles in C99 hex-float notation (exact)
 //   lr_bits H           the float32 lr buffer, as hex bits
@@ -19,7 +26,7 @@
 //   input PATH          grad, param and v base buffers, back to back
 //   elements G W V      elements of each base buffer
 //   offsets G W V       element offset of each array in its base buffer
-//   shape ...           collapsed layout (general kernel only), as
+//   shape ...           collapsed layout (general kernels only), as
 //   strides_grad ...    collapse_layout() gives it to eval_gpu
 //   strides_param ...
 //   strides_v ...
@@ -49,11 +56,18 @@
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
 
-// The shim, then host code that includes kernels/rmsprop_math.h: the math
-// header must first be seen with the shim's __METAL_VERSION__, as in Metal.
+// The shim, then the shader: the math header (inlined in an embedded source,
+// included by the file) is first seen with the shim's __METAL_VERSION__, as in
+// Metal. Host code (csrc/rmsprop.h) comes after the shader and finds the
+// math header's include guard already set, so it uses the shader's copy.
 #include "metal_shim.h"
-#include "rmsprop.h" // make_coefficients(): the scalars eval_gpu binds
-#include "rmsprop_grid.h" // rmsprop_grid(), rmsprop_kernel_name()
+
+#ifndef RMSPROP_SHADER_FILE
+#define RMSPROP_SHADER_FILE "rmsprop.metal"
+#endif
+
+// Defined by the shader's copy of rmsprop_math.h.
+struct RMSpropDeviceScalars;
 
 namespace harness {
 
@@ -65,7 +79,7 @@ struct Dispatch {
   const float* lr;
   void* param_out;
   void* v_out;
-  RMSpropDeviceScalars scalars;
+  const RMSpropDeviceScalars* scalars;
   ulong size;
   std::vector<int> shape;
   std::vector<long> strides[3]; // grad, param, v
@@ -103,7 +117,7 @@ Kernel make_kernel(ContiguousKernel<T> fn) {
   return Kernel{true, sizeof(T), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
     fn(static_cast<const T*>(d.grad), static_cast<const T*>(d.param),
        static_cast<const T*>(d.v), d.lr, static_cast<T*>(d.param_out),
-       static_cast<T*>(d.v_out), d.scalars, d.size, gid, dims);
+       static_cast<T*>(d.v_out), *d.scalars, d.size, gid, dims);
   }};
 }
 
@@ -112,7 +126,7 @@ Kernel make_kernel(GeneralKernel<T> fn) {
   return Kernel{false, sizeof(T), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
     fn(static_cast<const T*>(d.grad), static_cast<const T*>(d.param),
        static_cast<const T*>(d.v), d.lr, static_cast<T*>(d.param_out),
-       static_cast<T*>(d.v_out), d.scalars, d.size, d.shape.data(),
+       static_cast<T*>(d.v_out), *d.scalars, d.size, d.shape.data(),
        d.strides[0].data(), d.strides[1].data(), d.strides[2].data(), d.ndim,
        gid, dims);
   }};
@@ -134,13 +148,16 @@ struct Registrar {
 // host name Metal would give it.
 #define RMSPROP_HARNESS_CAT2(a, b) a##b
 #define RMSPROP_HARNESS_CAT(a, b) RMSPROP_HARNESS_CAT2(a, b)
-#define RMSPROP_KERNEL(host, func, type)                                  \
+#define RMSPROP_KERNEL(host, func, ...)                                   \
   static ::harness::Registrar RMSPROP_HARNESS_CAT(                        \
-      rmsprop_harness_registrar_, __COUNTER__)(host, &func<type>);
+      rmsprop_harness_registrar_, __COUNTER__)(host, &func<__VA_ARGS__>);
 
-#include "rmsprop.metal"
+#include RMSPROP_SHADER_FILE
 
 #include "metal_shim_end.h"
+
+#include "rmsprop.h" // make_coefficients(): the scalars eval_gpu binds
+#include "rmsprop_grid.h" // rmsprop_threads(), rmsprop_grid(), kernel names
 
 namespace harness {
 
@@ -148,9 +165,11 @@ namespace harness {
   throw std::runtime_error(msg);
 }
 
+using mlx_fused_rmsprop::RMSpropKernel;
+
 struct Case {
   std::string dtype;
-  bool flat = true;
+  RMSpropKernel kernel = RMSpropKernel::contiguous;
   uint64_t size = 0;
   double alpha = 0.0;
   double eps = 0.0;
@@ -173,6 +192,16 @@ int itemsize_of(const std::string& dtype) {
     return 2;
   }
   fail("unknown dtype " + dtype);
+}
+
+RMSpropKernel parse_kernel(const std::string& kind) {
+  for (auto k : {RMSpropKernel::contiguous, RMSpropKernel::general_idx32,
+                 RMSpropKernel::general_idx64}) {
+    if (mlx_fused_rmsprop::rmsprop_kernel_kind(k) == kind) {
+      return k;
+    }
+  }
+  fail("unknown kernel kind " + kind);
 }
 
 double parse_double(const std::string& text) {
@@ -203,8 +232,10 @@ std::vector<Case> read_manifest(const std::string& path) {
       c = Case{};
     } else if (key == "dtype") {
       words >> c.dtype;
-    } else if (key == "flat") {
-      words >> c.flat;
+    } else if (key == "kernel") {
+      std::string kind;
+      words >> kind;
+      c.kernel = parse_kernel(kind);
     } else if (key == "size") {
       words >> c.size;
     } else if (key == "alpha" || key == "eps") {
@@ -281,14 +312,15 @@ struct GuardedBuffer {
 
 void run_case(const Case& c) {
   using namespace mlx_fused_rmsprop;
-  const std::string name = rmsprop_kernel_name(c.flat, c.dtype);
+  const bool flat = c.kernel == RMSpropKernel::contiguous;
+  const std::string name = rmsprop_kernel_name(c.kernel, c.dtype);
   auto it = registry().find(name);
   if (it == registry().end()) {
     fail("no kernel named " + name);
   }
   const Kernel& kernel = it->second;
   const int itemsize = itemsize_of(c.dtype);
-  if (kernel.itemsize != itemsize || kernel.contiguous != c.flat) {
+  if (kernel.itemsize != itemsize || kernel.contiguous != flat) {
     fail("kernel " + name + " does not match its dtype / layout");
   }
 
@@ -324,14 +356,15 @@ void run_case(const Case& c) {
   d.lr = &lr;
   d.param_out = c.inplace ? inputs[1] : fresh_param.data();
   d.v_out = c.inplace ? inputs[2] : fresh_v.data();
-  d.scalars = RMSpropDeviceScalars{k.alpha, k.one_minus_alpha, k.eps};
+  const RMSpropDeviceScalars scalars{k.alpha, k.one_minus_alpha, k.eps};
+  d.scalars = &scalars;
   d.size = c.size;
   d.shape = c.shape;
   for (int a = 0; a < 3; ++a) {
     d.strides[a] = c.strides[a];
   }
   d.ndim = static_cast<int>(c.shape.size());
-  if (!c.flat) {
+  if (!flat) {
     for (int a = 0; a < 3; ++a) {
       if (c.strides[a].size() != c.shape.size() || c.shape.empty()) {
         fail("general kernel needs a shape and three strides of its length");
@@ -343,8 +376,9 @@ void run_case(const Case& c) {
   // grid of a size-0 update is 0 x 0 threads anyway.
   // 1024 is maxTotalThreadsPerThreadgroup of these kernels on Apple GPUs; it
   // only sets the threadgroup width, which no kernel index depends on.
+  const uint64_t inner = flat ? 0 : static_cast<uint64_t>(c.shape.back());
   RMSpropGrid grid = rmsprop_grid(
-      c.size, rmsprop_elements_per_thread(c.flat, itemsize), 1024);
+      rmsprop_threads(c.kernel, c.size, itemsize, inner), 1024);
   const uint2 dims(grid.width, grid.height);
   if (c.size > 0) {
     const uint64_t threads = uint64_t(grid.width) * grid.height;
@@ -387,13 +421,17 @@ int main(int argc, char** argv) {
       }
       return 0;
     }
-    if (command == "grid" && argc == 5) {
+    if (command == "grid" && argc == 7) {
+      const uint64_t threads = mlx_fused_rmsprop::rmsprop_threads(
+          harness::parse_kernel(argv[2]),
+          std::strtoull(argv[3], nullptr, 10),
+          std::atoi(argv[4]),
+          std::strtoull(argv[5], nullptr, 10));
       auto g = mlx_fused_rmsprop::rmsprop_grid(
-          std::strtoull(argv[2], nullptr, 10),
-          static_cast<uint32_t>(std::strtoul(argv[3], nullptr, 10)),
-          static_cast<uint32_t>(std::strtoul(argv[4], nullptr, 10)));
+          threads, static_cast<uint32_t>(std::strtoul(argv[6], nullptr, 10)));
       std::printf(
-          "%u %u %u %llu\n",
+          "%llu %u %u %u %llu\n",
+          static_cast<unsigned long long>(threads),
           g.width,
           g.height,
           g.group_width,
@@ -408,7 +446,7 @@ int main(int argc, char** argv) {
     }
     std::fprintf(
         stderr,
-        "usage: driver list | grid N EPT MAX_GROUP | run MANIFEST\n");
+        "usage: driver list | grid KIND N ITEMSIZE INNER MAX_GROUP | run MANIFEST\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "driver: %s\n", e.what());

@@ -48,6 +48,11 @@ struct RMSpropShimBFloat16 {
 // The shader is compiled as Metal 3.1 (CMakeLists.txt: -std=metal3.1).
 #define __METAL_VERSION__ 310
 
+// Tells the shader it is compiled as C++: it then leaves out the Metal-only
+// `#pragma METAL fp contract(off)`, whose C++ equivalent is the driver's
+// -ffp-contract=off (tests/test_metal_emulation.py builds every variant so).
+#define RMSPROP_METAL_SHIM 1
+
 // ---- Scalar and vector types.
 typedef unsigned int uint;
 typedef unsigned long ulong;
