@@ -8,6 +8,7 @@
 #include "mlx/version.h"
 
 #include "rmsprop.h"
+#include "rmsprop_cpu.h"
 #include "rmsprop_metal_library.h"
 
 namespace nb = nanobind;
@@ -124,6 +125,31 @@ NB_MODULE(_ext, m) {
       "eval_gpu would choose them -- kernel 'contiguous', 'general_idx32' or "
       "'general_idx64'; for the general kernels the collapsed shape and the "
       "grad/param/v strides it walks (empty for 'contiguous').");
+
+  m.def(
+      "_cpu_walk",
+      [](mx::array grad, mx::array param, mx::array v) {
+        mx::eval({grad, param, v}); // layouts are known once evaluated
+        return mlx_fused_rmsprop::cpu_walk_name(
+            mlx_fused_rmsprop::choose_cpu_dispatch(grad, param, v).walk);
+      },
+      "grad"_a,
+      "param"_a,
+      "v"_a,
+      "For tests: the walk eval_cpu takes for these arrays: 'flat', "
+      "'transposed' (tiled), 'strided_like_param' or 'strided'.");
+
+  m.def(
+      "_split_stats",
+      [] {
+        auto stats = mlx_fused_rmsprop::split_stats();
+        nb::dict out;
+        out["pooled"] = stats.pooled;
+        out["busy_fallbacks"] = stats.busy_fallbacks;
+        return out;
+      },
+      "For tests: leaves split across the CPU worker pool so far, and split "
+      "leaves that found the pool busy and ran every part on their own thread.");
 
   m.def(
       "_metal_library_plan",

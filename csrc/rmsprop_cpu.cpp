@@ -36,7 +36,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/types/half_types.h"
 
-#include "rmsprop.h"
+#include "rmsprop_cpu.h"
 #include "rmsprop_cpu_half.h"
 
 namespace mlx_fused_rmsprop {
@@ -427,16 +427,25 @@ class WorkerPool {
     return workers_;
   }
 
+  SplitStats stats() const {
+    return {pooled_.load(std::memory_order_relaxed),
+            busy_fallbacks_.load(std::memory_order_relaxed)};
+  }
+
   // Runs fn(part) for part in [0, parts); parts - 1 <= workers().
   template <class Fn>
   void run(int parts, const Fn& fn) {
     std::unique_lock<std::mutex> busy(submit_, std::try_to_lock);
     if (!busy.owns_lock() || parts <= 1) {
+      if (parts > 1) {
+        busy_fallbacks_.fetch_add(1, std::memory_order_relaxed);
+      }
       for (int p = 0; p < parts; ++p) {
         fn(p);
       }
       return;
     }
+    pooled_.fetch_add(1, std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = [&fn](int p) { fn(p); };
@@ -480,6 +489,8 @@ class WorkerPool {
   int parts_ = 0;
   int pending_ = 0;
   uint64_t generation_ = 0;
+  std::atomic<uint64_t> pooled_{0};
+  std::atomic<uint64_t> busy_fallbacks_{0};
 };
 
 // The process's pool, created on first use. It is never destroyed (its
@@ -594,14 +605,6 @@ void rmsprop_strided(
   }
 }
 
-// How the CPU kernel walks one leaf.
-enum class Walk {
-  flat, // grad, param, v share one dense layout
-  transposed, // param, v row-major 2-D (collapsed), grad its column-major twin
-  strided_like_param, // param dense: outputs in param's layout
-  strided, // anything else: fresh row-contiguous outputs
-};
-
 // The transposed case, seen on the collapsed layout.
 bool is_transposed_pair(const CollapsedLayout& l) {
   if (l.shape.size() != 2) {
@@ -618,7 +621,7 @@ template <class F>
 void dispatch_typed(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs,
-    Walk walk,
+    CpuWalk walk,
     const CollapsedLayout& layout,
     double alpha,
     double eps,
@@ -638,7 +641,7 @@ void dispatch_typed(
   S* v_out_ptr = reinterpret_cast<S*>(outputs[1].data<void>());
 
   switch (walk) {
-    case Walk::flat:
+    case CpuWalk::flat:
       // With the flat layout every array holds exactly size() elements.
       encoder.dispatch([=, n = static_cast<int64_t>(param.size())]() {
         FlatJob<F> job{
@@ -649,7 +652,7 @@ void dispatch_typed(
         });
       });
       return;
-    case Walk::transposed:
+    case CpuWalk::transposed:
       encoder.dispatch([=, rows = int64_t{layout.shape[0]}, cols = int64_t{layout.shape[1]}]() {
         TransposedJob<F> job{
             g_ptr, w_ptr, v_ptr, w_out_ptr, v_out_ptr, rows, cols,
@@ -659,9 +662,9 @@ void dispatch_typed(
         });
       });
       return;
-    case Walk::strided_like_param:
-    case Walk::strided:
-      encoder.dispatch([=, like_param = walk == Walk::strided_like_param]() {
+    case CpuWalk::strided_like_param:
+    case CpuWalk::strided:
+      encoder.dispatch([=, like_param = walk == CpuWalk::strided_like_param]() {
         auto k = make_coefficients<C>(*lr_ptr, alpha, eps);
         rmsprop_strided<F>(
             g_ptr, w_ptr, v_ptr, w_out_ptr, v_out_ptr, layout.shape,
@@ -673,6 +676,39 @@ void dispatch_typed(
 
 } // namespace
 
+CpuDispatch choose_cpu_dispatch(
+    const mx::array& grad,
+    const mx::array& param,
+    const mx::array& v) {
+  // Empty leaves and 0-d leaves are row-contiguous, so they take the flat path.
+  if (is_flat_layout(grad, param, v)) {
+    return {CpuWalk::flat, {}};
+  }
+  auto layout = collapse_layout(grad, param, v);
+  CpuWalk walk = !is_dense(param)   ? CpuWalk::strided
+      : is_transposed_pair(layout) ? CpuWalk::transposed
+                                   : CpuWalk::strided_like_param;
+  return {walk, std::move(layout)};
+}
+
+std::string cpu_walk_name(CpuWalk walk) {
+  switch (walk) {
+    case CpuWalk::flat:
+      return "flat";
+    case CpuWalk::transposed:
+      return "transposed";
+    case CpuWalk::strided_like_param:
+      return "strided_like_param";
+    case CpuWalk::strided:
+      return "strided";
+  }
+  return "";
+}
+
+SplitStats split_stats() {
+  return worker_pool().stats();
+}
+
 void FusedRMSprop::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
@@ -682,21 +718,9 @@ void FusedRMSprop::eval_cpu(
 
   release_sibling_inputs(inputs, outputs);
 
-  // Empty leaves and 0-d leaves are row-contiguous, so they take the flat path.
-  Walk walk = Walk::flat;
-  CollapsedLayout layout;
-  if (!is_flat_layout(grad, param, v)) {
-    layout = collapse_layout(grad, param, v);
-    if (!is_dense(param)) {
-      walk = Walk::strided;
-    } else if (is_transposed_pair(layout)) {
-      walk = Walk::transposed;
-    } else {
-      walk = Walk::strided_like_param;
-    }
-  }
+  auto dispatch = choose_cpu_dispatch(grad, param, v);
   // Every walk but the plain strided one writes the outputs in param's layout.
-  allocate_outputs(inputs, outputs, walk != Walk::strided);
+  allocate_outputs(inputs, outputs, dispatch.walk != CpuWalk::strided);
 
   auto& encoder = mx::cpu::get_command_encoder(stream());
   for (const auto& in : inputs) {
@@ -710,13 +734,13 @@ void FusedRMSprop::eval_cpu(
 
   switch (param.dtype()) {
     case mx::float32:
-      return dispatch_typed<Float32Format>(inputs, outputs, walk, layout, alpha_, eps_, encoder);
+      return dispatch_typed<Float32Format>(inputs, outputs, dispatch.walk, dispatch.layout, alpha_, eps_, encoder);
     case mx::float16:
-      return dispatch_typed<Float16Format>(inputs, outputs, walk, layout, alpha_, eps_, encoder);
+      return dispatch_typed<Float16Format>(inputs, outputs, dispatch.walk, dispatch.layout, alpha_, eps_, encoder);
     case mx::bfloat16:
-      return dispatch_typed<BFloat16Format>(inputs, outputs, walk, layout, alpha_, eps_, encoder);
+      return dispatch_typed<BFloat16Format>(inputs, outputs, dispatch.walk, dispatch.layout, alpha_, eps_, encoder);
     case mx::float64:
-      return dispatch_typed<Float64Format>(inputs, outputs, walk, layout, alpha_, eps_, encoder);
+      return dispatch_typed<Float64Format>(inputs, outputs, dispatch.walk, dispatch.layout, alpha_, eps_, encoder);
     default:
       throw std::invalid_argument(
           "[FusedRMSprop] unsupported dtype reached the CPU kernel.");

@@ -219,6 +219,109 @@ def test_float32_transposed_grads_bit_identical_to_mlx_optimizer(shape):
     np.testing.assert_array_equal(bits(ours.state["w"]["v"]), bits(theirs.state["w"]["v"]))
 
 
+# ---- Which walk the kernel takes, and walks over 3-D / 4-D layouts.
+
+
+def test_linear_weight_gradients_take_the_tiled_transposed_walk():
+    """autodiff returns the weight gradient of every nn.Linear column-major:
+    the kernel must take its tiled walk for it (the strided walk gives the
+    same bits ~10x slower, so only the choice itself can show a regression),
+    and the flat walk for biases."""
+    model = nn.Linear(96, 40)
+    x = mx.random.normal((8, 96))
+    grads = nn.value_and_grad(model, lambda m: m(x).sum())(model)[1]
+    mx.eval(grads)
+    w, b = model.weight, model.bias
+    assert grads["weight"].shape == w.shape
+    assert fused._ext._cpu_walk(grads["weight"], w, mx.zeros_like(w)) == "transposed"
+    assert fused._ext._cpu_walk(grads["bias"], b, mx.zeros_like(b)) == "flat"
+    g, w, v = _make_layout("grad_transposed", (33, 129), mx.bfloat16, seed=1)
+    assert fused._ext._cpu_walk(g, w, v) == "transposed"
+    g, w, v = _make_layout("grad_strided", (33, 129), mx.float32, seed=1)
+    assert fused._ext._cpu_walk(g, w, v) == "strided_like_param"
+    assert fused._ext._cpu_walk(g, g, g) == "strided"
+
+
+def _random_view(rng, shape, dtype, seed, positive=False, dense_rate=0.25):
+    """An array of `shape` whose memory layout no two adjacent dims share:
+    the transpose of a permuted base, with one axis taken every 2nd element
+    and maybe one axis reversed (or, at dense_rate, a plain dense array)."""
+
+    def x(base_shape, key):
+        out = mx.random.normal(base_shape, key=key)
+        return (mx.abs(out) * 0.1 if positive else out).astype(dtype)  # before any view
+
+    if rng.random() < dense_rate:
+        out = x(shape, key=mx.random.key(seed))
+    else:
+        ndim = len(shape)
+        perm = rng.permutation(ndim)
+        base_shape = [shape[p] for p in perm]
+        step_axis = int(rng.integers(ndim))
+        base_shape[step_axis] *= 2
+        out = x(tuple(base_shape), key=mx.random.key(seed))
+        index = [slice(None)] * ndim
+        index[step_axis] = slice(None, None, 2)
+        if rng.random() < 0.5:
+            flip = int(rng.integers(ndim))
+            index[flip] = slice(None, None, -2 if flip == step_axis else -1)
+        out = mx.transpose(out[tuple(index)], list(np.argsort(perm)))
+    mx.eval(out)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16], ids=["float32", "float16"])
+def test_strided_walks_over_3d_and_4d_layouts(dtype):
+    """Layouts that stay 3-D or 4-D after collapsing, so the strided walks'
+    odometer wraps every outer dimension; both strided walks (param dense or
+    not), fresh and in-place outputs, bit for bit with the reference."""
+    rng = np.random.default_rng(2024)
+    walks = {"strided": 0, "strided_like_param": 0}
+    for case in range(80):
+        shape = tuple(int(n) for n in rng.integers(2, 6, size=int(rng.integers(3, 5))))
+        g = _random_view(rng, shape, dtype, 3 * case)
+        w = _random_view(rng, shape, dtype, 3 * case + 1, dense_rate=0.5)
+        v = _random_view(rng, shape, dtype, 3 * case + 2, positive=True)
+        walk = fused._ext._cpu_walk(g, w, v)
+        collapsed = fused._ext._dispatch_layout(g, w, v)[1]
+        if walk in walks and len(collapsed) >= 3:
+            walks[walk] += 1
+        ref_w, ref_v = reference(g, w, v, 0.01, dtype)
+        for in_place in (False, True):
+            out_w, out_v = fused_step(g, w, v, 0.01, in_place)
+            np.testing.assert_array_equal(bits(out_w), bits(ref_w), err_msg=f"{case} {walk} {shape}")
+            np.testing.assert_array_equal(bits(out_v), bits(ref_v), err_msg=f"{case} {walk} {shape}")
+    assert min(walks.values()) >= 10, walks
+
+
+def _column_major(shape, dtype, seed):
+    """A dense, column-major array (the transpose of a row-major one) that
+    nothing references but the returned handle."""
+    base = (mx.abs(mx.random.normal(shape[::-1], key=mx.random.key(seed))) * 0.1).astype(dtype)
+    out = base.T
+    mx.eval(out)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
+def test_a_state_laid_out_unlike_the_parameter_is_never_donated(dtype):
+    """v dense but column-major, referenced by nothing else, param row-major:
+    the outputs follow param's layout, so v's buffer must not be reused for
+    v' (it would be written in one order while read in the other)."""
+    shape = (67, 130)
+    g, w, _ = _leaf(shape, dtype, seed=5)
+    v = _column_major(shape, dtype, 9)
+    assert fused._ext._cpu_walk(g, w, v) == "strided_like_param"
+    ref_w, ref_v = reference(g, w, v, 0.01, dtype)
+    mx.eval(ref_w, ref_v)
+    out_w, out_v = rmsprop_update(
+        g, _fresh_copy(w), _column_major(shape, dtype, 9), mx.array(0.01), alpha=ALPHA, eps=EPS
+    )
+    mx.eval(out_w, out_v)
+    np.testing.assert_array_equal(bits(out_w), bits(ref_w))
+    np.testing.assert_array_equal(bits(out_v), bits(ref_v))
+
+
 # ---- The multi-threaded split never changes a result.
 
 _SPLIT_SCRIPT = r"""
@@ -287,6 +390,65 @@ def test_split_across_threads_gives_identical_results(min_per_thread):
     for threads in ("2", "3", "4"):
         multi = _run_split(cases, {**env, "MLX_FUSED_RMSPROP_NUM_THREADS": threads})
         assert multi == single, f"{threads} threads differ from 1"
+
+
+_TWO_STREAMS_SCRIPT = r"""
+import json, threading
+import mlx.core as mx
+from mlx_fused_rmsprop import _ext, rmsprop_update
+
+N, STEPS = 1 << 20, 6
+
+def chain(seed, stream):
+    # STEPS in-place updates of one 1M-element leaf, each split in two parts.
+    with mx.stream(stream):
+        k = mx.random.split(mx.random.key(seed), 2)
+        w, v = mx.random.normal((N,), key=k[0]), mx.zeros((N,))
+        g = mx.random.normal((N,), key=k[1])
+        mx.eval(w, v, g)
+        for step in range(STEPS):
+            w, v = rmsprop_update(g * (step + 1), w, v, mx.array(0.01), alpha=0.9, eps=1e-8)
+            mx.eval(w, v)
+        return bytes(memoryview(w)) + bytes(memoryview(v))
+
+def both(run_concurrently):
+    out = [None, None]
+    def worker(i):
+        out[i] = chain(10 + i, mx.new_stream(mx.cpu))  # a stream per thread
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    if run_concurrently:
+        for t in threads: t.start()
+        for t in threads: t.join()
+    else:
+        for t in threads: t.start(); t.join()
+    return out
+
+expected = both(False)
+rounds = 0
+while True:  # until the pool was found busy at least once
+    rounds += 1
+    got = both(True)
+    if got != expected:
+        print(json.dumps({"equal": False, "rounds": rounds}))
+        break
+    if _ext._split_stats()["busy_fallbacks"] > 0 or rounds == 50:
+        print(json.dumps({"equal": True, "rounds": rounds, **_ext._split_stats()}))
+        break
+"""
+
+
+def test_two_streams_splitting_at_once_match_sequential_runs():
+    """Two streams updating split leaves at the same time: one of them finds
+    the worker pool busy and runs every part itself. Results equal running
+    the two one after the other, and the busy path was really taken."""
+    env = dict(os.environ, MLX_FUSED_RMSPROP_NUM_THREADS="2",
+               MLX_FUSED_RMSPROP_MIN_ELEMENTS_PER_THREAD="4096")
+    res = subprocess.run([sys.executable, "-c", _TWO_STREAMS_SCRIPT],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["equal"], report
+    assert report["busy_fallbacks"] > 0 and report["pooled"] > 0, report
 
 
 def test_baseline_and_avx2_builds_of_the_loop_agree():
