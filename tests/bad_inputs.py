@@ -38,6 +38,12 @@ def _step_with(edit_grads=None, edit_model=None):
     opt.update(model, grads)
 
 
+def _edit_state_in_place(edit):
+    model, opt, grads = _trained()
+    edit(opt.state)
+    opt.update(model, grads)
+
+
 def _load_checkpoint(edit):
     model, opt, grads = _trained()
     flat = dict(tree_flatten(opt.state))
@@ -60,6 +66,10 @@ CASES = [
      "RMSprop alpha should be >=0, -0.1 was provided instead"),
     ("`RMSprop(lr, eps=0.0)`", lambda: RMSprop(0.1, eps=0.0), ValueError,
      "RMSprop epsilon should be >0, 0.0 was provided instead"),
+    ("`RMSprop(lr, alpha=inf)`", lambda: RMSprop(0.1, alpha=float("inf")), ValueError,
+     "RMSprop alpha should be a finite number, inf was provided instead"),
+    ("`RMSprop(lr, eps=nan)`", lambda: RMSprop(0.1, eps=float("nan")), ValueError,
+     "RMSprop epsilon should be a finite number, nan was provided instead"),
     ("an integer parameter with a gradient",
      lambda: _step_with(lambda g: g["layers"][1].update(bias=mx.ones((2,), dtype=mx.int32)),
                         lambda m: m.layers[1].update({"bias": mx.zeros((2,), dtype=mx.int32)})),
@@ -74,9 +84,17 @@ CASES = [
     ("a gradient with no parameter",
      lambda: _step_with(lambda g: g.update(head=mx.ones((2,)))), ValueError,
      "RMSprop: leaf 'head': no parameter for this gradient"),
+    ("a gradient list longer than the model's",
+     lambda: _step_with(lambda g: g["layers"].append({"weight": mx.ones((2, 2))})), ValueError,
+     "RMSprop: leaf 'layers.2.weight': no parameter for this gradient"),
     ("a gradient that is not an array",
      lambda: _step_with(lambda g: g["layers"][1].update(bias=0.5)), TypeError,
      "RMSprop: leaf 'layers.1.bias': the gradient is float, expected mlx.core.array"),
+    ("a state whose `v` was replaced by another dtype",
+     lambda: _edit_state_in_place(
+         lambda s: s["layers"][0]["bias"].update(v=mx.zeros((4,), dtype=mx.float16))),
+     ValueError,
+     "RMSprop: leaf 'layers.0.bias': [rmsprop_update] state 'v' dtype float16 does not match parameter dtype float32."),
     ("a checkpoint missing a parameter's entry",
      lambda: _load_checkpoint(lambda s: s.pop("layers.1.weight.v")), ValueError,
      "RMSprop: the optimizer state has no entry 'layers.1.weight.v' (a state that holds entries must hold one for every trained parameter; was it saved from another model?)"),
@@ -89,9 +107,16 @@ CASES = [
     ("a checkpoint with a mis-shaped `v`",
      lambda: _load_checkpoint(lambda s: s.update({"layers.1.bias.v": mx.zeros((3,))})), ValueError,
      "RMSprop: the optimizer state entry 'layers.1.bias.v' is (3,) mlx.core.float32, but the parameter is (2,) mlx.core.float32"),
+    ("a checkpoint with a `v` of another dtype",
+     lambda: _load_checkpoint(lambda s: s.update({"layers.1.bias.v": mx.zeros((2,), dtype=mx.float16)})),
+     ValueError,
+     "RMSprop: the optimizer state entry 'layers.1.bias.v' is (2,) mlx.core.float16, but the parameter is (2,) mlx.core.float32"),
     ("a checkpoint without `step`",
      lambda: _load_checkpoint(lambda s: s.pop("step")), ValueError,
      "RMSprop: the optimizer state has no entry 'step'"),
+    ("a checkpoint whose `step` is text",
+     lambda: _load_checkpoint(lambda s: s.update(step="12")), ValueError,
+     "RMSprop: the optimizer state entry 'step' is str, expected an array or a number"),
     ("`rmsprop_update` with a non-scalar lr",
      lambda: _op(lr=mx.ones((2,))), ValueError,
      "[rmsprop_update] learning rate must be a scalar, got shape (2)."),
@@ -104,12 +129,21 @@ CASES = [
     ("`rmsprop_update` with a state of another shape",
      lambda: _op(v=mx.ones((4,))), ValueError,
      "[rmsprop_update] state 'v' shape (4) does not match parameter shape (3)."),
+    ("`rmsprop_update` with a state of another dtype",
+     lambda: _op(v=mx.ones((3,), dtype=mx.float16)), ValueError,
+     "[rmsprop_update] state 'v' dtype float16 does not match parameter dtype float32."),
     ("`rmsprop_update` with `alpha=nan`",
      lambda: _op(alpha=float("nan")), ValueError,
      "[rmsprop_update] alpha must be a finite number >= 0, got nan."),
+    ("`rmsprop_update` with `alpha=inf`",
+     lambda: _op(alpha=float("inf")), ValueError,
+     "[rmsprop_update] alpha must be a finite number >= 0, got inf."),
     ("`rmsprop_update` with `eps=0`",
      lambda: _op(eps=0.0), ValueError,
      "[rmsprop_update] eps must be a finite number > 0, got 0."),
+    ("`rmsprop_update` with `eps=inf`",
+     lambda: _op(eps=float("inf")), ValueError,
+     "[rmsprop_update] eps must be a finite number > 0, got inf."),
     ("`mx.grad` through the update",
      lambda: mx.grad(lambda p: rmsprop_update(p, p, p, 0.1, alpha=0.9, eps=1e-8)[0].sum())(mx.ones((3,))),
      ValueError,

@@ -198,6 +198,25 @@ def test_a_fresh_state_with_only_scalars_initializes_like_mlx():
     assert_same_tree(net.parameters(), ref_net.parameters())
 
 
+def test_a_state_whose_step_is_a_plain_int_trains_like_mlx():
+    """mlx.optimizers steps a Python int `step` as happily as an array (a
+    state written by hand or by another tool); so does ours."""
+    trained, ref_net = make_net(), make_net()
+    opt, ref = RMSprop(0.01), optim.RMSprop(0.01)
+    train(trained, opt, 1)
+    train(ref_net, ref, 1)
+    for o in (opt, ref):
+        state = dict(o.state)
+        state["step"] = 1
+        o.state = state
+    train(trained, opt, 3)
+    train(ref_net, ref, 3)
+    assert opt.state["step"] == ref.state["step"] == 4
+    assert_same_tree(trained.parameters(), ref_net.parameters())
+    without_step = lambda state: {k: v for k, v in state.items() if k != "step"}
+    assert_same_tree(without_step(opt.state), without_step(ref.state))
+
+
 def run_training(seed, stream=None):
     net, opt = make_net(seed), RMSprop(optim.exponential_decay(0.02, 0.97))
     if stream is None:

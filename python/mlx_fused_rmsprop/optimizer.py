@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterator, Union
 
 import mlx.core as mx
@@ -57,6 +58,13 @@ class RMSprop(Optimizer):
             raise ValueError(
                 f"RMSprop epsilon should be >0, {self.eps} was provided instead"
             )
+        # mlx.optimizers.RMSprop accepts inf and NaN here and fails (or
+        # trains on NaN) later; the fused op rejects them, so say it now.
+        for name, value in (("alpha", self.alpha), ("epsilon", self.eps)):
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"RMSprop {name} should be a finite number, {value} was provided instead"
+                )
         # Set when a state is assigned (e.g. loaded from a checkpoint): the
         # next step first checks it against the parameters, entry by entry.
         self._state_needs_check = False
@@ -162,8 +170,15 @@ def _check_assigned_state(state: Any, gradients: Any, parameters: Any) -> None:
             f"RMSprop: the optimizer state must be a dict, got {type(state).__name__}"
         )
     for name in _SCALAR_ENTRIES:
-        if not isinstance(state.get(name), mx.array):
+        # An array, or a plain number as mlx.optimizers also steps with.
+        if name not in state:
             raise ValueError(f"RMSprop: the optimizer state has no entry '{name}'")
+        value = state[name]
+        if not isinstance(value, (mx.array, int, float)) or isinstance(value, bool):
+            raise ValueError(
+                f"RMSprop: the optimizer state entry '{name}' is "
+                f"{type(value).__name__}, expected an array or a number"
+            )
     leaves = {k: v for k, v in state.items() if k not in _SCALAR_ENTRIES}
     if _check_state_entries(leaves, parameters, "") == 0:
         return
