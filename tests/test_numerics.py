@@ -148,6 +148,20 @@ def test_nan_and_inf_gradients_propagate_as_in_the_reference(device, dtype):
     assert mx.isnan(ours[0][1]).item()  # inf / (sqrt(inf) + eps) = inf/inf
 
 
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -1e-2], ids=["nan", "inf", "negative"])
+def test_unusual_learning_rates_follow_the_reference(lr):
+    """A NaN, infinite or negative learning rate (a schedule gone wrong, or
+    gradient ascent on purpose) is not rejected: the step computes exactly
+    what mlx.optimizers.RMSprop computes (NaN parameters for a NaN lr)."""
+    grad, param = random_leaf((33,), mx.float32, seed=6)
+    v = mx.abs(grad)
+    ours = ours_step(grad, param, v, lr, 0.9, 1e-8)
+    ref = reference_step(grad, param, v, lr, 0.9, 1e-8)
+    assert bit_equal(ours[0], ref[0]) and bit_equal(ours[1], ref[1])
+    if lr != lr:
+        assert mx.isnan(ours[0]).all().item() and not mx.isnan(ours[1]).any().item()
+
+
 def test_lr_is_read_per_call_not_baked_in():
     grad, param = random_leaf((33,), mx.float32, seed=5)
     v = mx.zeros_like(param)

@@ -380,11 +380,14 @@ def test_compile_keeps_steps_with_different_alpha_or_eps_apart():
     def three_steps(g, p, v, lr):
         # Same inputs, different alpha/eps: compile's common-subexpression
         # pass must not merge them (is_equivalent compares alpha and eps).
+        # It never merges an array that is itself an output of the compiled
+        # function, hence the `* 2` after each update.
         return (
-            f(g, p, v, lr, alpha=0.9, eps=1e-8)[0],
-            f(g, p, v, lr, alpha=0.8, eps=1e-8)[0],
-            f(g, p, v, lr, alpha=0.9, eps=1e-2)[0],
-            f(g, p, v, lr, alpha=0.9, eps=1e-8)[1],
+            f(g, p, v, lr, alpha=0.9, eps=1e-8)[0] * 2,
+            f(g, p, v, lr, alpha=0.8, eps=1e-8)[0] * 2,
+            f(g, p, v, lr, alpha=0.9, eps=1e-2)[0] * 2,
+            f(g, p, v, lr, alpha=0.9, eps=1e-8)[1] * 2,
+            f(g, p, v, lr, alpha=0.8, eps=1e-8)[1] * 2,
         )
 
     eager = three_steps(g, p, v, lr)
@@ -392,4 +395,5 @@ def test_compile_keeps_steps_with_different_alpha_or_eps_apart():
     for e, c in zip(eager, compiled):
         assert bit_equal(e, c)
     assert not bit_equal(eager[0], eager[1]) and not bit_equal(eager[0], eager[2])
+    assert not bit_equal(eager[3], eager[4])
     assert all(out.shape == (3, 4) for out in compiled)
