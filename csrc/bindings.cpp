@@ -1,5 +1,9 @@
 // Python bindings: mlx_fused_rmsprop._ext
+#include <sstream>
+
 #include <nanobind/nanobind.h>
+#include <nanobind/operators.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
@@ -26,6 +30,33 @@ mx::array as_array(const LearningRate& lr) {
     return mx::array(static_cast<float>(*value));
   }
   return std::get<mx::array>(lr);
+}
+
+// The step count may be an array (an optimizer's state) or a Python int.
+using StepCount = std::variant<mx::array, int64_t>;
+
+std::optional<mx::array> as_step(const std::optional<StepCount>& step) {
+  if (!step) {
+    return std::nullopt;
+  }
+  if (auto* value = std::get_if<int64_t>(&*step)) {
+    return mx::array(static_cast<int32_t>(*value));
+  }
+  return std::get<mx::array>(*step);
+}
+
+std::string repr(const mlx_fused_rmsprop::RMSpropOptions& o) {
+  std::ostringstream out;
+  auto flag = [](bool b) { return b ? "True" : "False"; };
+  out << "RMSpropOptions(alpha=" << o.alpha << ", eps=" << o.eps
+      << ", momentum=" << o.momentum << ", weight_decay=" << o.weight_decay
+      << ", centered=" << flag(o.centered) << ", nesterov=" << flag(o.nesterov)
+      << ", decoupled_weight_decay=" << flag(o.decoupled_weight_decay)
+      << ", eps_in_sqrt=" << flag(o.eps_in_sqrt)
+      << ", bias_correction=" << flag(o.bias_correction)
+      << ", maximize=" << flag(o.maximize)
+      << ", lr_inside_momentum=" << flag(o.lr_inside_momentum) << ")";
+  return out.str();
 }
 
 } // namespace
@@ -82,33 +113,122 @@ NB_MODULE(_ext, m) {
       Returns:
           tuple(array, array): The updated parameter and ``v``.)");
 
+  using mlx_fused_rmsprop::RMSpropOptions;
+  nb::class_<RMSpropOptions>(
+      m,
+      "RMSpropOptions",
+      "What one fused RMSprop variant computes (see RMSprop's docstring); "
+      "the defaults are mlx.optimizers.RMSprop's algorithm.")
+      .def(
+          "__init__",
+          [](RMSpropOptions* o,
+             double alpha,
+             double eps,
+             double momentum,
+             double weight_decay,
+             bool centered,
+             bool nesterov,
+             bool decoupled_weight_decay,
+             bool eps_in_sqrt,
+             bool bias_correction,
+             bool maximize,
+             bool lr_inside_momentum) {
+            new (o) RMSpropOptions{
+                alpha, eps, momentum, weight_decay, centered, nesterov,
+                decoupled_weight_decay, eps_in_sqrt, bias_correction, maximize,
+                lr_inside_momentum};
+          },
+          nb::kw_only(),
+          "alpha"_a = 0.99,
+          "eps"_a = 1e-8,
+          "momentum"_a = 0.0,
+          "weight_decay"_a = 0.0,
+          "centered"_a = false,
+          "nesterov"_a = false,
+          "decoupled_weight_decay"_a = false,
+          "eps_in_sqrt"_a = false,
+          "bias_correction"_a = false,
+          "maximize"_a = false,
+          "lr_inside_momentum"_a = false)
+      .def_rw("alpha", &RMSpropOptions::alpha)
+      .def_rw("eps", &RMSpropOptions::eps)
+      .def_rw("momentum", &RMSpropOptions::momentum)
+      .def_rw("weight_decay", &RMSpropOptions::weight_decay)
+      .def_rw("centered", &RMSpropOptions::centered)
+      .def_rw("nesterov", &RMSpropOptions::nesterov)
+      .def_rw("decoupled_weight_decay", &RMSpropOptions::decoupled_weight_decay)
+      .def_rw("eps_in_sqrt", &RMSpropOptions::eps_in_sqrt)
+      .def_rw("bias_correction", &RMSpropOptions::bias_correction)
+      .def_rw("maximize", &RMSpropOptions::maximize)
+      .def_rw("lr_inside_momentum", &RMSpropOptions::lr_inside_momentum)
+      .def(
+          "is_plain",
+          &RMSpropOptions::is_plain,
+          "True when no option is on: mlx.optimizers.RMSprop's update.")
+      .def(
+          "flags",
+          &RMSpropOptions::flags,
+          "The RMSPROP_OPTION_* bits the kernels read (kernels/rmsprop_math.h).")
+      .def(
+          "state_names",
+          &RMSpropOptions::state_names,
+          "The state arrays these options keep, in order: 'v', then 'mean' "
+          "(centered), then 'momentum_buffer' (momentum > 0).")
+      .def(nb::self == nb::self)
+      .def("__repr__", &repr);
+
+  m.def(
+      "rmsprop_step",
+      [](const mx::array& grad,
+         const mx::array& param,
+         const std::vector<mx::array>& state,
+         const LearningRate& lr,
+         const std::optional<StepCount>& step,
+         const RMSpropOptions& options,
+         mx::StreamOrDevice stream) {
+        return mlx_fused_rmsprop::rmsprop_step(
+            grad, param, state, as_array(lr), as_step(step), options, stream);
+      },
+      "grad"_a,
+      "param"_a,
+      "state"_a,
+      "lr"_a,
+      "step"_a.none(),
+      "options"_a,
+      "stream"_a = nb::none(),
+      "One fused step of any RMSprop variant for a single leaf: ONE primitive "
+      "whose outputs are [param', *state'], the state in "
+      "options.state_names() order. `step` (the 1-based step count) is needed "
+      "for the bias correction only.");
+
   m.def(
       "check_rmsprop_inputs",
       [](const mx::array& grad,
          const mx::array& param,
-         const mx::array& v,
+         const std::vector<mx::array>& state,
          const LearningRate& lr,
-         double alpha,
-         double eps,
+         const std::optional<StepCount>& step,
+         const RMSpropOptions& options,
          mx::StreamOrDevice stream) {
         mlx_fused_rmsprop::check_rmsprop_inputs(
-            grad, param, v, as_array(lr), alpha, eps, mx::to_stream(stream));
+            grad, param, state, as_array(lr), as_step(step), options,
+            mx::to_stream(stream));
       },
       "grad"_a,
       "param"_a,
-      "v"_a,
+      "state"_a,
       "lr"_a,
-      nb::kw_only(),
-      "alpha"_a,
-      "eps"_a,
+      "step"_a.none(),
+      "options"_a,
       "stream"_a = nb::none(),
-      "Raise ValueError unless the arguments form a valid rmsprop_update call.");
+      "Raise ValueError unless the arguments form a valid rmsprop_step call.");
 
   m.def(
       "_dispatch_layout",
-      [](mx::array grad, mx::array param, mx::array v) {
-        mx::eval({grad, param, v}); // layouts are known once evaluated
-        auto dispatch = mlx_fused_rmsprop::choose_gpu_dispatch(grad, param, v);
+      [](nb::args args) {
+        auto arrays = nb::cast<std::vector<mx::array>>(args);
+        mx::eval(arrays); // layouts are known once evaluated
+        auto dispatch = mlx_fused_rmsprop::choose_gpu_dispatch(arrays);
         std::vector<int> shape(
             dispatch.layout.shape.begin(), dispatch.layout.shape.end());
         std::vector<std::vector<int64_t>> strides;
@@ -118,26 +238,29 @@ NB_MODULE(_ext, m) {
         return nb::make_tuple(
             mlx_fused_rmsprop::rmsprop_kernel_kind(dispatch.kernel), shape, strides);
       },
-      "grad"_a,
-      "param"_a,
-      "v"_a,
+      nb::sig(
+          "def _dispatch_layout(grad: mlx.core.array, param: mlx.core.array, "
+          "*state: mlx.core.array) -> tuple[str, list[int], list[list[int]]]"),
       "For tests (the Metal-as-C++ harness): (kernel, shape, strides) as "
-      "eval_gpu would choose them -- kernel 'contiguous', 'general_idx32' or "
-      "'general_idx64'; for the general kernels the collapsed shape and the "
-      "grad/param/v strides it walks (empty for 'contiguous').");
+      "eval_gpu would choose them for grad, param and the state arrays -- "
+      "kernel 'contiguous', 'general_idx32' or 'general_idx64'; for the "
+      "general kernels the collapsed shape and each array's strides it walks "
+      "(empty for 'contiguous').");
 
   m.def(
       "_cpu_walk",
-      [](mx::array grad, mx::array param, mx::array v) {
-        mx::eval({grad, param, v}); // layouts are known once evaluated
+      [](nb::args args) {
+        auto arrays = nb::cast<std::vector<mx::array>>(args);
+        mx::eval(arrays); // layouts are known once evaluated
         return mlx_fused_rmsprop::cpu_walk_name(
-            mlx_fused_rmsprop::choose_cpu_dispatch(grad, param, v).walk);
+            mlx_fused_rmsprop::choose_cpu_dispatch(arrays).walk);
       },
-      "grad"_a,
-      "param"_a,
-      "v"_a,
-      "For tests: the walk eval_cpu takes for these arrays: 'flat', "
-      "'transposed' (tiled), 'strided_like_param' or 'strided'.");
+      nb::sig(
+          "def _cpu_walk(grad: mlx.core.array, param: mlx.core.array, "
+          "*state: mlx.core.array) -> str"),
+      "For tests: the walk eval_cpu takes for grad, param and the state "
+      "arrays: 'flat', 'transposed' (tiled), 'strided_like_param' or "
+      "'strided'.");
 
   m.def(
       "_split_stats",
@@ -150,6 +273,14 @@ NB_MODULE(_ext, m) {
       },
       "For tests: leaves split across the CPU worker pool so far, and split "
       "leaves that found the pool busy and ran every part on their own thread.");
+
+  m.def(
+      "_gpu_array_slots",
+      &mlx_fused_rmsprop::gpu_array_slots,
+      "options"_a,
+      "plain"_a,
+      "For tests (the harness): which walked array (0 grad, 1 param, 2... "
+      "the state) each array buffer of the GPU kernel takes.");
 
   m.def(
       "_metal_library_plan",

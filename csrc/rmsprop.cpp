@@ -30,62 +30,191 @@ bool is_supported_dtype(mx::Dtype dtype, bool on_gpu) {
 
 } // namespace
 
+std::vector<std::string> RMSpropOptions::state_names() const {
+  std::vector<std::string> names = {"v"};
+  if (centered) {
+    names.push_back("mean");
+  }
+  if (momentum > 0.0) {
+    names.push_back("momentum_buffer");
+  }
+  return names;
+}
+
+namespace {
+
+// Messages name the op the user called: rmsprop_update (the plain step) or
+// rmsprop_step (any options).
+const char* op_name(const RMSpropOptions& options) {
+  return options.is_plain() ? "[rmsprop_update] " : "[rmsprop_step] ";
+}
+
+void check_options(const RMSpropOptions& o) {
+  std::ostringstream msg;
+  msg << op_name(o);
+  if (!(o.alpha >= 0.0) || !std::isfinite(o.alpha)) {
+    msg << "alpha must be a finite number >= 0, got " << o.alpha << ".";
+    fail(msg);
+  }
+  if (!(o.eps > 0.0) || !std::isfinite(o.eps)) {
+    msg << "eps must be a finite number > 0, got " << o.eps << ".";
+    fail(msg);
+  }
+  if (!(o.momentum >= 0.0) || !std::isfinite(o.momentum)) {
+    msg << "momentum must be a finite number >= 0, got " << o.momentum << ".";
+    fail(msg);
+  }
+  if (!(o.weight_decay >= 0.0) || !std::isfinite(o.weight_decay)) {
+    msg << "weight_decay must be a finite number >= 0, got " << o.weight_decay
+        << ".";
+    fail(msg);
+  }
+  if (o.nesterov && !(o.momentum > 0.0)) {
+    msg << "nesterov needs momentum > 0, got momentum=" << o.momentum << ".";
+    fail(msg);
+  }
+}
+
+// A single-element real array (lr, step).
+void check_scalar(
+    const mx::array& a,
+    const char* what,
+    const RMSpropOptions& options) {
+  std::ostringstream msg;
+  msg << op_name(options);
+  if (a.size() != 1) {
+    msg << what << " must be a scalar, got shape " << a.shape() << ".";
+    fail(msg);
+  }
+  if (mx::issubdtype(a.dtype(), mx::complexfloating)) {
+    msg << what << " must be real, got " << a.dtype() << ".";
+    fail(msg);
+  }
+}
+
+} // namespace
+
 void check_rmsprop_inputs(
     const mx::array& grad,
     const mx::array& param,
-    const mx::array& v,
+    const std::vector<mx::array>& state,
     const mx::array& lr,
-    double alpha,
-    double eps,
+    const std::optional<mx::array>& step,
+    const RMSpropOptions& options,
     const mx::Stream& stream) {
   bool on_gpu = stream.device == mx::Device::gpu;
   std::ostringstream msg;
+  msg << op_name(options);
   if (!is_supported_dtype(param.dtype(), on_gpu)) {
-    msg << "[rmsprop_update] parameter dtype " << param.dtype()
-        << " is not supported on " << stream.device
+    msg << "parameter dtype " << param.dtype() << " is not supported on "
+        << stream.device
         << "; RMSprop updates float32, float16 and bfloat16 parameters"
         << (on_gpu ? "" : " (and float64 on the CPU)") << ".";
     fail(msg);
   }
-  // grad and v must be laid over param element for element.
-  auto check_dtype = [&](const mx::array& a, const char* what) {
-    if (a.dtype() != param.dtype()) {
-      msg << "[rmsprop_update] " << what << " dtype " << a.dtype()
-          << " does not match parameter dtype " << param.dtype() << ".";
-      fail(msg);
+  auto names = options.state_names();
+  if (state.size() != names.size()) {
+    msg << "expected " << names.size() << " state array"
+        << (names.size() == 1 ? "" : "s") << " (";
+    for (size_t i = 0; i < names.size(); ++i) {
+      msg << (i ? ", " : "") << names[i];
     }
-  };
-  check_dtype(grad, "gradient");
-  check_dtype(v, "state 'v'");
-  auto check_shape = [&](const mx::array& a, const char* what) {
+    msg << ") for these options, got " << state.size() << ".";
+    fail(msg);
+  }
+  // grad and the state must be laid over param element for element.
+  auto check_shape = [&](const mx::array& a, const std::string& what) {
     if (a.shape() != param.shape()) {
-      msg << "[rmsprop_update] " << what << " shape " << a.shape()
-          << " does not match parameter shape " << param.shape() << ".";
+      msg << what << " shape " << a.shape() << " does not match parameter shape "
+          << param.shape() << ".";
       fail(msg);
     }
   };
+  if (grad.dtype() != param.dtype()) {
+    msg << "gradient dtype " << grad.dtype()
+        << " does not match parameter dtype " << param.dtype() << ".";
+    fail(msg);
+  }
   check_shape(grad, "gradient");
-  check_shape(v, "state 'v'");
-  if (lr.size() != 1) {
-    msg << "[rmsprop_update] learning rate must be a scalar, got shape "
-        << lr.shape() << ".";
-    fail(msg);
+  // The state has param's dtype (as in mlx), or float32 beside float16 and
+  // bfloat16 parameters (state_dtype=float32); all of it the same.
+  bool half_param = param.dtype() == mx::float16 || param.dtype() == mx::bfloat16;
+  for (size_t i = 0; i < state.size(); ++i) {
+    auto what = "state '" + names[i] + "'";
+    const auto& s = state[i];
+    bool allowed = s.dtype() == param.dtype() ||
+        (half_param && s.dtype() == mx::float32);
+    if (!allowed || s.dtype() != state[0].dtype()) {
+      msg << what << " dtype " << s.dtype() << " does not match parameter dtype "
+          << param.dtype();
+      if (half_param) {
+        msg << " (nor float32, the other state dtype for " << param.dtype()
+            << " parameters)";
+      }
+      if (s.dtype() != state[0].dtype() && allowed) {
+        msg << " the way state '" << names[0] << "' (" << state[0].dtype()
+            << ") does";
+      }
+      msg << ".";
+      fail(msg);
+    }
+    check_shape(s, what);
   }
-  if (mx::issubdtype(lr.dtype(), mx::complexfloating)) {
-    msg << "[rmsprop_update] learning rate must be real, got " << lr.dtype()
-        << ".";
-    fail(msg);
+  check_scalar(lr, "learning rate", options);
+  if (options.bias_correction) {
+    if (!step) {
+      msg << "bias_correction needs the step count (step=...).";
+      fail(msg);
+    }
+    check_scalar(*step, "step", options);
   }
-  if (!(alpha >= 0.0) || !std::isfinite(alpha)) {
-    msg << "[rmsprop_update] alpha must be a finite number >= 0, got " << alpha
-        << ".";
-    fail(msg);
+  check_options(options);
+}
+
+std::vector<mx::array> rmsprop_step(
+    const mx::array& grad,
+    const mx::array& param,
+    const std::vector<mx::array>& state,
+    const mx::array& lr,
+    const std::optional<mx::array>& step,
+    const RMSpropOptions& options,
+    mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  check_rmsprop_inputs(grad, param, state, lr, step, options, stream);
+
+  // The kernels read the step's scalars in their compute type: double for
+  // float64 leaves, float otherwise (half leaves compute in float32). Metal
+  // has no float64: a float64 lr (0-d, so the hop is free) is reshaped and
+  // converted on the CPU, whatever stream the update runs on.
+  auto compute = param.dtype() == mx::float64 ? mx::float64 : mx::float32;
+  auto cpu = mx::default_stream(mx::Device::cpu);
+  auto scalar = [&](const mx::array& a) {
+    auto on = a.dtype() == mx::float64 && compute != mx::float64 ? cpu : stream;
+    auto out = mx::reshape(a, {}, on);
+    return out.dtype() == compute ? out : mx::astype(out, compute, on);
+  };
+  std::vector<mx::array> inputs = {grad, param};
+  inputs.insert(inputs.end(), state.begin(), state.end());
+  inputs.push_back(scalar(lr));
+  if (options.bias_correction) {
+    // 1 - alpha^t in double on the CPU from the step array (a new step is a
+    // new input value, never a retrace), rounded once to the compute type.
+    auto t = mx::astype(mx::reshape(*step, {}, cpu), mx::float64, cpu);
+    auto power = mx::power(mx::array(options.alpha, mx::float64), t, cpu);
+    auto bc = mx::subtract(mx::array(1.0, mx::float64), power, cpu);
+    inputs.push_back(compute == mx::float64 ? bc : mx::astype(bc, compute, cpu));
   }
-  if (!(eps > 0.0) || !std::isfinite(eps)) {
-    msg << "[rmsprop_update] eps must be a finite number > 0, got " << eps
-        << ".";
-    fail(msg);
+
+  std::vector<mx::Shape> shapes(1 + state.size(), param.shape());
+  std::vector<mx::Dtype> dtypes = {param.dtype()};
+  for (const auto& a : state) {
+    dtypes.push_back(a.dtype());
   }
+  return mx::array::make_arrays(
+      std::move(shapes),
+      dtypes,
+      std::make_shared<FusedRMSprop>(stream, options),
+      std::move(inputs));
 }
 
 std::vector<mx::array> rmsprop_update(
@@ -96,27 +225,10 @@ std::vector<mx::array> rmsprop_update(
     double alpha,
     double eps,
     mx::StreamOrDevice s) {
-  auto stream = mx::to_stream(s);
-  check_rmsprop_inputs(grad, param, v, lr, alpha, eps, stream);
-
-  // The kernel reads lr as its compute type: double for float64 leaves,
-  // float otherwise (half leaves compute in float32).
-  // Metal has no float64: a float64 lr (0-d, so the hop is free) is reshaped
-  // and converted on the CPU, whatever stream the update runs on.
-  auto lr_dtype = param.dtype() == mx::float64 ? mx::float64 : mx::float32;
-  auto lr_stream = lr.dtype() == mx::float64 && lr_dtype != mx::float64
-      ? mx::default_stream(mx::Device::cpu)
-      : stream;
-  auto lr_scalar = mx::reshape(lr, {}, lr_stream);
-  if (lr_scalar.dtype() != lr_dtype) {
-    lr_scalar = mx::astype(lr_scalar, lr_dtype, lr_stream);
-  }
-
-  return mx::array::make_arrays(
-      {param.shape(), param.shape()},
-      {param.dtype(), param.dtype()},
-      std::make_shared<FusedRMSprop>(stream, alpha, eps),
-      {grad, param, v, lr_scalar});
+  RMSpropOptions options;
+  options.alpha = alpha;
+  options.eps = eps;
+  return rmsprop_step(grad, param, {v}, lr, std::nullopt, options, s);
 }
 
 bool is_dense(const mx::array& a) {
@@ -130,20 +242,31 @@ bool laid_like(const mx::array& a, const mx::array& param) {
   return is_dense(a) && a.strides() == param.strides();
 }
 
-bool is_flat_layout(
-    const mx::array& grad,
-    const mx::array& param,
-    const mx::array& v) {
-  return is_dense(param) && laid_like(grad, param) && laid_like(v, param);
+std::vector<mx::array> walked_arrays(
+    const std::vector<mx::array>& inputs,
+    const RMSpropOptions& options) {
+  auto count = 2 + options.state_names().size();
+  return std::vector<mx::array>(inputs.begin(), inputs.begin() + count);
 }
 
-CollapsedLayout collapse_layout(
-    const mx::array& grad,
-    const mx::array& param,
-    const mx::array& v) {
-  const mx::array* arrays[3] = {&grad, &param, &v};
+bool is_flat_layout(const std::vector<mx::array>& arrays) {
+  const auto& param = arrays[1];
+  if (!is_dense(param)) {
+    return false;
+  }
+  for (const auto& a : arrays) {
+    if (!laid_like(a, param)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+CollapsedLayout collapse_layout(const std::vector<mx::array>& arrays) {
+  const auto& param = arrays[1];
+  const size_t n = arrays.size();
   CollapsedLayout out;
-  out.strides.resize(3);
+  out.strides.resize(n);
   for (int d = 0; d < param.ndim(); ++d) {
     int extent = param.shape(d);
     if (extent == 1) {
@@ -155,19 +278,19 @@ CollapsedLayout collapse_layout(
     bool merges = !out.shape.empty() &&
         static_cast<int64_t>(out.shape.back()) * extent <=
             std::numeric_limits<int32_t>::max();
-    for (int a = 0; a < 3 && merges; ++a) {
+    for (size_t a = 0; a < n && merges; ++a) {
       merges = out.strides[a].back() ==
-          arrays[a]->strides()[d] * static_cast<int64_t>(extent);
+          arrays[a].strides()[d] * static_cast<int64_t>(extent);
     }
     if (merges) {
       out.shape.back() *= extent;
-      for (int a = 0; a < 3; ++a) {
-        out.strides[a].back() = arrays[a]->strides()[d];
+      for (size_t a = 0; a < n; ++a) {
+        out.strides[a].back() = arrays[a].strides()[d];
       }
     } else {
       out.shape.push_back(extent);
-      for (int a = 0; a < 3; ++a) {
-        out.strides[a].push_back(arrays[a]->strides()[d]);
+      for (size_t a = 0; a < n; ++a) {
+        out.strides[a].push_back(arrays[a].strides()[d]);
       }
     }
   }
@@ -201,17 +324,24 @@ bool needs_64bit_index(const CollapsedLayout& layout) {
   return false;
 }
 
-GpuDispatch choose_gpu_dispatch(
-    const mx::array& grad,
-    const mx::array& param,
-    const mx::array& v) {
-  if (is_flat_layout(grad, param, v)) {
+GpuDispatch choose_gpu_dispatch(const std::vector<mx::array>& arrays) {
+  if (is_flat_layout(arrays)) {
     return {RMSpropKernel::contiguous, {}};
   }
-  auto layout = collapse_layout(grad, param, v);
+  auto layout = collapse_layout(arrays);
   auto kernel = needs_64bit_index(layout) ? RMSpropKernel::general_idx64
                                           : RMSpropKernel::general_idx32;
   return {kernel, std::move(layout)};
+}
+
+std::vector<size_t> gpu_array_slots(const RMSpropOptions& options, bool plain) {
+  if (plain) {
+    return {0, 1, 2};
+  }
+  size_t next = 3;
+  size_t mean = options.centered ? next++ : 2;
+  size_t buffer = options.momentum > 0.0 ? next++ : 2;
+  return {0, 1, 2, mean, buffer};
 }
 
 void release_sibling_inputs(
@@ -234,29 +364,31 @@ void allocate_outputs(
     std::vector<mx::array>& outputs,
     bool like_param) {
   const auto& param = inputs[1];
-  const auto& v = inputs[2];
-  auto& param_out = outputs[0];
-  auto& v_out = outputs[1];
-  if (!like_param) {
-    param_out.set_data(mx::allocator::malloc(param_out.nbytes()));
-    v_out.set_data(mx::allocator::malloc(v_out.nbytes()));
-    return;
-  }
   // The kernels read element i of an input before writing element i of the
-  // output that shares its buffer, so donation is safe.
-  auto take_or_allocate = [&param](const mx::array& in, mx::array& out) {
-    if (laid_like(in, param) && mx::is_donatable(in, out)) {
-      out.copy_shared_buffer(in);
-    } else {
+  // output that shares its buffer, so donation is safe. The state is donated
+  // all or none of it: the loops run in place or not per leaf, not per array.
+  auto donates = [&](size_t i) {
+    return like_param && laid_like(inputs[1 + i], param) &&
+        mx::is_donatable(inputs[1 + i], outputs[i]);
+  };
+  bool state_donated = true;
+  for (size_t i = 1; i < outputs.size(); ++i) {
+    state_donated = state_donated && donates(i);
+  }
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    auto& out = outputs[i];
+    if (i == 0 ? donates(0) : state_donated) {
+      out.copy_shared_buffer(inputs[1 + i]);
+    } else if (like_param) {
       out.set_data(
           mx::allocator::malloc(out.nbytes()),
           param.data_size(),
           param.strides(),
           param.flags());
+    } else {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
     }
-  };
-  take_or_allocate(param, param_out);
-  take_or_allocate(v, v_out);
+  }
 }
 
 std::vector<mx::array> FusedRMSprop::jvp(
@@ -288,12 +420,13 @@ std::pair<std::vector<mx::array>, std::vector<int>> FusedRMSprop::vmap(
 
 bool FusedRMSprop::is_equivalent(const mx::Primitive& other) const {
   auto* o = dynamic_cast<const FusedRMSprop*>(&other);
-  return o != nullptr && alpha_ == o->alpha_ && eps_ == o->eps_;
+  return o != nullptr && options_ == o->options_;
 }
 
 std::vector<mx::Shape> FusedRMSprop::output_shapes(
     const std::vector<mx::array>& inputs) {
-  return {inputs[1].shape(), inputs[1].shape()};
+  return std::vector<mx::Shape>(
+      1 + options_.state_names().size(), inputs[1].shape());
 }
 
 } // namespace mlx_fused_rmsprop

@@ -1,7 +1,9 @@
 // The fused RMSprop primitive: one graph node that updates a parameter and its
-// running average of squared gradients in a single pass over memory.
+// optimizer state in a single pass over memory.
 #pragma once
 
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "mlx/array.h"
@@ -16,27 +18,92 @@ namespace mlx_fused_rmsprop {
 namespace mx = mlx::core;
 
 /**
- * Raise std::invalid_argument (ValueError in Python) unless grad, param and v
- * form a valid RMSprop leaf on `stream`: equal shapes, equal floating dtypes
- * the device supports, a single-element real lr, alpha >= 0 and eps > 0.
+ * What one RMSprop variant computes (kernels/rmsprop_math.h has the math).
+ * Defaults: mlx.optimizers.RMSprop's algorithm, which runs the plain kernel.
+ */
+struct RMSpropOptions {
+  double alpha = 0.99;
+  double eps = 1e-8;
+  double momentum = 0.0; // > 0: a momentum buffer
+  double weight_decay = 0.0;
+  bool centered = false; // a running mean of the gradient
+  bool nesterov = false; // needs momentum > 0
+  bool decoupled_weight_decay = false; // w -= lr * wd * w, else g += wd * w
+  bool eps_in_sqrt = false; // sqrt(var + eps), else sqrt(var) + eps
+  bool bias_correction = false; // v (and the mean) / (1 - alpha^t)
+  bool maximize = false;
+  bool lr_inside_momentum = false; // the buffer accumulates lr * g / d
+
+  /** RMSPROP_OPTION_* bits of the options that take effect. */
+  unsigned int flags() const {
+    unsigned int f = 0u;
+    f |= centered ? RMSPROP_OPTION_CENTERED : 0u;
+    f |= momentum > 0.0 ? RMSPROP_OPTION_MOMENTUM : 0u;
+    f |= nesterov ? RMSPROP_OPTION_NESTEROV : 0u;
+    if (weight_decay > 0.0) {
+      f |= decoupled_weight_decay ? RMSPROP_OPTION_DECOUPLED_WEIGHT_DECAY
+                                  : RMSPROP_OPTION_COUPLED_WEIGHT_DECAY;
+    }
+    f |= eps_in_sqrt ? RMSPROP_OPTION_EPS_IN_SQRT : 0u;
+    f |= maximize ? RMSPROP_OPTION_MAXIMIZE : 0u;
+    if (lr_inside_momentum && momentum > 0.0) {
+      f |= RMSPROP_OPTION_LR_INSIDE_MOMENTUM;
+    }
+    f |= bias_correction ? RMSPROP_OPTION_BIAS_CORRECTION : 0u;
+    return f;
+  }
+  /** No option takes effect: mlx.optimizers.RMSprop's update. */
+  bool is_plain() const {
+    return flags() == 0u;
+  }
+  /** Names of the state arrays, in the primitive's order: v, then mean
+   * (centered), then momentum_buffer (momentum > 0). */
+  std::vector<std::string> state_names() const;
+  bool operator==(const RMSpropOptions&) const = default;
+};
+
+/**
+ * Raise std::invalid_argument (ValueError in Python) unless the arguments
+ * form a valid fused step on `stream`: grad of param's shape and dtype (a
+ * floating dtype the device supports), one state array per
+ * options.state_names() of param's shape, all of one dtype (param's, or
+ * float32 for float16 / bfloat16 parameters), a single-element real lr, a
+ * single-element real step when options.bias_correction, and valid options
+ * (alpha >= 0, eps > 0, momentum >= 0, weight_decay >= 0, all finite;
+ * nesterov needs momentum > 0).
  */
 void check_rmsprop_inputs(
     const mx::array& grad,
     const mx::array& param,
-    const mx::array& v,
+    const std::vector<mx::array>& state,
     const mx::array& lr,
-    double alpha,
-    double eps,
+    const std::optional<mx::array>& step,
+    const RMSpropOptions& options,
     const mx::Stream& stream);
 
 /**
- * One RMSprop step for a single leaf, as ONE two-output primitive:
+ * One RMSprop step of a single leaf as ONE primitive with an output per
+ * array updated: {param', v', [mean'], [momentum_buffer']} (the state in
+ * options.state_names() order). `lr` and `step` (the 1-based step count, used
+ * for the bias correction only) are input arrays, so a schedule or a new step
+ * never retraces under mx.compile; the options are fixed properties.
+ */
+std::vector<mx::array> rmsprop_step(
+    const mx::array& grad,
+    const mx::array& param,
+    const std::vector<mx::array>& state,
+    const mx::array& lr,
+    const std::optional<mx::array>& step,
+    const RMSpropOptions& options,
+    mx::StreamOrDevice s = {});
+
+/**
+ * mlx.optimizers.RMSprop's step (the plain options), as ONE two-output
+ * primitive:
  *
  *   v'     = alpha * v + (1 - alpha) * grad^2
  *   param' = param - lr * grad / (sqrt(v') + eps)
  *
- * `lr` is an input array (a schedule changes it every step without
- * retracing); alpha and eps are fixed properties of the primitive.
  * Returns {param', v'}, both with param's shape and dtype.
  */
 std::vector<mx::array> rmsprop_update(
@@ -58,6 +125,27 @@ RMSpropCoefficients<C> make_coefficients(C lr, double alpha, double eps) {
       lr, static_cast<C>(alpha), static_cast<C>(1.0 - alpha), static_cast<C>(eps)};
 }
 
+/** The variant's fixed scalars rounded to C, as make_coefficients rounds. */
+template <typename C>
+RMSpropVariantConstants<C> make_variant_constants(const RMSpropOptions& o) {
+  return RMSpropVariantConstants<C>{
+      static_cast<C>(o.alpha),
+      static_cast<C>(1.0 - o.alpha),
+      static_cast<C>(o.eps),
+      static_cast<C>(o.momentum),
+      static_cast<C>(o.weight_decay),
+      o.flags()};
+}
+
+/** Whether a leaf runs the plain kernels (mlx.optimizers.RMSprop's math with
+ * the state in the parameter's dtype) rather than the variant ones. */
+inline bool runs_plain_kernels(
+    const RMSpropOptions& options,
+    mx::Dtype param_dtype,
+    mx::Dtype state_dtype) {
+  return options.is_plain() && state_dtype == param_dtype;
+}
+
 /** True when `a` covers exactly size() consecutive elements (no gaps, no
  * broadcast): flags().contiguous and data_size() == size(). */
 bool is_dense(const mx::array& a);
@@ -67,26 +155,32 @@ bool is_dense(const mx::array& a);
 bool laid_like(const mx::array& a, const mx::array& param);
 
 /**
- * True when grad, param and v can be walked as one flat buffer each with the
- * same index meaning the same element: param dense, grad and v laid like it.
- * Both backends use it.
+ * The arrays an update walks, in the primitive's input order: grad, param,
+ * then the state. The trailing scalar inputs (lr, bias correction) are not
+ * walked.
  */
-bool is_flat_layout(const mx::array& grad, const mx::array& param, const mx::array& v);
+std::vector<mx::array> walked_arrays(
+    const std::vector<mx::array>& inputs,
+    const RMSpropOptions& options);
 
 /**
- * The joint layout of grad, param and v with size-1 dims dropped and dims
- * merged wherever all three arrays are contiguous across them and the merged
- * extent stays <= INT32_MAX (at least one dim is kept). Feeds the strided CPU
- * loop and the general GPU kernel.
+ * True when the walked arrays (grad, param, state...) can be walked as one
+ * flat buffer each with the same index meaning the same element: param
+ * dense, every other array laid like it. Both backends use it.
+ */
+bool is_flat_layout(const std::vector<mx::array>& arrays);
+
+/**
+ * The joint layout of the walked arrays (index 1 is param) with size-1 dims
+ * dropped and dims merged wherever all of them are contiguous across them and
+ * the merged extent stays <= INT32_MAX (at least one dim is kept). Feeds the
+ * strided CPU loops and the general GPU kernels.
  */
 struct CollapsedLayout {
   mx::Shape shape;
-  std::vector<mx::Strides> strides; // grad, param, v
+  std::vector<mx::Strides> strides; // one per walked array
 };
-CollapsedLayout collapse_layout(
-    const mx::array& grad,
-    const mx::array& param,
-    const mx::array& v);
+CollapsedLayout collapse_layout(const std::vector<mx::array>& arrays);
 
 /**
  * True unless every index the general GPU kernel forms over `layout` fits in
@@ -104,18 +198,23 @@ struct GpuDispatch {
   RMSpropKernel kernel;
   CollapsedLayout layout;
 };
-GpuDispatch choose_gpu_dispatch(
-    const mx::array& grad,
-    const mx::array& param,
-    const mx::array& v);
+GpuDispatch choose_gpu_dispatch(const std::vector<mx::array>& arrays);
 
 /**
- * make_arrays gives each of the two outputs its own copy of the input list,
- * so every input is referenced twice and never is_donatable(): each step
- * would allocate (and page-fault) two leaf-sized buffers. MLX clears those
- * lists when it detaches the evaluated outputs anyway (unless they are
- * tracers), so both backends call this first in eval: for non-tracers it drops
- * the sibling's copy, and an input referenced by nothing else becomes
+ * The arrays a GPU kernel takes, as indices into the walked arrays: the plain
+ * kernels {grad, param, v}; the variant ones {grad, param, v, mean, buffer},
+ * where state the options do not keep is v (bound, never read or written).
+ * Output i of the kernel is the primitive's output slots[i] - 1 (i >= 1).
+ */
+std::vector<size_t> gpu_array_slots(const RMSpropOptions& options, bool plain);
+
+/**
+ * make_arrays gives each output its own copy of the input list, so every
+ * input is referenced once per output and never is_donatable(): each step
+ * would allocate (and page-fault) leaf-sized buffers. MLX clears those lists
+ * when it detaches the evaluated outputs anyway (unless they are tracers), so
+ * both backends call this first in eval: for non-tracers it drops the
+ * siblings' copies, and an input referenced by nothing else becomes
  * donatable. The evaluated output's own list keeps every input alive.
  */
 void release_sibling_inputs(
@@ -123,10 +222,11 @@ void release_sibling_inputs(
     std::vector<mx::array>& outputs);
 
 /**
- * Give the two outputs their buffers. like_param (param must be dense): both
- * outputs take param's layout, and param' / v' take the very buffers of
- * param / v when those are donatable (v only when laid like param), so the
- * update is in place. Otherwise: fresh row-contiguous buffers.
+ * Give the outputs their buffers; output 0 pairs with input 1 (param) and
+ * output 1 + i with input 2 + i (state i). like_param (param must be dense):
+ * every output takes param's layout, and takes its input's very buffer when
+ * that input is laid like param and donatable, so the update is in place.
+ * Otherwise: fresh row-contiguous buffers.
  */
 void allocate_outputs(
     const std::vector<mx::array>& inputs,
@@ -135,10 +235,11 @@ void allocate_outputs(
 
 class FusedRMSprop : public mx::Primitive {
  public:
-  FusedRMSprop(mx::Stream stream, double alpha, double eps)
-      : mx::Primitive(stream), alpha_(alpha), eps_(eps) {}
+  FusedRMSprop(mx::Stream stream, RMSpropOptions options)
+      : mx::Primitive(stream), options_(options) {}
 
-  // Inputs: {grad, param, v, lr}. Outputs: {param', v'}.
+  // Inputs: {grad, param, state..., lr, [bias correction]}.
+  // Outputs: {param', state'...}.
   void eval_cpu(
       const std::vector<mx::array>& inputs,
       std::vector<mx::array>& outputs) override;
@@ -167,16 +268,12 @@ class FusedRMSprop : public mx::Primitive {
   std::vector<mx::Shape> output_shapes(
       const std::vector<mx::array>& inputs) override;
 
-  double alpha() const {
-    return alpha_;
-  }
-  double eps() const {
-    return eps_;
+  const RMSpropOptions& options() const {
+    return options_;
   }
 
  private:
-  double alpha_;
-  double eps_;
+  RMSpropOptions options_;
 };
 
 } // namespace mlx_fused_rmsprop

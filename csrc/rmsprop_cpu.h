@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "rmsprop.h"
 
@@ -14,7 +15,7 @@ namespace mlx_fused_rmsprop {
 // How the CPU kernel walks one leaf.
 enum class CpuWalk {
   flat, // grad, param, v share one dense layout
-  transposed, // param, v row-major 2-D (collapsed), grad its column-major twin:
+  transposed, // param, state row-major 2-D (collapsed), grad its column-major twin:
               // the tiled walk (the weight gradient of every nn.Linear)
   strided_like_param, // param dense: outputs in param's layout
   strided, // anything else: fresh row-contiguous outputs
@@ -25,11 +26,9 @@ struct CpuDispatch {
   CollapsedLayout layout; // empty for the flat walk
 };
 
-// The walk for a leaf (arrays evaluated, so their layouts are known).
-CpuDispatch choose_cpu_dispatch(
-    const mx::array& grad,
-    const mx::array& param,
-    const mx::array& v);
+// The walk for a leaf's walked arrays (grad, param, state...; evaluated, so
+// their layouts are known).
+CpuDispatch choose_cpu_dispatch(const std::vector<mx::array>& arrays);
 
 std::string cpu_walk_name(CpuWalk walk);
 

@@ -42,6 +42,16 @@ inline std::string rmsprop_kernel_name(RMSpropKernel kernel, const std::string& 
   return "rmsprop_" + rmsprop_kernel_kind(kernel) + "_" + dtype;
 }
 
+// Host name of the variant kernel for a parameter and a state dtype name,
+// e.g. rmsprop_variant_contiguous_bfloat16_float32.
+inline std::string rmsprop_variant_kernel_name(
+    RMSpropKernel kernel,
+    const std::string& param_dtype,
+    const std::string& state_dtype) {
+  return "rmsprop_variant_" + rmsprop_kernel_kind(kernel) + "_" + param_dtype +
+      "_" + state_dtype;
+}
+
 // Threads of a dispatch over n elements. The contiguous kernel: one thread per
 // RMSPROP_BYTES_PER_THREAD chunk. The general kernel: one thread per run of
 // RMSPROP_GENERAL_ELEMENTS_PER_THREAD elements of each row of `inner`

@@ -54,13 +54,13 @@ MTL::Library* rmsprop_library(mx::metal::Device& device) {
 void FusedRMSprop::eval_gpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
-  const auto& grad = inputs[0];
   const auto& param = inputs[1];
-  const auto& v = inputs[2];
-  const auto& lr = inputs[3];
+  const auto& state_dtype = inputs[2].dtype();
+  const size_t states = outputs.size() - 1;
+  const bool plain = runs_plain_kernels(options_, param.dtype(), state_dtype);
 
   release_sibling_inputs(inputs, outputs);
-  auto dispatch = choose_gpu_dispatch(grad, param, v);
+  auto dispatch = choose_gpu_dispatch(walked_arrays(inputs, options_));
   bool flat = dispatch.kernel == RMSpropKernel::contiguous;
   allocate_outputs(inputs, outputs, flat);
   if (param.size() == 0) {
@@ -69,35 +69,55 @@ void FusedRMSprop::eval_gpu(
 
   auto& s = stream();
   auto& d = mx::metal::device(s.device);
-  auto* kernel = d.get_kernel(
-      rmsprop_kernel_name(dispatch.kernel, dtype_name(param.dtype())),
-      rmsprop_library(d));
+  auto name = plain
+      ? rmsprop_kernel_name(dispatch.kernel, dtype_name(param.dtype()))
+      : rmsprop_variant_kernel_name(
+            dispatch.kernel, dtype_name(param.dtype()), dtype_name(state_dtype));
+  auto* kernel = d.get_kernel(name, rmsprop_library(d));
 
   auto& encoder = mx::metal::get_command_encoder(s);
   encoder.set_compute_pipeline_state(kernel);
-  encoder.set_input_array(grad, 0);
-  encoder.set_input_array(param, 1);
-  encoder.set_input_array(v, 2);
-  encoder.set_input_array(lr, 3);
-  encoder.set_output_array(outputs[0], 4);
-  encoder.set_output_array(outputs[1], 5);
-  auto k = make_coefficients<float>(0.0f, alpha_, eps_);
-  RMSpropDeviceScalars scalars{k.alpha, k.one_minus_alpha, k.eps};
-  encoder.set_bytes(scalars, 6);
+  // Buffers (kernels/rmsprop.metal): the kernel's arrays, the step's scalars
+  // (lr, then the bias correction for the variants), the outputs, the
+  // constants, size; the general kernels add shape, strides, ndim.
+  auto slots = gpu_array_slots(options_, plain);
+  const auto& walked = inputs; // grad, param, state... lead the inputs
+  int at = 0;
+  for (size_t slot : slots) {
+    encoder.set_input_array(walked[slot], at++);
+  }
+  const auto& lr = inputs[2 + states];
+  encoder.set_input_array(lr, at++);
+  if (!plain) {
+    // Read only with bias correction (RMSPROP_OPTION_BIAS_CORRECTION).
+    encoder.set_input_array(options_.bias_correction ? inputs[3 + states] : lr, at++);
+  }
+  for (size_t i = 1; i < slots.size(); ++i) {
+    encoder.set_output_array(outputs[slots[i] - 1], at++);
+  }
+  if (plain) {
+    auto k = make_coefficients<float>(0.0f, options_.alpha, options_.eps);
+    RMSpropDeviceScalars scalars{k.alpha, k.one_minus_alpha, k.eps};
+    encoder.set_bytes(scalars, at++);
+  } else {
+    encoder.set_bytes(make_variant_constants<float>(options_), at++);
+  }
   uint64_t size = param.size();
-  encoder.set_bytes(size, 7);
-  uint64_t inner = 0;
+  encoder.set_bytes(size, at++);
+  const auto& layout = dispatch.layout;
   if (!flat) {
-    const auto& layout = dispatch.layout;
+    std::vector<int64_t> strides;
+    for (size_t slot : slots) {
+      const auto& st = layout.strides[slot];
+      strides.insert(strides.end(), st.begin(), st.end());
+    }
     int ndim = static_cast<int>(layout.shape.size());
-    encoder.set_vector_bytes(layout.shape, 8);
-    encoder.set_vector_bytes(layout.strides[0], 9);
-    encoder.set_vector_bytes(layout.strides[1], 10);
-    encoder.set_vector_bytes(layout.strides[2], 11);
-    encoder.set_bytes(ndim, 12);
-    inner = static_cast<uint64_t>(layout.shape.back());
+    encoder.set_vector_bytes(layout.shape, at++);
+    encoder.set_vector_bytes(strides, at++);
+    encoder.set_bytes(ndim, at++);
   }
 
+  uint64_t inner = flat ? 0 : static_cast<uint64_t>(layout.shape.back());
   auto grid = rmsprop_grid(
       rmsprop_threads(dispatch.kernel, size, param.itemsize(), inner),
       static_cast<uint32_t>(kernel->maxTotalThreadsPerThreadgroup()));

@@ -1,4 +1,4 @@
-// Compares the CPU kernel's branch-free half conversions (csrc/rmsprop_cpu_half.h)
+// Compares the CPU kernel's branch-free half conversions (csrc/cpu/half.h)
 // with mlx's own float16_t / bfloat16_t, bit for bit. Built and run by
 // tests/test_cpu_kernel.py; prints one line per check and exits non-zero on
 // the first mismatch.
@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "mlx/types/half_types.h"
-#include "rmsprop_cpu_half.h"
+#include "cpu/half.h"
 
 namespace hb = mlx_fused_rmsprop::half_bits;
 using mlx::core::bfloat16_t;

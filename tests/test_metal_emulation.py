@@ -66,6 +66,15 @@ BYTES_PER_THREAD = _math_define("RMSPROP_BYTES_PER_THREAD")
 # Elements of a row one thread of the general kernels updates.
 GENERAL_PER_THREAD = _math_define("RMSPROP_GENERAL_ELEMENTS_PER_THREAD")
 KERNEL_KINDS = ("contiguous", "general_idx32", "general_idx64")
+# (parameter dtype, state dtype) of the variant kernels: the state in the
+# parameter's dtype, or float32 beside half parameters.
+DTYPE_PAIRS = [
+    ("float32", "float32"),
+    ("float16", "float16"),
+    ("float16", "float32"),
+    ("bfloat16", "bfloat16"),
+    ("bfloat16", "float32"),
+]
 THREADGROUP = 1024  # maxTotalThreadsPerThreadgroup the harness assumes
 
 # Every size around the chunk widths, powers of two and the threadgroup width
@@ -231,12 +240,11 @@ def drivers(tmp_path_factory) -> dict[str, Driver]:
 # ---------------------------------------------------------------- layouts
 
 
-def _dispatch_layout(views, dtype_name):
+def _dispatch_layout(arrays):
     """(kernel kind, shape, strides) from the extension's own
     choose_gpu_dispatch(): the kernel and general-kernel layout eval_gpu binds
-    for these views."""
-    dtype = DTYPES[dtype_name][0]
-    return _ext._dispatch_layout(*(view.to_mx(dtype) for view in views))
+    for these arrays (grad, param, state...)."""
+    return _ext._dispatch_layout(*arrays)
 
 
 @dataclass
@@ -360,8 +368,9 @@ GENERAL_LAYOUTS = [k for k in LAYOUTS if k not in FLAT_LAYOUTS]
 
 
 def _random_bits(rng, dtype_name, count, kind) -> np.ndarray:
-    """Values of grad / param / v (v >= 0 mostly) in the dtype, as bits, with
-    zeros, signed zeros, subnormals, infinities, NaN and huge values mixed in."""
+    """Values of grad / param / state (v >= 0 mostly) in the dtype, as bits,
+    with zeros, signed zeros, subnormals, infinities, NaN and huge values
+    mixed in."""
     dtype, uint, _ = DTYPES[dtype_name]
     x = rng.standard_normal(count).astype(np.float32)
     x *= (10.0 ** rng.uniform(-4, 2, count)).astype(np.float32)
@@ -378,102 +387,153 @@ def _random_bits(rng, dtype_name, count, kind) -> np.ndarray:
     return np.array(bits)
 
 
+# The variants the harness runs (options of _ext.RMSpropOptions), and the
+# step count they run at (bias correction reads it). "plain" is the plain
+# kernel family (mlx.optimizers.RMSprop's math).
+VARIANTS = {
+    "plain": None,
+    "momentum": dict(momentum=0.9),
+    "centered_nesterov_inside": dict(
+        centered=True, momentum=0.8, nesterov=True, lr_inside_momentum=True
+    ),
+    "centered_bias_eps_in_sqrt": dict(centered=True, bias_correction=True, eps_in_sqrt=True),
+    "coupled_decay_maximize": dict(weight_decay=0.05, maximize=True),
+    "decoupled_decay_momentum": dict(
+        weight_decay=0.05, decoupled_weight_decay=True, momentum=0.5
+    ),
+    "flags_off": {},  # the variant kernels with no option on
+}
+VARIANT_STEP = 3
+
+
 @dataclass
 class Case:
     dtype: str
+    state_dtype: str
+    variant: str  # a VARIANTS key
     layout: str
     size_arg: int
     inplace: bool
     reverse: bool
     hyper: tuple
-    views: list
+    views: list  # grad, param, then the state
     kernel: str  # a KERNEL_KINDS entry; general ones walk general_shape/strides
     general_shape: list
     general_strides: list
-    expected_param: np.ndarray = None  # logical, bits
-    expected_v: np.ndarray = None
+    expected: list = None  # param', then the state's: logical, bits
 
     @property
     def flat(self) -> bool:
         return self.kernel == "contiguous"
 
+    @property
+    def options(self):
+        lr, alpha, eps = self.hyper
+        kwargs = VARIANTS[self.variant]
+        return _ext.RMSpropOptions(alpha=alpha, eps=eps, **(kwargs or {}))
+
+    @property
+    def plain(self) -> bool:
+        return VARIANTS[self.variant] is None
+
+    def dtype_of(self, array: int) -> str:
+        return self.dtype if array < 2 else self.state_dtype
+
 
 def _make_case(
-    rng, dtype_name, layout, n, inplace, reverse, index, force_idx64=False
+    rng, dtype_name, layout, n, inplace, reverse, index, force_idx64=False,
+    variant="plain", state_dtype=None,
 ) -> Case | None:
     """One case, on the kernel eval_gpu picks (with force_idx64, a general
-    case runs the 64-bit index kernel instead of the 32-bit one)."""
+    case runs the 64-bit index kernel instead of the 32-bit one). The state
+    arrays beyond v are laid out like v."""
     spec = LAYOUTS[layout](n)
     if spec is None:
         return None
-    views = []
-    for kind, (length, ops) in zip(("grad", "param", "v"), spec):
-        views.append(View(_random_bits(rng, dtype_name, length, kind), ops))
-    shapes = {v.shape for v in views}
-    assert len(shapes) == 1, f"{layout}: shapes differ {shapes}"
-    kernel, shape, strides = _dispatch_layout(views, dtype_name)
-    if force_idx64 and kernel == "general_idx32":
-        kernel = "general_idx64"
-    return Case(
-        dtype=dtype_name,
-        layout=layout,
-        size_arg=n,
-        inplace=inplace,
-        reverse=reverse,
-        hyper=HYPERPARAMETERS[index % len(HYPERPARAMETERS)],
-        views=views,
-        kernel=kernel,
-        general_shape=shape,
-        general_strides=strides,
+    case = Case(
+        dtype=dtype_name, state_dtype=state_dtype or dtype_name, variant=variant,
+        layout=layout, size_arg=n, inplace=inplace, reverse=reverse,
+        hyper=HYPERPARAMETERS[index % len(HYPERPARAMETERS)], views=[],
+        kernel="", general_shape=[], general_strides=[],
     )
+    names = ["grad", "param", *case.options.state_names()]
+    for i, name in enumerate(names):
+        length, ops = spec[min(i, 2)]
+        kind = "v" if name == "v" else name
+        case.views.append(View(_random_bits(rng, case.dtype_of(i), length, kind), ops))
+    shapes = {v.shape for v in case.views}
+    assert len(shapes) == 1, f"{layout}: shapes differ {shapes}"
+    case.kernel, case.general_shape, case.general_strides = _dispatch_layout(_mx_arrays(case))
+    if force_idx64 and case.kernel == "general_idx32":
+        case.kernel = "general_idx64"
+    return case
+
+
+def _mx_arrays(case: Case) -> list:
+    return [view.to_mx(DTYPES[case.dtype_of(i)][0]) for i, view in enumerate(case.views)]
 
 
 def _cpu_reference(case: Case) -> None:
-    dtype, uint, _ = DTYPES[case.dtype]
     lr, alpha, eps = case.hyper
-    g, w, v = (view.to_mx(dtype) for view in case.views)
-    w2, v2 = rmsprop_update(
-        g, w, v, mx.array(np.float32(lr)), alpha=alpha, eps=eps, stream=mx.cpu
-    )
-    mx.eval(w2, v2)
-    mx_uint = MX_UINT[uint]
-    case.expected_param = np.array(w2.view(mx_uint))
-    case.expected_v = np.array(v2.view(mx_uint))
+    g, w, *state = _mx_arrays(case)
+    lr = mx.array(np.float32(lr))
+    if case.plain:
+        outputs = rmsprop_update(g, w, state[0], lr, alpha=alpha, eps=eps, stream=mx.cpu)
+    else:
+        outputs = _ext.rmsprop_step(g, w, state, lr, VARIANT_STEP, case.options, stream=mx.cpu)
+    mx.eval(outputs)
+    case.expected = [
+        np.array(out.view(MX_UINT[DTYPES[case.dtype_of(i + 1)][1]]))
+        for i, out in enumerate(outputs)
+    ]
 
 
 # ---------------------------------------------------------------- running
+
+
+def _bits32(x) -> str:
+    return f"{int(np.float32(x).view(np.uint32)):08x}"
 
 
 def _write_manifest(cases: list[Case], workdir: Path) -> Path:
     lines = []
     for i, case in enumerate(cases):
         lr, alpha, eps = case.hyper
-        grad, param, v = case.views
-        size = int(np.prod(param.shape, dtype=np.int64))
+        options = case.options
+        size = int(np.prod(case.views[1].shape, dtype=np.int64))
         inp = workdir / f"case{i}.in"
         with open(inp, "wb") as f:
             for view in case.views:
                 f.write(view.base.tobytes())
+        # What the op computes from the step array: 1 - alpha^t in double,
+        # rounded once to float32.
+        bias_correction = 1.0 - alpha**VARIANT_STEP if options.bias_correction else 1.0
+        slots = _ext._gpu_array_slots(options, case.plain)
         lines += [
-            f"dtype {case.dtype}",
+            f"dtype {case.dtype} {case.state_dtype}",
+            f"variant {int(not case.plain)}",
             f"kernel {case.kernel}",
             f"size {size}",
             f"alpha {float(alpha).hex()}",
             f"eps {float(eps).hex()}",
-            f"lr_bits {int(np.float32(lr).view(np.uint32)):08x}",
+            f"momentum {float(options.momentum).hex()}",
+            f"weight_decay {float(options.weight_decay).hex()}",
+            f"flags {options.flags()}",
+            f"lr_bits {_bits32(lr)}",
+            f"bc_bits {_bits32(bias_correction)}",
             f"order {'reverse' if case.reverse else 'forward'}",
             f"inplace {int(case.inplace)}",
+            f"arrays {len(case.views)}",
             f"input {inp}",
             "elements " + " ".join(str(view.base.size) for view in case.views),
             "offsets " + " ".join(str(view.offset) for view in case.views),
+            "slots " + " ".join(map(str, slots)),
         ]
         if not case.flat:
-            shape, strides = case.general_shape, case.general_strides
+            lines.append("shape " + " ".join(map(str, case.general_shape)))
             lines += [
-                "shape " + " ".join(map(str, shape)),
-                "strides_grad " + " ".join(map(str, strides[0])),
-                "strides_param " + " ".join(map(str, strides[1])),
-                "strides_v " + " ".join(map(str, strides[2])),
+                f"strides {a} " + " ".join(map(str, st))
+                for a, st in enumerate(case.general_strides)
             ]
         lines += [f"output {workdir / f'case{i}.out'}", "end"]
     manifest = workdir / "manifest.txt"
@@ -481,18 +541,22 @@ def _write_manifest(cases: list[Case], workdir: Path) -> Path:
     return manifest
 
 
-def _harness_outputs(case: Case, raw: np.ndarray):
-    """The harness's outputs as logical arrays (bits), plus what an in-place
-    update left in the rest of param's and v's buffers."""
-    grad, param, v = case.views
+def _harness_outputs(case: Case, raw: bytes) -> list:
+    """The harness's outputs (param', then the state's) as logical arrays of
+    bits, checking that an in-place update left the rest of each buffer
+    untouched."""
+    param = case.views[1]
     size = int(np.prod(param.shape, dtype=np.int64))
-    uint = DTYPES[case.dtype][1]
-    item = raw.itemsize
     outs = []
-    if case.inplace:
-        split = param.base.size
-        buffers = [(raw[:split], param), (raw[split:], v)]
-        for buf, view in buffers:
+    at = 0
+    for a in range(1, len(case.views)):
+        view = case.views[a]
+        uint = DTYPES[case.dtype_of(a)][1]
+        item = np.dtype(uint).itemsize
+        count = view.base.size if case.inplace else size
+        buf = np.frombuffer(raw, dtype=uint, count=count, offset=at)
+        at += count * item
+        if case.inplace:
             # Elements outside the view must be untouched.
             lo, hi = view.offset, view.offset + size
             outside = np.concatenate([buf[:lo], buf[hi:]])
@@ -502,13 +566,10 @@ def _harness_outputs(case: Case, raw: np.ndarray):
             )
             outs.append(
                 np.lib.stride_tricks.as_strided(
-                    buf[view.offset:], param.shape, [s * item for s in param.strides]
+                    buf[view.offset:], param.shape, [s * item for s in view.strides]
                 ) if size else buf[:0].reshape(param.shape)
             )
-        return outs
-    assert raw.size == 2 * size, f"driver wrote {raw.size} elements, expected {2 * size}"
-    for buf in (raw[:size], raw[size:]):
-        if case.flat and size:
+        elif case.flat and size:
             # Outputs take param's strides (allocate_outputs on the flat layout).
             outs.append(
                 np.lib.stride_tricks.as_strided(
@@ -517,7 +578,7 @@ def _harness_outputs(case: Case, raw: np.ndarray):
             )
         else:
             outs.append(buf.reshape(param.shape))
-    assert all(o.dtype == uint for o in outs)
+    assert at == len(raw), f"driver wrote {len(raw)} bytes, expected {at}"
     return outs
 
 
@@ -563,32 +624,34 @@ def _run_cases(driver: Driver, cases: list[Case], workdir: Path) -> None:
     )
     assert proc.returncode == 0, f"driver failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
     for i, case in enumerate(cases):
-        uint = DTYPES[case.dtype][1]
-        raw = np.fromfile(workdir / f"case{i}.out", dtype=uint)
-        got_param, got_v = _harness_outputs(case, raw)
+        raw = (workdir / f"case{i}.out").read_bytes()
+        got = _harness_outputs(case, raw)
         label = (
-            f"{case.dtype} {case.layout} n={case.size_arg} "
+            f"{case.dtype}/{case.state_dtype} {case.variant} {case.layout} n={case.size_arg} "
             f"{'in-place' if case.inplace else 'out-of-place'} "
             f"{'reverse' if case.reverse else 'forward'} "
             f"{case.kernel} kernel"
         )
-        for name, got, want in (
-            ("param'", got_param, case.expected_param),
-            ("v'", got_v, case.expected_v),
-        ):
-            assert got.shape == want.shape, f"{label}: {name} shape {got.shape} != {want.shape}"
-            if not _same_bits(got, want, case.dtype).all():
-                pytest.fail(f"{label}: {_describe_mismatch(name, got, want, case.dtype)}")
+        names = ["param'", *(f"{name}'" for name in case.options.state_names())]
+        for a, (name, out, want) in enumerate(zip(names, got, case.expected)):
+            dtype = case.dtype_of(a + 1)
+            assert out.shape == want.shape, f"{label}: {name} shape {out.shape} != {want.shape}"
+            if not _same_bits(out, want, dtype).all():
+                pytest.fail(f"{label}: {_describe_mismatch(name, out, want, dtype)}")
 
 
-def _cases(dtype_name, layouts, sizes, inplace_modes, seed, force_idx64=False):
+def _cases(
+    dtype_name, layouts, sizes, inplace_modes, seed, force_idx64=False,
+    variant="plain", state_dtype=None,
+):
     rng = np.random.default_rng(seed)
     cases = []
     for layout in layouts:
         for inplace in inplace_modes:
             for i, n in enumerate(sizes):
                 case = _make_case(
-                    rng, dtype_name, layout, n, inplace, i % 2 == 1, len(cases), force_idx64
+                    rng, dtype_name, layout, n, inplace, i % 2 == 1, len(cases),
+                    force_idx64, variant, state_dtype,
                 )
                 if case is not None:
                     cases.append(case)
@@ -697,7 +760,14 @@ def test_every_kernel_is_registered_under_eval_gpus_names(drivers, build):
     out = subprocess.run(
         [str(drivers[build].path), "list"], capture_output=True, text=True, check=True
     ).stdout.split()
-    expected = sorted(f"rmsprop_{kind}_{dtype}" for kind in KERNEL_KINDS for dtype in DTYPES)
+    expected = sorted(
+        [f"rmsprop_{kind}_{dtype}" for kind in KERNEL_KINDS for dtype in DTYPES]
+        + [
+            f"rmsprop_variant_{kind}_{dtype}_{state}"
+            for kind in KERNEL_KINDS
+            for dtype, state in DTYPE_PAIRS
+        ]
+    )
     assert sorted(out) == expected
 
 
@@ -774,8 +844,41 @@ def test_embedded_source_matches_cpu(drivers, tmp_path, dtype_name):
         cases += _cases(
             dtype_name, [layout], sizes, [inplace], _seed(dtype_name, "embedded", layout), force_idx64
         )
+    for state_dtype in sorted({dtype_name, "float32"}):
+        for variant, layout, inplace, force_idx64 in [
+            ("centered_nesterov_inside", "contiguous", True, False),
+            ("decoupled_decay_momentum", "mixed", False, False),
+            ("centered_bias_eps_in_sqrt", "broadcast_grad", False, True),
+        ]:
+            cases += _cases(
+                dtype_name, [layout], sizes, [inplace], _seed(dtype_name, variant, state_dtype),
+                force_idx64, variant, state_dtype,
+            )
     assert {c.kernel for c in cases} == set(KERNEL_KINDS)
     _run_cases(drivers["embedded"], cases, tmp_path)
+
+
+VARIANT_SIZES = [0, 1, 3, 4, 5, 8, 9, 17, 255, 257, 1025, 4097]
+
+
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=lambda p: "_".join(p))
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "plain"])
+def test_variant_kernels_match_cpu(drivers, tmp_path, pair, variant):
+    """Every variant kernel (both index widths of the general one), each
+    option, flat in place and fresh, general layouts, sizes around the chunk
+    and run boundaries: bit for bit with the CPU primitive."""
+    dtype_name, state_dtype = pair
+    seed = _seed(pair, variant)
+    cases = (
+        _cases(dtype_name, ["contiguous", "offset"], VARIANT_SIZES, [False, True], seed,
+               variant=variant, state_dtype=state_dtype)
+        + _cases(dtype_name, ["transposed_grad", "mixed", "broadcast_grad"], VARIANT_SIZES,
+                 [False], seed + 1, variant=variant, state_dtype=state_dtype)
+        + _cases(dtype_name, ["strided", "reversed"], VARIANT_SIZES, [False], seed + 2,
+                 force_idx64=True, variant=variant, state_dtype=state_dtype)
+    )
+    assert {c.kernel for c in cases} == set(KERNEL_KINDS)
+    _run_cases(drivers["sanitized"], cases, tmp_path)
 
 
 def _grid(driver: Driver, kind: str, n: int, itemsize: int, inner: int) -> list[int]:
@@ -884,6 +987,19 @@ def test_every_shader_line_and_kernel_runs(drivers, tmp_path):
                 dtype_name, ["transposed_grad"], general_sizes, [False], _seed(dtype_name, "cov-g64"), True
             )
         )
+        # Every variant instantiation with centered and momentum each way.
+        for state_dtype in sorted({dtype_name, "float32"}):
+            for variant in ("momentum", "centered_nesterov_inside", "centered_bias_eps_in_sqrt",
+                            "flags_off"):
+                seed = _seed(dtype_name, state_dtype, variant, "cov")
+                cases += (
+                    _cases(dtype_name, ["contiguous"], sizes, [True], seed,
+                           variant=variant, state_dtype=state_dtype)
+                    + _cases(dtype_name, ["transposed_grad"], general_sizes, [False], seed + 1,
+                             variant=variant, state_dtype=state_dtype)
+                    + _cases(dtype_name, ["transposed_grad"], general_sizes, [False], seed + 2,
+                             True, variant, state_dtype)
+                )
         assert {c.kernel for c in cases} == set(KERNEL_KINDS)
         _run_cases(driver, cases, tmp_path / dtype_name)
 
@@ -914,6 +1030,11 @@ def test_every_shader_line_and_kernel_runs(drivers, tmp_path):
     assert not never, f"functions never called: {never}"
     kernels = [n for n in names if n.startswith(("void rmsprop_contiguous<", "void rmsprop_general<"))]
     assert len(kernels) == len(KERNEL_KINDS) * len(DTYPES), kernels
+    variants = [
+        n for n in names
+        if n.startswith(("void rmsprop_variant_contiguous<", "void rmsprop_variant_general<"))
+    ]
+    assert len(variants) == len(KERNEL_KINDS) * len(DTYPE_PAIRS), variants
 
 
 def _actionlint() -> str | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
@@ -11,38 +11,107 @@ from mlx.optimizers import Optimizer
 from . import _ext
 
 
+LearningRate = Union[float, Callable[[mx.array], mx.array]]
+
+
 class RMSprop(Optimizer):
     r"""The RMSprop optimizer [1], fused: one kernel per parameter.
 
     A drop-in replacement for :class:`mlx.optimizers.RMSprop` (same arguments,
     validation, state and results) that updates each parameter and its state
-    in a single pass over memory.
+    in a single pass over memory; with the keyword options below, the RMSprop
+    of PyTorch, optax or Keras (see :meth:`from_torch`, :meth:`from_optax`,
+    :meth:`from_keras`), fused the same way.
 
     [1]: Tieleman, T. and Hinton, G. 2012. Lecture 6.5-rmsprop, coursera: Neural
     networks for machine learning
+
+    With the defaults:
 
     .. math::
 
         v_{t+1} &= \alpha v_t + (1 - \alpha) g_t^2 \\
         w_{t+1} &= w_t - \lambda \frac{g_t}{\sqrt{v_{t+1}} + \epsilon}
 
-    float32 results are bit-identical to :class:`mlx.optimizers.RMSprop` on
-    the CPU. float16 and bfloat16 parameters are computed in float32 and
+    float32 results are then bit-identical to :class:`mlx.optimizers.RMSprop`
+    on the CPU. float16 and bfloat16 parameters are computed in float32 and
     rounded once, which is at least as accurate as the reference.
 
+    The options, each off by default, in the order they apply:
+
+    .. math::
+
+        g &\leftarrow -g \quad \text{(maximize)} \\
+        g &\leftarrow g + \beta w \quad \text{(weight decay } \beta
+             \text{, coupled: torch)} \\
+        w &\leftarrow w - \lambda \beta w \quad \text{(weight decay,
+             decoupled: Keras, AdamW)} \\
+        v_{t+1} &= \alpha v_t + (1 - \alpha) g^2, \quad
+        m_{t+1} = \alpha m_t + (1 - \alpha) g \quad \text{(centered)} \\
+        \sigma^2 &= \frac{v_{t+1}}{c_t} - \left(\frac{m_{t+1}}{c_t}\right)^2,
+             \quad c_t = 1 - \alpha^t \text{ (bias correction, else 1; the
+             mean term only when centered)} \\
+        d &= \sqrt{\sigma^2 + \epsilon} \text{ (eps\_in\_sqrt)} \quad
+             \text{or} \quad \sqrt{\sigma^2} + \epsilon \\
+        b_{t+1} &= \mu b_t + u, \quad u = \frac{g}{d}
+             \text{ (torch) or } \lambda \frac{g}{d}
+             \text{ (lr\_inside\_momentum: optax, Keras)} \\
+        w_{t+1} &= w - (\text{nesterov} \;?\; u + \mu b_{t+1} : b_{t+1})
+             \text{ (times } \lambda \text{ for torch), or without momentum }
+             w - \lambda \frac{g}{d}
+
     Args:
-        learning_rate (float or callable): The learning rate :math:`\lambda`.
+        learning_rate (float or callable): The learning rate :math:`\lambda`,
+          or a schedule of the step count.
         alpha (float, optional): The smoothing constant :math:`\alpha`.
           Default: ``0.99``
         eps (float, optional): The term :math:`\epsilon` added to the denominator
           to improve numerical stability. Default: ``1e-8``
+        momentum (float, optional): The momentum :math:`\mu` (>= 0); > 0 keeps a
+          ``momentum_buffer`` state. Default: ``0``
+        nesterov (bool, optional): Nesterov momentum (needs ``momentum > 0``).
+          Default: ``False``
+        centered (bool, optional): Normalize by the variance estimate
+          :math:`v - m^2`; keeps a ``mean`` state. Default: ``False``
+        weight_decay (float, optional): The weight decay :math:`\beta` (>= 0).
+          Default: ``0``
+        decoupled_weight_decay (bool, optional): Decay the weights directly
+          (:math:`w \leftarrow w - \lambda \beta w`) instead of adding
+          :math:`\beta w` to the gradient. Default: ``False``
+        eps_in_sqrt (bool, optional): :math:`\sqrt{\sigma^2 + \epsilon}` instead
+          of :math:`\sqrt{\sigma^2} + \epsilon`. Default: ``False``
+        initial_scale (float, optional): The value :math:`v` starts at (>= 0).
+          Default: ``0``
+        bias_correction (bool, optional): Divide :math:`v` (and :math:`m`) by
+          :math:`1 - \alpha^t`. Default: ``False``
+        maximize (bool, optional): Ascend the objective. Default: ``False``
+        lr_inside_momentum (bool, optional): The momentum buffer accumulates
+          :math:`\lambda g / d` (optax, Keras) rather than :math:`g / d`
+          (torch); the same under a constant learning rate, not under a
+          schedule. Default: ``False``
+        state_dtype (Dtype, optional): ``None`` keeps the state in each
+          parameter's dtype (as MLX); ``mx.float32`` keeps it in float32 for
+          float16 / bfloat16 parameters, whose math then runs in float32 with
+          the parameter rounded once per step. Default: ``None``
     """
 
     def __init__(
         self,
-        learning_rate: Union[float, Callable[[mx.array], mx.array]],
+        learning_rate: LearningRate,
         alpha: float = 0.99,
         eps: float = 1e-8,
+        *,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        centered: bool = False,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        eps_in_sqrt: bool = False,
+        initial_scale: float = 0.0,
+        bias_correction: bool = False,
+        maximize: bool = False,
+        lr_inside_momentum: bool = False,
+        state_dtype: Optional[mx.Dtype] = None,
     ):
         super().__init__()
 
@@ -65,9 +134,185 @@ class RMSprop(Optimizer):
                 raise ValueError(
                     f"RMSprop {name} should be a finite number, {value} was provided instead"
                 )
+        for name, value in (
+            ("momentum", momentum),
+            ("weight_decay", weight_decay),
+            ("initial_scale", initial_scale),
+        ):
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(
+                    f"RMSprop {name} should be a finite number >= 0, "
+                    f"{value} was provided instead"
+                )
+        if nesterov and momentum <= 0.0:
+            raise ValueError(
+                f"RMSprop nesterov=True needs momentum > 0, {momentum} was provided instead"
+            )
+        if state_dtype not in (None, mx.float32):
+            raise ValueError(
+                f"RMSprop state_dtype should be None (the parameter's dtype) or "
+                f"mlx.core.float32, {state_dtype} was provided instead"
+            )
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.centered = centered
+        self.weight_decay = weight_decay
+        self.decoupled_weight_decay = decoupled_weight_decay
+        self.eps_in_sqrt = eps_in_sqrt
+        self.initial_scale = initial_scale
+        self.bias_correction = bias_correction
+        self.maximize = maximize
+        self.lr_inside_momentum = lr_inside_momentum
+        self.state_dtype = state_dtype
+        self._options = self._make_options()
         # Set when a state is assigned (e.g. loaded from a checkpoint): the
         # next step first checks it against the parameters, entry by entry.
         self._state_needs_check = False
+
+    # ---- One-line ports from other libraries.
+
+    @classmethod
+    def from_torch(
+        cls,
+        lr: LearningRate = 0.01,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        maximize: bool = False,
+    ) -> "RMSprop":
+        r"""``torch.optim.RMSprop`` with its argument names and defaults.
+
+        .. math::
+
+            g &\leftarrow \pm g + \beta w, \quad
+            v \leftarrow \alpha v + (1 - \alpha) g^2, \quad
+            d = \sqrt{v \,[- m^2]} + \epsilon \\
+            b &\leftarrow \mu b + g / d, \quad
+            w \leftarrow w - \lambda b \quad
+            (\text{or } w - \lambda g / d \text{ without momentum})
+
+        Weight decay is coupled (added to the gradient), eps is outside the
+        square root and the learning rate multiplies the momentum buffer
+        from outside. ``lr`` may be a schedule of the step count.
+        """
+        return cls(
+            lr,
+            alpha=alpha,
+            eps=eps,
+            momentum=momentum,
+            centered=centered,
+            weight_decay=weight_decay,
+            maximize=maximize,
+        )
+
+    @classmethod
+    def from_optax(
+        cls,
+        learning_rate: LearningRate,
+        decay: float = 0.9,
+        eps: float = 1e-8,
+        initial_scale: float = 0.0,
+        eps_in_sqrt: bool = True,
+        centered: bool = False,
+        momentum: Optional[float] = None,
+        nesterov: bool = False,
+        bias_correction: bool = False,
+    ) -> "RMSprop":
+        r"""``optax.rmsprop`` with its argument names and defaults.
+
+        .. math::
+
+            \nu &\leftarrow d\,\nu + (1 - d) g^2 \ (\nu_0 = s), \quad
+            \hat\nu = \nu / (1 - d^t) \text{ (bias correction)}, \quad
+            u = \lambda g / \sqrt{\hat\nu \,[- \hat\mu^2] + \epsilon} \\
+            b &\leftarrow \mu b + u, \quad
+            w \leftarrow w - (\text{nesterov} \;?\; u + \mu b : b)
+
+        eps is inside the square root by default and the learning rate enters
+        the momentum trace. As in optax, ``nesterov`` without ``momentum`` is
+        ignored. ``learning_rate`` may be a schedule of the step count.
+        """
+        mu = 0.0 if momentum is None else momentum
+        return cls(
+            learning_rate,
+            alpha=decay,
+            eps=eps,
+            momentum=mu,
+            nesterov=nesterov and mu > 0.0,
+            centered=centered,
+            eps_in_sqrt=eps_in_sqrt,
+            initial_scale=initial_scale,
+            bias_correction=bias_correction,
+            lr_inside_momentum=True,
+        )
+
+    @classmethod
+    def from_keras(
+        cls,
+        learning_rate: LearningRate = 0.001,
+        rho: float = 0.9,
+        momentum: float = 0.0,
+        epsilon: float = 1e-7,
+        centered: bool = False,
+        weight_decay: Optional[float] = None,
+    ) -> "RMSprop":
+        r"""``keras.optimizers.RMSprop`` with its argument names and defaults.
+
+        .. math::
+
+            w &\leftarrow w - \lambda \beta w, \quad
+            v \leftarrow \rho v + (1 - \rho) g^2, \quad
+            u = \lambda g / \sqrt{v \,[- m^2] + \epsilon} \\
+            b &\leftarrow \mu b + u, \quad w \leftarrow w - b \quad
+            (\text{or } w - u \text{ without momentum})
+
+        Weight decay is decoupled (applied to the weights, scaled by the
+        learning rate), eps is inside the square root and the learning rate
+        enters the momentum buffer. ``learning_rate`` may be a schedule of the
+        step count.
+        """
+        return cls(
+            learning_rate,
+            alpha=rho,
+            eps=epsilon,
+            momentum=momentum,
+            centered=centered,
+            weight_decay=0.0 if weight_decay is None else weight_decay,
+            decoupled_weight_decay=True,
+            eps_in_sqrt=True,
+            lr_inside_momentum=True,
+        )
+
+    # ---- The state.
+
+    def _make_options(self) -> "_ext.RMSpropOptions":
+        return _ext.RMSpropOptions(
+            alpha=self.alpha,
+            eps=self.eps,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            centered=self.centered,
+            nesterov=self.nesterov,
+            decoupled_weight_decay=self.decoupled_weight_decay,
+            eps_in_sqrt=self.eps_in_sqrt,
+            bias_correction=self.bias_correction,
+            maximize=self.maximize,
+            lr_inside_momentum=self.lr_inside_momentum,
+        )
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """The state each parameter has: ``("v",)``, plus ``"mean"`` when
+        centered and ``"momentum_buffer"`` with momentum."""
+        return tuple(self._options.state_names())
+
+    def state_dtype_of(self, parameter: mx.array) -> mx.Dtype:
+        """The dtype of a parameter's state."""
+        if self.state_dtype is not None and parameter.dtype in (mx.float16, mx.bfloat16):
+            return self.state_dtype
+        return parameter.dtype
 
     @property
     def state(self) -> dict:
@@ -82,23 +327,33 @@ class RMSprop(Optimizer):
 
     def init_single(self, parameter: mx.array, state: dict) -> None:
         """Initialize optimizer state"""
-        state["v"] = mx.zeros_like(parameter)
+        dtype = self.state_dtype_of(parameter)
+        if self.initial_scale == 0.0 and dtype == parameter.dtype:
+            state["v"] = mx.zeros_like(parameter)
+        else:
+            state["v"] = mx.full(parameter.shape, self.initial_scale, dtype)
+        for name in self.state_names[1:]:
+            state[name] = mx.zeros(parameter.shape, dtype)
 
     def apply_single(
         self, gradient: mx.array, parameter: mx.array, state: dict
     ) -> mx.array:
         """Performs the RMSprop parameter update with one fused primitive and
-        stores :math:`v` in the optimizer state.
+        stores the new state (:math:`v`, and the mean and momentum buffer when
+        the options keep them) in the optimizer state.
         """
-        parameter, state["v"] = _ext.rmsprop_update(
+        names = self.state_names
+        outputs = _ext.rmsprop_step(
             gradient,
             parameter,
-            state["v"],
+            [state[name] for name in names],
             self.learning_rate,
-            alpha=self.alpha,
-            eps=self.eps,
+            self.step if self.bias_correction else None,
+            self._options,
         )
-        return parameter
+        for name, value in zip(names, outputs[1:]):
+            state[name] = value
+        return outputs[0]
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> Any:
         """Apply the gradients to the parameters and return the updated
@@ -116,12 +371,16 @@ class RMSprop(Optimizer):
         """Raise, naming the leaf, unless one step over ``gradients`` can run.
 
         Changes nothing. Checks that each gradient has a parameter and (once
-        the optimizer is initialized) a state ``v`` of the same shape and a
-        dtype the fused kernel updates.
+        the optimizer is initialized) the state entries of its options, of the
+        parameter's shape and a dtype the fused kernel updates.
         """
+        # Hyperparameters may have been set since the last step.
+        self._options = options = self._make_options()
+        names = self.state_names
         if self._state_needs_check:
-            _check_assigned_state(self._state, gradients, parameters)
+            _check_assigned_state(self._state, gradients, parameters, self)
         lr = self._state.get("learning_rate")
+        step = self._state.get("step", 1) if options.bias_correction else None
         for path, grad, param, leaf_state in _walk_leaves(
             gradients, parameters, self._state
         ):
@@ -136,35 +395,44 @@ class RMSprop(Optimizer):
             ):
                 if self._initialized:
                     raise ValueError(f"{where}: the optimizer state has no entry")
-                v = param  # init() will create v = zeros_like(param)
-            elif not isinstance(leaf_state, dict) or "v" not in leaf_state:
-                raise ValueError(f"{where}: the optimizer state has no entry 'v'")
+                # init() will create the state: check arrays like it.
+                dtype = self.state_dtype_of(param) if param.dtype in _FLOATS else param.dtype
+                state = [param if dtype == param.dtype else param.astype(dtype)] * len(names)
             else:
-                v = leaf_state["v"]
-                if not isinstance(v, mx.array):
-                    raise TypeError(
-                        f"{where}: state 'v' is {type(v).__name__}, "
-                        "expected mlx.core.array"
-                    )
+                state = []
+                for name in names:
+                    if not isinstance(leaf_state, dict) or name not in leaf_state:
+                        raise ValueError(f"{where}: the optimizer state has no entry '{name}'")
+                    value = leaf_state[name]
+                    if not isinstance(value, mx.array):
+                        raise TypeError(
+                            f"{where}: state '{name}' is {type(value).__name__}, "
+                            "expected mlx.core.array"
+                        )
+                    state.append(value)
             try:
-                _ext.check_rmsprop_inputs(
-                    grad, param, v, lr, alpha=self.alpha, eps=self.eps
-                )
+                _ext.check_rmsprop_inputs(grad, param, state, lr, step, options)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
         self._state_needs_check = False
 
 
+_FLOATS = (mx.float16, mx.bfloat16, mx.float32, mx.float64)
+
+
 _SCALAR_ENTRIES = ("step", "learning_rate")
 
 
-def _check_assigned_state(state: Any, gradients: Any, parameters: Any) -> None:
+def _check_assigned_state(
+    state: Any, gradients: Any, parameters: Any, opt: RMSprop
+) -> None:
     """Raise ValueError naming the entry unless an assigned (loaded) state fits
     the parameters: 'step' and 'learning_rate' present; every other entry at a
-    parameter's path, holding exactly {'v': array of the parameter's shape and
-    dtype}; and -- unless the state holds no per-parameter entry at all (a
-    fresh state, initialized on the first step) -- an entry for every
-    parameter that gets a gradient."""
+    parameter's path, holding exactly the optimizer's state names (``v``, and
+    ``mean`` / ``momentum_buffer`` as its options keep them), arrays of the
+    parameter's shape and state dtype; and -- unless the state holds no
+    per-parameter entry at all (a fresh state, initialized on the first step)
+    -- an entry for every parameter that gets a gradient."""
     if not isinstance(state, dict):
         raise ValueError(
             f"RMSprop: the optimizer state must be a dict, got {type(state).__name__}"
@@ -180,38 +448,61 @@ def _check_assigned_state(state: Any, gradients: Any, parameters: Any) -> None:
                 f"{type(value).__name__}, expected an array or a number"
             )
     leaves = {k: v for k, v in state.items() if k not in _SCALAR_ENTRIES}
-    if _check_state_entries(leaves, parameters, "") == 0:
+    if _check_state_entries(leaves, parameters, "", opt) == 0:
         return
+    first = opt.state_names[0]
     for path, _, _, leaf_state in _walk_leaves(gradients, parameters, state):
         if leaf_state is _MISSING or leaf_state == {}:
             raise ValueError(
-                f"RMSprop: the optimizer state has no entry '{path}.v' "
+                f"RMSprop: the optimizer state has no entry '{path}.{first}' "
                 "(a state that holds entries must hold one for every trained "
                 "parameter; was it saved from another model?)"
             )
 
 
-def _check_state_entries(node: Any, params: Any, path: str) -> int:
+def _keeps(names: tuple[str, ...]) -> str:
+    if len(names) == 1:
+        return f"RMSprop keeps only '{names[0]}'"
+    return "this RMSprop keeps " + ", ".join(f"'{n}'" for n in names)
+
+
+def _check_state_entries(node: Any, params: Any, path: str, opt: RMSprop) -> int:
     """Check the state subtree `node` against `params`; return how many
-    parameter entries ({'v': ...}) it holds."""
+    parameter entries (dicts of the state names) it holds."""
     if isinstance(params, mx.array):
         if isinstance(node, dict) and not node:
             return 0
-        if not isinstance(node, dict) or "v" not in node:
-            raise ValueError(f"RMSprop: the optimizer state has no entry '{path}.v'")
-        extra = sorted(str(k) for k in node if k != "v")
+        names = opt.state_names
+        if not isinstance(node, dict):
+            raise ValueError(f"RMSprop: the optimizer state has no entry '{path}.{names[0]}'")
+        extra = sorted(str(k) for k in node if k not in names)
         if extra:
             raise ValueError(
                 f"RMSprop: the optimizer state has an unexpected entry "
-                f"'{path}.{extra[0]}' (RMSprop keeps only 'v')"
+                f"'{path}.{extra[0]}' ({_keeps(names)})"
             )
-        v = node["v"]
-        if not isinstance(v, mx.array) or v.shape != params.shape or v.dtype != params.dtype:
-            got = f"{v.shape} {v.dtype}" if isinstance(v, mx.array) else type(v).__name__
-            raise ValueError(
-                f"RMSprop: the optimizer state entry '{path}.v' is {got}, "
-                f"but the parameter is {params.shape} {params.dtype}"
-            )
+        dtype = opt.state_dtype_of(params)
+        for name in names:
+            if name not in node:
+                raise ValueError(f"RMSprop: the optimizer state has no entry '{path}.{name}'")
+            value = node[name]
+            if (
+                not isinstance(value, mx.array)
+                or value.shape != params.shape
+                or value.dtype != dtype
+            ):
+                got = (
+                    f"{value.shape} {value.dtype}"
+                    if isinstance(value, mx.array)
+                    else type(value).__name__
+                )
+                want = f"{params.shape} {params.dtype}"
+                if dtype != params.dtype:
+                    want += f" (its state: {dtype})"
+                raise ValueError(
+                    f"RMSprop: the optimizer state entry '{path}.{name}' is {got}, "
+                    f"but the parameter is {want}"
+                )
         return 1
     entries = _entries(node)
     if entries is None:
@@ -227,7 +518,7 @@ def _check_state_entries(node: Any, params: Any, path: str) -> int:
                 f"RMSprop: the optimizer state has an unexpected entry "
                 f"'{_join(path, key)}' (no parameter there)"
             )
-        count += _check_state_entries(child, param, _join(path, key))
+        count += _check_state_entries(child, param, _join(path, key), opt)
     return count
 
 

@@ -14,29 +14,29 @@
 //
 // A manifest is a list of cases, each a block of "key value..." lines ending
 // with "end":
-//   dtype float32|float16|bfloat16
+//   dtype D [STATE_D]   float32|float16|bfloat16: the parameter's dtype and
+//                       (variants) the state's
+//   variant 0|1         the plain kernels, or the variant ones
 //   kernel contiguous|general_idx32|general_idx64
 //                       the kernel kind (eval_gpu's choose_gpu_dispatch, or a
 //                       forced index width)
 //   size N              elements of the update
-//   alpha A / eps E     doubles in C99 hex-float notation (exact)
-//   lr_bits H           the float32 lr buffer, as hex bits
+//   alpha A / eps E / momentum M / weight_decay W
+//                       doubles in C99 hex-float notation (exact)
+//   flags F             the variant's RMSPROP_OPTION_* bits
+//   lr_bits H / bc_bits H   the float32 lr and bias correction, as hex bits
 //   order forward|reverse   the order threads are run in
-//   inplace 0|1         param_out = param and v_out = v (donated buffers)
-//   input PATH          grad, param and v base buffers, back to back
-//   elements G W V      elements of each base buffer
-//   offsets G W V       element offset of each array in its base buffer
+//   inplace 0|1         outputs are the inputs' buffers (donated)
+//   arrays K            the case's arrays: grad, param, then its K - 2 state
+//   input PATH          their base buffers, back to back
+//   elements E...       elements of each base buffer
+//   offsets O...        element offset of each array in its base buffer
+//   slots S...          which array each kernel buffer slot takes, as
+//                       gpu_array_slots() gives eval_gpu
 //   shape ...           collapsed layout (general kernels only), as
-//   strides_grad ...    collapse_layout() gives it to eval_gpu
-//   strides_param ...
-//   strides_v ...
-//   output PATH         written: param_out then v_out; when in place, the
-//                       whole param and v base buffers after the update
-// Inputs are allocated at their exact size (AddressSanitizer catches reads
-// past them); fresh outputs are filled with 0xff bytes first, so an element
-// the kernels never write shows up as a mismatch, and sit between guard zones
-// that must stay intact.
-
+//   strides A ...       collapse_layout() gives it; one line per array A
+//   output PATH         written: param_out then each state output; when in
+//                       place, the whole param and state base buffers
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -68,21 +68,24 @@
 
 // Defined by the shader's copy of rmsprop_math.h.
 struct RMSpropDeviceScalars;
+template <typename C>
+struct RMSpropVariantConstants;
 
 namespace harness {
 
-// Everything one dispatch binds, as eval_gpu binds it.
+// Everything one dispatch binds, as eval_gpu binds it: the kernel's arrays
+// (grad, param, then v for the plain kernels or v, mean, buffer for the
+// variants) and their outputs (param', then the state's), by slot.
 struct Dispatch {
-  const void* grad;
-  const void* param;
-  const void* v;
+  const void* in[5];
+  void* out[4];
   const float* lr;
-  void* param_out;
-  void* v_out;
-  const RMSpropDeviceScalars* scalars;
+  const float* bias_correction; // variants
+  const RMSpropDeviceScalars* scalars; // plain
+  const RMSpropVariantConstants<float>* constants; // variants
   ulong size;
   std::vector<int> shape;
-  std::vector<long> strides[3]; // grad, param, v
+  std::vector<long> strides; // each slot's, back to back
   int ndim;
 };
 
@@ -91,8 +94,10 @@ using Launcher =
     std::function<void(const Dispatch&, uint2 gid, uint2 grid_dims)>;
 
 struct Kernel {
+  bool variant;
   bool contiguous;
-  int itemsize;
+  int itemsize; // the parameter's
+  int state_itemsize;
   Launcher launch;
 };
 
@@ -101,7 +106,7 @@ inline std::map<std::string, Kernel>& registry() {
   return kernels;
 }
 
-// The two kernel signatures of the shader, after the shim's macros.
+// The kernel signatures of the shader, after the shim's macros.
 template <typename T>
 using ContiguousKernel = void (*)(
     const T*, const T*, const T*, const float*, T*, T*,
@@ -110,25 +115,59 @@ template <typename T>
 using GeneralKernel = void (*)(
     const T*, const T*, const T*, const float*, T*, T*,
     const RMSpropDeviceScalars&, const ulong&, const int*, const long*,
-    const long*, const long*, const int&, uint2, uint2);
+    const int&, uint2, uint2);
+template <typename T, typename S>
+using VariantContiguousKernel = void (*)(
+    const T*, const T*, const S*, const S*, const S*, const float*,
+    const float*, T*, S*, S*, S*, const RMSpropVariantConstants<float>&,
+    const ulong&, uint2, uint2);
+template <typename T, typename S>
+using VariantGeneralKernel = void (*)(
+    const T*, const T*, const S*, const S*, const S*, const float*,
+    const float*, T*, S*, S*, S*, const RMSpropVariantConstants<float>&,
+    const ulong&, const int*, const long*, const int&, uint2, uint2);
+
+template <typename T>
+const T* in(const Dispatch& d, int slot) {
+  return static_cast<const T*>(d.in[slot]);
+}
+template <typename T>
+T* out(const Dispatch& d, int slot) {
+  return static_cast<T*>(d.out[slot]);
+}
 
 template <typename T>
 Kernel make_kernel(ContiguousKernel<T> fn) {
-  return Kernel{true, sizeof(T), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
-    fn(static_cast<const T*>(d.grad), static_cast<const T*>(d.param),
-       static_cast<const T*>(d.v), d.lr, static_cast<T*>(d.param_out),
-       static_cast<T*>(d.v_out), *d.scalars, d.size, gid, dims);
+  return Kernel{false, true, sizeof(T), sizeof(T), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
+    fn(in<T>(d, 0), in<T>(d, 1), in<T>(d, 2), d.lr, out<T>(d, 0), out<T>(d, 1),
+       *d.scalars, d.size, gid, dims);
   }};
 }
 
 template <typename T>
 Kernel make_kernel(GeneralKernel<T> fn) {
-  return Kernel{false, sizeof(T), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
-    fn(static_cast<const T*>(d.grad), static_cast<const T*>(d.param),
-       static_cast<const T*>(d.v), d.lr, static_cast<T*>(d.param_out),
-       static_cast<T*>(d.v_out), *d.scalars, d.size, d.shape.data(),
-       d.strides[0].data(), d.strides[1].data(), d.strides[2].data(), d.ndim,
-       gid, dims);
+  return Kernel{false, false, sizeof(T), sizeof(T), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
+    fn(in<T>(d, 0), in<T>(d, 1), in<T>(d, 2), d.lr, out<T>(d, 0), out<T>(d, 1),
+       *d.scalars, d.size, d.shape.data(), d.strides.data(), d.ndim, gid, dims);
+  }};
+}
+
+template <typename T, typename S>
+Kernel make_kernel(VariantContiguousKernel<T, S> fn) {
+  return Kernel{true, true, sizeof(T), sizeof(S), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
+    fn(in<T>(d, 0), in<T>(d, 1), in<S>(d, 2), in<S>(d, 3), in<S>(d, 4), d.lr,
+       d.bias_correction, out<T>(d, 0), out<S>(d, 1), out<S>(d, 2),
+       out<S>(d, 3), *d.constants, d.size, gid, dims);
+  }};
+}
+
+template <typename T, typename S>
+Kernel make_kernel(VariantGeneralKernel<T, S> fn) {
+  return Kernel{true, false, sizeof(T), sizeof(S), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
+    fn(in<T>(d, 0), in<T>(d, 1), in<S>(d, 2), in<S>(d, 3), in<S>(d, 4), d.lr,
+       d.bias_correction, out<T>(d, 0), out<S>(d, 1), out<S>(d, 2),
+       out<S>(d, 3), *d.constants, d.size, d.shape.data(), d.strides.data(),
+       d.ndim, gid, dims);
   }};
 }
 
@@ -169,19 +208,27 @@ using mlx_fused_rmsprop::RMSpropKernel;
 
 struct Case {
   std::string dtype;
+  std::string state_dtype; // variants
+  bool variant = false;
   RMSpropKernel kernel = RMSpropKernel::contiguous;
   uint64_t size = 0;
   double alpha = 0.0;
   double eps = 0.0;
+  double momentum = 0.0;
+  double weight_decay = 0.0;
+  unsigned int flags = 0;
   uint32_t lr_bits = 0;
+  uint32_t bc_bits = 0;
   bool reverse = false;
   bool inplace = false;
   std::string input;
   std::string output;
-  uint64_t elements[3] = {0, 0, 0};
-  int64_t offsets[3] = {0, 0, 0};
+  int arrays = 3; // grad, param, state...
+  std::vector<uint64_t> elements;
+  std::vector<int64_t> offsets;
+  std::vector<int> slots;
   std::vector<int> shape;
-  std::vector<long> strides[3];
+  std::vector<std::vector<long>> strides; // per array
 };
 
 int itemsize_of(const std::string& dtype) {
@@ -213,6 +260,15 @@ double parse_double(const std::string& text) {
   return value;
 }
 
+template <typename T>
+std::vector<T> read_all(std::istringstream& words) {
+  std::vector<T> values;
+  for (T x; words >> x;) {
+    values.push_back(x);
+  }
+  return values;
+}
+
 std::vector<Case> read_manifest(const std::string& path) {
   std::ifstream in(path);
   if (!in) {
@@ -232,41 +288,58 @@ std::vector<Case> read_manifest(const std::string& path) {
       c = Case{};
     } else if (key == "dtype") {
       words >> c.dtype;
+      if (!(words >> c.state_dtype)) {
+        c.state_dtype = c.dtype;
+      }
+    } else if (key == "variant") {
+      words >> c.variant;
     } else if (key == "kernel") {
       std::string kind;
       words >> kind;
       c.kernel = parse_kernel(kind);
     } else if (key == "size") {
       words >> c.size;
-    } else if (key == "alpha" || key == "eps") {
+    } else if (key == "alpha" || key == "eps" || key == "momentum" ||
+               key == "weight_decay") {
       std::string text;
       words >> text;
-      (key == "alpha" ? c.alpha : c.eps) = parse_double(text);
-    } else if (key == "lr_bits") {
-      words >> std::hex >> c.lr_bits >> std::dec;
+      double value = parse_double(text);
+      (key == "alpha"          ? c.alpha
+           : key == "eps"      ? c.eps
+           : key == "momentum" ? c.momentum
+                               : c.weight_decay) = value;
+    } else if (key == "flags") {
+      words >> c.flags;
+    } else if (key == "lr_bits" || key == "bc_bits") {
+      words >> std::hex >> (key == "lr_bits" ? c.lr_bits : c.bc_bits) >> std::dec;
     } else if (key == "order") {
       std::string order;
       words >> order;
       c.reverse = order == "reverse";
     } else if (key == "inplace") {
       words >> c.inplace;
+    } else if (key == "arrays") {
+      words >> c.arrays;
+      c.strides.assign(c.arrays, {});
     } else if (key == "input") {
       words >> c.input;
     } else if (key == "output") {
       words >> c.output;
     } else if (key == "elements") {
-      words >> c.elements[0] >> c.elements[1] >> c.elements[2];
+      c.elements = read_all<uint64_t>(words);
     } else if (key == "offsets") {
-      words >> c.offsets[0] >> c.offsets[1] >> c.offsets[2];
+      c.offsets = read_all<int64_t>(words);
+    } else if (key == "slots") {
+      c.slots = read_all<int>(words);
     } else if (key == "shape") {
-      for (int x; words >> x;) {
-        c.shape.push_back(x);
+      c.shape = read_all<int>(words);
+    } else if (key == "strides") {
+      int a = -1;
+      words >> a;
+      if (a < 0 || a >= c.arrays) {
+        fail("bad strides line: " + line);
       }
-    } else if (key.rfind("strides_", 0) == 0) {
-      int a = key == "strides_grad" ? 0 : key == "strides_param" ? 1 : 2;
-      for (long x; words >> x;) {
-        c.strides[a].push_back(x);
-      }
+      c.strides[a] = read_all<long>(words);
     } else {
       fail("unknown manifest key " + key);
     }
@@ -313,16 +386,27 @@ struct GuardedBuffer {
 void run_case(const Case& c) {
   using namespace mlx_fused_rmsprop;
   const bool flat = c.kernel == RMSpropKernel::contiguous;
-  const std::string name = rmsprop_kernel_name(c.kernel, c.dtype);
+  const std::string name = c.variant
+      ? rmsprop_variant_kernel_name(c.kernel, c.dtype, c.state_dtype)
+      : rmsprop_kernel_name(c.kernel, c.dtype);
   auto it = registry().find(name);
   if (it == registry().end()) {
     fail("no kernel named " + name);
   }
   const Kernel& kernel = it->second;
   const int itemsize = itemsize_of(c.dtype);
-  if (kernel.itemsize != itemsize || kernel.contiguous != flat) {
-    fail("kernel " + name + " does not match its dtype / layout");
+  const int state_itemsize = itemsize_of(c.state_dtype);
+  if (kernel.itemsize != itemsize || kernel.state_itemsize != state_itemsize ||
+      kernel.contiguous != flat || kernel.variant != c.variant) {
+    fail("kernel " + name + " does not match its dtypes / layout / family");
   }
+  const size_t arrays = static_cast<size_t>(c.arrays);
+  const size_t kernel_slots = c.variant ? 5 : 3;
+  if (c.elements.size() != arrays || c.offsets.size() != arrays ||
+      c.slots.size() != kernel_slots) {
+    fail("a case needs elements and offsets per array and a slot per buffer");
+  }
+  auto item = [&](size_t a) { return a < 2 ? itemsize : state_itemsize; };
 
   // Inputs, each in a buffer of its exact size.
   std::ifstream in(c.input, std::ios::binary);
@@ -330,45 +414,66 @@ void run_case(const Case& c) {
     fail("cannot open input " + c.input);
   }
   std::vector<Buffer> bases;
-  for (int a = 0; a < 3; ++a) {
-    size_t bytes = c.elements[a] * itemsize;
+  std::vector<unsigned char*> inputs;
+  for (size_t a = 0; a < arrays; ++a) {
+    size_t bytes = c.elements[a] * item(a);
     bases.emplace_back(bytes);
     if (!in.read(reinterpret_cast<char*>(bases[a].data()), bytes)) {
       fail("short input " + c.input);
     }
   }
-  unsigned char* inputs[3];
-  for (int a = 0; a < 3; ++a) {
-    inputs[a] = bases[a].data() + c.offsets[a] * itemsize;
+  for (size_t a = 0; a < arrays; ++a) {
+    inputs.push_back(bases[a].data() + c.offsets[a] * item(a));
   }
 
-  // Outputs: the input buffers themselves when donated, else fresh ones.
-  GuardedBuffer fresh_param(c.size * itemsize), fresh_v(c.size * itemsize);
+  // Outputs (param', then the state's): the input buffers themselves when
+  // donated, else fresh ones.
+  std::vector<GuardedBuffer> fresh;
+  for (size_t a = 1; a < arrays; ++a) {
+    fresh.emplace_back(c.size * item(a));
+  }
+  auto output = [&](size_t a) -> void* {
+    return c.inplace ? static_cast<void*>(inputs[a]) : fresh[a - 1].data();
+  };
 
   // What eval_gpu binds.
-  auto k = make_coefficients<float>(0.0f, c.alpha, c.eps);
-  float lr;
+  float lr, bc;
   std::memcpy(&lr, &c.lr_bits, sizeof(lr));
-  Dispatch d;
-  d.grad = inputs[0];
-  d.param = inputs[1];
-  d.v = inputs[2];
-  d.lr = &lr;
-  d.param_out = c.inplace ? inputs[1] : fresh_param.data();
-  d.v_out = c.inplace ? inputs[2] : fresh_v.data();
+  std::memcpy(&bc, &c.bc_bits, sizeof(bc));
+  RMSpropOptions options;
+  options.alpha = c.alpha;
+  options.eps = c.eps;
+  options.momentum = c.momentum;
+  options.weight_decay = c.weight_decay;
+  auto k = make_coefficients<float>(0.0f, c.alpha, c.eps);
   const RMSpropDeviceScalars scalars{k.alpha, k.one_minus_alpha, k.eps};
+  auto constants = make_variant_constants<float>(options);
+  constants.flags = c.flags;
+  Dispatch d;
+  for (size_t i = 0; i < kernel_slots; ++i) {
+    size_t a = static_cast<size_t>(c.slots[i]);
+    if (a >= arrays || (i < 2 && a != i)) {
+      fail("bad slots");
+    }
+    d.in[i] = inputs[a];
+    if (i >= 1) {
+      d.out[i - 1] = output(a);
+    }
+  }
+  d.lr = &lr;
+  d.bias_correction = &bc;
   d.scalars = &scalars;
+  d.constants = &constants;
   d.size = c.size;
   d.shape = c.shape;
-  for (int a = 0; a < 3; ++a) {
-    d.strides[a] = c.strides[a];
-  }
   d.ndim = static_cast<int>(c.shape.size());
   if (!flat) {
-    for (int a = 0; a < 3; ++a) {
-      if (c.strides[a].size() != c.shape.size() || c.shape.empty()) {
-        fail("general kernel needs a shape and three strides of its length");
+    for (size_t i = 0; i < kernel_slots; ++i) {
+      const auto& st = c.strides[c.slots[i]];
+      if (st.size() != c.shape.size() || c.shape.empty()) {
+        fail("general kernels need a shape and strides of its length");
       }
+      d.strides.insert(d.strides.end(), st.begin(), st.end());
     }
   }
 
@@ -391,19 +496,16 @@ void run_case(const Case& c) {
     }
   }
 
-  fresh_param.check("param_out");
-  fresh_v.check("v_out");
+  for (size_t a = 1; a < arrays; ++a) {
+    fresh[a - 1].check("output " + std::to_string(a - 1));
+  }
 
   std::ofstream out(c.output, std::ios::binary);
-  auto write = [&out](const void* p, size_t bytes) {
+  for (size_t a = 1; a < arrays; ++a) {
+    const void* p = c.inplace ? static_cast<const void*>(bases[a].data())
+                              : fresh[a - 1].data();
+    size_t bytes = (c.inplace ? c.elements[a] : c.size) * item(a);
     out.write(static_cast<const char*>(p), bytes);
-  };
-  if (c.inplace) {
-    write(bases[1].data(), c.elements[1] * itemsize);
-    write(bases[2].data(), c.elements[2] * itemsize);
-  } else {
-    write(fresh_param.data(), c.size * itemsize);
-    write(fresh_v.data(), c.size * itemsize);
   }
   if (!out) {
     fail("cannot write " + c.output);

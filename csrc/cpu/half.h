@@ -17,14 +17,7 @@
 #include <bit>
 #include <cstdint>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-// The x86-64 build target of the F16C conversions and of the kernel's AVX2 loop.
-#define RMSPROP_HAVE_AVX2_F16C 1
-#define RMSPROP_TARGET_AVX2_F16C __attribute__((target("avx2,f16c")))
-#else
-#define RMSPROP_HAVE_AVX2_F16C 0
-#endif
+#include "isa.h"
 
 namespace mlx_fused_rmsprop::half_bits {
 
