@@ -43,10 +43,13 @@ std::vector<std::string> RMSpropOptions::state_names() const {
 
 namespace {
 
-// Messages name the op the user called: rmsprop_update (the plain step) or
-// rmsprop_step (any options).
+// Messages name the op: rmsprop_update (the plain step: only alpha and eps
+// set) or rmsprop_step (any other option set, valid or not).
 const char* op_name(const RMSpropOptions& options) {
-  return options.is_plain() ? "[rmsprop_update] " : "[rmsprop_step] ";
+  RMSpropOptions others = options;
+  others.alpha = RMSpropOptions{}.alpha;
+  others.eps = RMSpropOptions{}.eps;
+  return others == RMSpropOptions{} ? "[rmsprop_update] " : "[rmsprop_step] ";
 }
 
 void check_options(const RMSpropOptions& o) {

@@ -122,9 +122,11 @@ struct RMSpropVariantStep {
   C lr_inside; // lr when it enters the momentum buffer, else 1
   C lr_outside; // 1 when it does, else lr
   C bias_correction; // 1 - alpha^t, or 1
-  bool coupled;
-  bool decoupled;
-  bool nesterov;
+  // 1 or 0. Compute-type selectors, not bools: a select on a comparison of
+  // floats vectorizes, one on a loop-invariant bool does not (GCC).
+  C coupled;
+  C decoupled;
+  C nesterov;
 };
 
 template <typename C>
@@ -147,9 +149,9 @@ inline RMSpropVariantStep<C> rmsprop_variant_step(
   k.lr_outside = lr_inside ? C(1) : lr;
   k.bias_correction =
       (c.flags & RMSPROP_OPTION_BIAS_CORRECTION) != 0u ? bias_correction : C(1);
-  k.coupled = (c.flags & RMSPROP_OPTION_COUPLED_WEIGHT_DECAY) != 0u;
-  k.decoupled = (c.flags & RMSPROP_OPTION_DECOUPLED_WEIGHT_DECAY) != 0u;
-  k.nesterov = (c.flags & RMSPROP_OPTION_NESTEROV) != 0u;
+  k.coupled = (c.flags & RMSPROP_OPTION_COUPLED_WEIGHT_DECAY) != 0u ? C(1) : C(0);
+  k.decoupled = (c.flags & RMSPROP_OPTION_DECOUPLED_WEIGHT_DECAY) != 0u ? C(1) : C(0);
+  k.nesterov = (c.flags & RMSPROP_OPTION_NESTEROV) != 0u ? C(1) : C(0);
   return k;
 }
 
@@ -172,9 +174,9 @@ inline RMSpropVariantResult<C> rmsprop_variant_element(
   RMSpropVariantResult<C> out;
   C g = grad * k.grad_sign;
   C g_decayed = g + (k.weight_decay * param);
-  g = k.coupled ? g_decayed : g;
+  g = k.coupled != C(0) ? g_decayed : g;
   C w_decayed = param - ((k.lr * k.weight_decay) * param);
-  C w = k.decoupled ? w_decayed : param;
+  C w = k.decoupled != C(0) ? w_decayed : param;
   out.v = (k.alpha * v) + (k.one_minus_alpha * (g * g));
   C variance = RMSPROP_DIVIDE(out.v, k.bias_correction);
   out.mean = mean;
@@ -189,7 +191,7 @@ inline RMSpropVariantResult<C> rmsprop_variant_element(
     C u = RMSPROP_DIVIDE(g, d) * k.lr_inside;
     out.buffer = (k.momentum * buffer) + u;
     C nesterov = u + (k.momentum * out.buffer);
-    out.param = w - ((k.nesterov ? nesterov : out.buffer) * k.lr_outside);
+    out.param = w - ((k.nesterov != C(0) ? nesterov : out.buffer) * k.lr_outside);
   } else {
     out.param = w - RMSPROP_DIVIDE(k.lr * g, d);
   }

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_fused_rmsprop import RMSprop, rmsprop_update
+from mlx_fused_rmsprop import RMSprop, rmsprop_step, rmsprop_update
 
 
 class TwoLayers(nn.Module):
@@ -44,6 +44,14 @@ def _edit_state_in_place(edit):
     opt.update(model, grads)
 
 
+def _variant_op(dtype=mx.float32, state_dtypes=(mx.float32,), **options):
+    param = mx.ones((3,), dtype=dtype)
+    names = ["v", "mean", "momentum_buffer"][: len(state_dtypes)]
+    state = {n: mx.zeros((3,), dtype=d) for n, d in zip(names, state_dtypes)}
+    out = rmsprop_step(param, param, state, 0.1, **options)
+    mx.eval(out)
+
+
 def _load_checkpoint(edit):
     model, opt, grads = _trained()
     flat = dict(tree_flatten(opt.state))
@@ -70,6 +78,16 @@ CASES = [
      "RMSprop alpha should be a finite number, inf was provided instead"),
     ("`RMSprop(lr, eps=nan)`", lambda: RMSprop(0.1, eps=float("nan")), ValueError,
      "RMSprop epsilon should be a finite number, nan was provided instead"),
+    ("`RMSprop(lr, momentum=-0.1)`", lambda: RMSprop(0.1, momentum=-0.1), ValueError,
+     "RMSprop momentum should be a finite number >= 0, -0.1 was provided instead"),
+    ("`RMSprop(lr, nesterov=True)` without momentum", lambda: RMSprop(0.1, nesterov=True), ValueError,
+     "RMSprop nesterov=True needs momentum > 0, 0.0 was provided instead"),
+    ("`RMSprop(lr, weight_decay=nan)`", lambda: RMSprop(0.1, weight_decay=float("nan")), ValueError,
+     "RMSprop weight_decay should be a finite number >= 0, nan was provided instead"),
+    ("`RMSprop(lr, initial_scale=-1)`", lambda: RMSprop(0.1, initial_scale=-1.0), ValueError,
+     "RMSprop initial_scale should be a finite number >= 0, -1.0 was provided instead"),
+    ("`RMSprop(lr, state_dtype=mx.float16)`", lambda: RMSprop(0.1, state_dtype=mx.float16), ValueError,
+     "RMSprop state_dtype should be None (the parameter's dtype) or mlx.core.float32, mlx.core.float16 was provided instead"),
     ("an integer parameter with a gradient",
      lambda: _step_with(lambda g: g["layers"][1].update(bias=mx.ones((2,), dtype=mx.int32)),
                         lambda m: m.layers[1].update({"bias": mx.zeros((2,), dtype=mx.int32)})),
@@ -144,6 +162,18 @@ CASES = [
     ("`rmsprop_update` with `eps=inf`",
      lambda: _op(eps=float("inf")), ValueError,
      "[rmsprop_update] eps must be a finite number > 0, got inf."),
+    ("`rmsprop_step` without the state its options keep",
+     lambda: _variant_op(centered=True), ValueError,
+     "[rmsprop_step] state must hold exactly ['v', 'mean'] for these options, got ['v']."),
+    ("`rmsprop_step` with bias correction but no step count",
+     lambda: _variant_op(bias_correction=True), ValueError,
+     "[rmsprop_step] bias_correction needs the step count (step=...)."),
+    ("`rmsprop_step` with state of two dtypes",
+     lambda: _variant_op(mx.bfloat16, (mx.float32, mx.bfloat16), centered=True), ValueError,
+     "[rmsprop_step] state 'mean' dtype bfloat16 does not match parameter dtype bfloat16 (nor float32, the other state dtype for bfloat16 parameters) the way state 'v' (float32) does."),
+    ("`rmsprop_step` with `momentum=-1`",
+     lambda: _variant_op(momentum=-1.0), ValueError,
+     "[rmsprop_step] momentum must be a finite number >= 0, got -1."),
     ("`mx.grad` through the update",
      lambda: mx.grad(lambda p: rmsprop_update(p, p, p, 0.1, alpha=0.9, eps=1e-8)[0].sum())(mx.ones((3,))),
      ValueError,

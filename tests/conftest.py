@@ -1,7 +1,14 @@
 """Shared fixtures: the devices a test runs on."""
 
+import os
+
 import mlx.core as mx
 import pytest
+
+# Keras (tests/test_frameworks.py) runs on JAX, on the CPU; it must know
+# before it is first imported.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Tests that take `device` run on the CPU everywhere and also on the GPU where
 # Metal is available (a Mac), so there the suite covers the real shader.

@@ -153,6 +153,35 @@ def test_gpu_equals_the_cpu_primitive_bit_for_bit(dtype):
         assert bit_equal(gpu[0], cpu[0]) and bit_equal(gpu[1], cpu[1]), name
 
 
+VARIANT_OPTIONS = [
+    dict(momentum=0.9, nesterov=True, centered=True, weight_decay=0.01, bias_correction=True),
+    dict(momentum=0.5, lr_inside_momentum=True, eps_in_sqrt=True, maximize=True),
+    dict(weight_decay=0.1, decoupled_weight_decay=True),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype,state_dtype", [
+    (mx.float32, mx.float32), (mx.float16, mx.float16), (mx.bfloat16, mx.float32),
+], ids=str)
+def test_gpu_variants_equal_the_cpu_primitive_bit_for_bit(dtype, state_dtype):
+    from mlx_fused_rmsprop import rmsprop_step
+
+    for options in VARIANT_OPTIONS:
+        names = ["v"] + (["mean"] if options.get("centered") else []) + (
+            ["momentum_buffer"] if options.get("momentum") else [])
+        for name, g, w, v in _layouts(dtype):
+            state = {n: mx.abs(v).astype(state_dtype) * (i + 1) for i, n in enumerate(names)}
+            outs = {}
+            for device in (mx.gpu, mx.cpu):
+                outs[device] = rmsprop_step(
+                    g, w, state, mx.array(1e-2), step=4, stream=device, **options
+                )
+            assert bit_equal(outs[mx.gpu][0], outs[mx.cpu][0]), (name, options)
+            for n in names:
+                assert bit_equal(outs[mx.gpu][1][n], outs[mx.cpu][1][n]), (name, n, options)
+
+
 @needs_gpu
 def test_float64_learning_rate_on_a_gpu_stream():
     """Metal has no float64: a float64 lr is converted on the CPU."""

@@ -148,7 +148,9 @@ class RMSprop(Optimizer):
             raise ValueError(
                 f"RMSprop nesterov=True needs momentum > 0, {momentum} was provided instead"
             )
-        if state_dtype not in (None, mx.float32):
+        if state_dtype is not None and not (
+            isinstance(state_dtype, mx.Dtype) and state_dtype == mx.float32
+        ):
             raise ValueError(
                 f"RMSprop state_dtype should be None (the parameter's dtype) or "
                 f"mlx.core.float32, {state_dtype} was provided instead"

@@ -1,0 +1,77 @@
+"""The fused step as a function of arrays: ``rmsprop_step``."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import mlx.core as mx
+
+from . import _ext
+
+
+def rmsprop_step(
+    grad: mx.array,
+    param: mx.array,
+    state: dict[str, mx.array],
+    lr: Union[mx.array, float],
+    *,
+    step: Union[mx.array, int, None] = None,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    centered: bool = False,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    eps_in_sqrt: bool = False,
+    bias_correction: bool = False,
+    maximize: bool = False,
+    lr_inside_momentum: bool = False,
+    stream: Union[mx.Stream, mx.Device, None] = None,
+) -> tuple[mx.array, dict[str, mx.array]]:
+    r"""One fused step of any RMSprop variant for a single leaf.
+
+    The math of :class:`mlx_fused_rmsprop.RMSprop` with the same options, as
+    ONE graph node (primitive ``FusedRMSprop``) that reads ``grad``,
+    ``param`` and the state once and writes the new parameter and state.
+
+    Args:
+        grad (array): The gradient :math:`g`.
+        param (array): The parameter :math:`w` (grad's shape and dtype).
+        state (dict): ``{"v": ...}``, plus ``"mean"`` when ``centered`` and
+          ``"momentum_buffer"`` when ``momentum > 0``: arrays of param's shape,
+          in param's dtype or float32 beside float16 / bfloat16 parameters.
+        lr (array or float): The learning rate :math:`\lambda`.
+        step (array or int, optional): The 1-based step count; needed for
+          ``bias_correction`` only.
+        alpha, eps, momentum, nesterov, centered, weight_decay,
+        decoupled_weight_decay, eps_in_sqrt, bias_correction, maximize,
+        lr_inside_momentum: as in :class:`mlx_fused_rmsprop.RMSprop`.
+        stream (Stream or Device, optional): Where to run the update.
+
+    Returns:
+        tuple(array, dict): The new parameter and the new state (same keys).
+    """
+    options = _ext.RMSpropOptions(
+        alpha=alpha,
+        eps=eps,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        centered=centered,
+        nesterov=nesterov,
+        decoupled_weight_decay=decoupled_weight_decay,
+        eps_in_sqrt=eps_in_sqrt,
+        bias_correction=bias_correction,
+        maximize=maximize,
+        lr_inside_momentum=lr_inside_momentum,
+    )
+    names = options.state_names()
+    if not isinstance(state, dict) or set(state) != set(names):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"[rmsprop_step] state must hold exactly {names} for these options, got {got}."
+        )
+    outputs = _ext.rmsprop_step(
+        grad, param, [state[name] for name in names], lr, step, options, stream
+    )
+    return outputs[0], dict(zip(names, outputs[1:]))
