@@ -172,6 +172,7 @@ LAYOUTS = {
     "flat": lambda a: a,
     "grad_transposed": None,  # grad is the column-major twin (nn.Linear)
     "grad_strided": None,  # grad a strided slice of a bigger array
+    "grad_padded_columns": None,  # unit row stride, padded columns: not the tiled walk
     "all_transposed": None,  # g, w, v all column-major: flat again
 }
 
@@ -184,6 +185,10 @@ def _make_layout(kind, shape, dtype, seed):
     elif kind == "grad_strided":
         big = mx.random.normal((shape[0], shape[1] * 2), key=mx.random.key(seed + 2))
         g = big.astype(dtype)[:, ::2]
+    elif kind == "grad_padded_columns":
+        rows, cols = shape
+        big = mx.random.normal((cols, rows + 3), key=mx.random.key(seed + 3)).astype(dtype)
+        g = big[:, :rows].T  # strides (1, rows + 3)
     elif kind == "all_transposed":
         g, w, v = (mx.transpose(x) for x in _leaf(shape[::-1], dtype, seed))
     mx.eval(g, w, v)
@@ -569,6 +574,20 @@ def test_a_parameter_still_referenced_is_never_overwritten():
     np.testing.assert_array_equal(np.array(old_w), snapshot_w)
     np.testing.assert_array_equal(np.array(old_v), snapshot_v)
     assert not np.array_equal(np.array(model.w), snapshot_w)
+
+
+def test_an_update_evaluated_inside_a_grad_trace_keeps_its_graph():
+    """Under mx.grad the outputs are tracers: their inputs must survive an
+    mx.eval inside the traced function, so differentiating through the step
+    still raises the documented error (it used to return zeros when the
+    sibling inputs were dropped)."""
+    def loss(p):
+        p2, v2 = rmsprop_update(p, p, mx.zeros_like(p), mx.array(0.1), alpha=ALPHA, eps=EPS)
+        mx.eval(p2)
+        return (v2 * 1).sum()
+
+    with pytest.raises(ValueError, match="no vjp"):
+        mx.grad(loss)(mx.ones((3,)))
 
 
 def test_the_update_under_compile_and_grad_tracing_still_matches():

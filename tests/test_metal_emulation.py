@@ -756,19 +756,25 @@ def test_syntax_gate_metal_under_shim(tmp_path):
 @pytest.mark.parametrize("build", ["sanitized", "embedded"])
 def test_every_kernel_is_registered_under_eval_gpus_names(drivers, build):
     """The shader (file and embedded source) instantiates exactly the
-    kernels eval_gpu asks for: every kind, both index widths, every dtype."""
-    out = subprocess.run(
+    kernels eval_gpu asks for -- every kind, both index widths, every dtype
+    -- each with the types its name says: the parameter's, the state's and
+    the index's (4 bytes for idx32, 8 for idx64) template arguments."""
+    lines = subprocess.run(
         [str(drivers[build].path), "list"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    expected = sorted(
-        [f"rmsprop_{kind}_{dtype}" for kind in KERNEL_KINDS for dtype in DTYPES]
-        + [
-            f"rmsprop_variant_{kind}_{dtype}_{state}"
-            for kind in KERNEL_KINDS
-            for dtype, state in DTYPE_PAIRS
-        ]
-    )
-    assert sorted(out) == expected
+    ).stdout.splitlines()
+    registered = dict(line.split() for line in lines)
+    index = {"contiguous": [], "general_idx32": [4], "general_idx64": [8]}
+    size = {name: DTYPES[name][2] for name in DTYPES}
+    expected = {
+        f"rmsprop_{kind}_{dtype}": [size[dtype], *index[kind]]
+        for kind in KERNEL_KINDS
+        for dtype in DTYPES
+    } | {
+        f"rmsprop_variant_{kind}_{dtype}_{state}": [size[dtype], size[state], *index[kind]]
+        for kind in KERNEL_KINDS
+        for dtype, state in DTYPE_PAIRS
+    }
+    assert {name: list(map(int, sizes.split(","))) for name, sizes in registered.items()} == expected
 
 
 # (layout, in place, force the 64-bit index kernel): in place only where

@@ -241,6 +241,32 @@ def test_hyperparameter_validation_matches_mlx(kwargs):
     assert str(ours.value) == str(ref.value)
 
 
+@pytest.mark.parametrize(
+    "kwargs", [dict(alpha=0.0), dict(alpha=1.0), dict(alpha=1.5), dict(eps=1e-30)], ids=str
+)
+def test_edge_hyperparameters_mlx_accepts_are_accepted(kwargs):
+    """The edges of mlx's validation (alpha = 0 or > 1, a tiny eps) train
+    exactly like mlx.optimizers.RMSprop."""
+    params = {"w": mx.linspace(-1, 1, 20)}
+    grads = {"w": mx.sin(params["w"] * 3)}
+    ours = RMSprop(0.1, **kwargs).apply_gradients(grads, params)
+    ref = optim.RMSprop(0.1, **kwargs).apply_gradients(grads, params)
+    assert_trees_bit_equal(ours, ref)
+
+
+def test_assigning_a_fresh_state_to_a_stepped_optimizer_initializes_it_like_mlx():
+    """opt.state = {step, learning_rate} after training: the next step
+    creates the state again, as mlx.optimizers does."""
+    params = {"w": mx.linspace(-1, 1, 20)}
+    grads = {"w": mx.cos(params["w"])}
+    ours, ref = RMSprop(0.1), optim.RMSprop(0.1)
+    for opt in (ours, ref):
+        opt.apply_gradients(grads, params)
+        opt.state = {"step": mx.array(0, mx.uint64), "learning_rate": mx.array(0.1)}
+    assert_trees_bit_equal(ours.apply_gradients(grads, params), ref.apply_gradients(grads, params))
+    assert_trees_bit_equal(ours.state, ref.state)
+
+
 def test_constructor_signature_and_defaults_match_mlx():
     import inspect
 

@@ -5,7 +5,8 @@
 // (rmsprop.metal with rmsprop_math.h inlined), the exact bytes a Mac compiles
 // at run time.
 //
-//   driver list                    registered kernel names, one a line
+//   driver list                    registered kernels, one a line: the host
+//                                  name and sizeof each template argument
 //   driver grid KIND N ITEMSIZE INNER MAX_GROUP
 //                                  rmsprop_threads(KIND, N, ITEMSIZE, INNER)
 //                                  and rmsprop_grid() of it, as "threads width
@@ -94,6 +95,7 @@ using Launcher =
     std::function<void(const Dispatch&, uint2 gid, uint2 grid_dims)>;
 
 struct Kernel {
+  std::string template_sizes; // sizeof of each template argument, e.g. "2,4,4"
   bool variant;
   bool contiguous;
   int itemsize; // the parameter's
@@ -138,7 +140,7 @@ T* out(const Dispatch& d, int slot) {
 
 template <typename T>
 Kernel make_kernel(ContiguousKernel<T> fn) {
-  return Kernel{false, true, sizeof(T), sizeof(T), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
+  return Kernel{"", false, true, sizeof(T), sizeof(T), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
     fn(in<T>(d, 0), in<T>(d, 1), in<T>(d, 2), d.lr, out<T>(d, 0), out<T>(d, 1),
        *d.scalars, d.size, gid, dims);
   }};
@@ -146,7 +148,7 @@ Kernel make_kernel(ContiguousKernel<T> fn) {
 
 template <typename T>
 Kernel make_kernel(GeneralKernel<T> fn) {
-  return Kernel{false, false, sizeof(T), sizeof(T), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
+  return Kernel{"", false, false, sizeof(T), sizeof(T), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
     fn(in<T>(d, 0), in<T>(d, 1), in<T>(d, 2), d.lr, out<T>(d, 0), out<T>(d, 1),
        *d.scalars, d.size, d.shape.data(), d.strides.data(), d.ndim, gid, dims);
   }};
@@ -154,7 +156,7 @@ Kernel make_kernel(GeneralKernel<T> fn) {
 
 template <typename T, typename S>
 Kernel make_kernel(VariantContiguousKernel<T, S> fn) {
-  return Kernel{true, true, sizeof(T), sizeof(S), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
+  return Kernel{"", true, true, sizeof(T), sizeof(S), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
     fn(in<T>(d, 0), in<T>(d, 1), in<S>(d, 2), in<S>(d, 3), in<S>(d, 4), d.lr,
        d.bias_correction, out<T>(d, 0), out<S>(d, 1), out<S>(d, 2),
        out<S>(d, 3), *d.constants, d.size, gid, dims);
@@ -163,7 +165,7 @@ Kernel make_kernel(VariantContiguousKernel<T, S> fn) {
 
 template <typename T, typename S>
 Kernel make_kernel(VariantGeneralKernel<T, S> fn) {
-  return Kernel{true, false, sizeof(T), sizeof(S), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
+  return Kernel{"", true, false, sizeof(T), sizeof(S), [fn](const Dispatch& d, uint2 gid, uint2 dims) {
     fn(in<T>(d, 0), in<T>(d, 1), in<S>(d, 2), in<S>(d, 3), in<S>(d, 4), d.lr,
        d.bias_correction, out<T>(d, 0), out<S>(d, 1), out<S>(d, 2),
        out<S>(d, 3), *d.constants, d.size, d.shape.data(), d.strides.data(),
@@ -171,10 +173,25 @@ Kernel make_kernel(VariantGeneralKernel<T, S> fn) {
   }};
 }
 
+// "sizeof(A1),sizeof(A2),..." of a kernel's template arguments, so a test can
+// check that each host name instantiates the types it names (the index width
+// of a general kernel, the parameter and state types of a variant).
+template <typename... A>
+std::string template_sizes() {
+  std::string out;
+  for (size_t size : {sizeof(A)...}) {
+    out += (out.empty() ? "" : ",") + std::to_string(size);
+  }
+  return out;
+}
+
 struct Registrar {
   template <typename Fn>
-  Registrar(const char* name, Fn fn) {
-    if (!registry().emplace(name, make_kernel(fn)).second) {
+  Registrar(const char* name, Fn fn, std::string sizes) {
+    // (Not named `kernel`: the shim's macros are active here.)
+    Kernel entry = make_kernel(fn);
+    entry.template_sizes = std::move(sizes);
+    if (!registry().emplace(name, entry).second) {
       std::fprintf(stderr, "kernel %s instantiated twice\n", name);
       std::abort();
     }
@@ -189,7 +206,8 @@ struct Registrar {
 #define RMSPROP_HARNESS_CAT(a, b) RMSPROP_HARNESS_CAT2(a, b)
 #define RMSPROP_KERNEL(host, func, ...)                                   \
   static ::harness::Registrar RMSPROP_HARNESS_CAT(                        \
-      rmsprop_harness_registrar_, __COUNTER__)(host, &func<__VA_ARGS__>);
+      rmsprop_harness_registrar_, __COUNTER__)(                         \
+      host, &func<__VA_ARGS__>, ::harness::template_sizes<__VA_ARGS__>());
 
 #include RMSPROP_SHADER_FILE
 
@@ -519,7 +537,7 @@ int main(int argc, char** argv) {
     std::string command = argc > 1 ? argv[1] : "";
     if (command == "list" && argc == 2) {
       for (const auto& [name, kernel] : harness::registry()) {
-        std::printf("%s\n", name.c_str());
+        std::printf("%s %s\n", name.c_str(), kernel.template_sizes.c_str());
       }
       return 0;
     }
