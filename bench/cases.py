@@ -77,6 +77,70 @@ def optimizer_step(
     return step, opt
 
 
+# ---- The heaviest variant: centered, momentum and weight decay.
+
+# torch.optim.RMSprop(centered=True, momentum=0.9, weight_decay=0.01): every
+# option that adds a state stream or an op to the step.
+HEAVY = dict(centered=True, momentum=0.9, weight_decay=0.01)
+HEAVY_IMPLS = {
+    "fused": "fused (ours)",
+    "ops": "mlx ops eager",
+    "ops_compiled": "mlx ops, mx.compile",
+}
+
+
+class OpsRMSprop(optim.Optimizer):
+    """The heaviest variant written with mlx.core ops, as a user would
+    without this package (torch's algorithm: coupled weight decay, centered,
+    momentum with the learning rate outside the buffer)."""
+
+    def __init__(self, learning_rate, alpha, eps, centered, momentum, weight_decay):
+        super().__init__()
+        self._maybe_schedule("learning_rate", learning_rate)
+        self.alpha, self.eps, self.momentum, self.weight_decay = alpha, eps, momentum, weight_decay
+        assert centered
+
+    def init_single(self, parameter: mx.array, state: dict) -> None:
+        for name in ("v", "mean", "momentum_buffer"):
+            state[name] = mx.zeros_like(parameter)
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        lr = self.learning_rate.astype(gradient.dtype)
+        g = gradient + self.weight_decay * parameter
+        v = self.alpha * state["v"] + (1 - self.alpha) * mx.square(g)
+        m = self.alpha * state["mean"] + (1 - self.alpha) * g
+        b = self.momentum * state["momentum_buffer"] + g / (mx.sqrt(v - mx.square(m)) + self.eps)
+        state["v"], state["mean"], state["momentum_buffer"] = v, m, b
+        return parameter - lr * b
+
+
+def make_heavy_optimizer(impl: str) -> optim.Optimizer:
+    if impl == "fused":
+        return mlx_fused_rmsprop.RMSprop(LR, ALPHA, EPS, **HEAVY)
+    return OpsRMSprop(LR, ALPHA, EPS, **HEAVY)
+
+
+def heavy_step(model: nn.Module, impl: str, grads: dict) -> tuple[Callable[[], None], optim.Optimizer]:
+    """One evaluated step of the heaviest variant (mx.compile'd for
+    ops_compiled)."""
+    opt = make_heavy_optimizer(impl)
+    opt.init(model.trainable_parameters())
+    mx.eval(model.parameters(), opt.state)
+    update = _update_fn(model, opt, impl)
+
+    def step() -> None:
+        update(grads)
+        mx.eval(model.parameters(), opt.state)
+
+    return step, opt
+
+
+def heavy_bytes(n: int, itemsize: int) -> int:
+    """Bytes one heaviest-variant step moves: reads grad, param, v, mean,
+    buffer; writes param, v, mean, buffer."""
+    return 9 * n * itemsize
+
+
 # ---- The memory roofline: a plain copy of the same bytes.
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import machine
-from .cases import IMPLS
+from .cases import HEAVY, HEAVY_IMPLS, IMPLS
 
 TARGET_N = 16 * 2**20
 
@@ -134,6 +134,29 @@ def markdown(results: dict) -> str:
             row = [mod["description"], f"{mod['parameters']:,}", str(mod["leaves"])]
             row += [fmt_time(mod["impls"][i]["median_s"]) for i in impls]
             row += [_x(mod["speedup"][i]) for i in impls if i != "fused"]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    if results.get("heavy"):
+        impls = s["heavy_impls"]
+        options = ", ".join(f"{k}={v}" for k, v in HEAVY.items())
+        lines += [
+            "### The heaviest variant: time per step",
+            "",
+            f"`RMSprop(lr, {options})` (torch's algorithm) fused, against the same "
+            "algorithm written with `mlx.core` ops (an `Optimizer` subclass), eager and "
+            "under `mx.compile`. One leaf; a step moves 9 × itemsize bytes per element "
+            "(reads grad, param, v, mean, buffer; writes param, v, mean, buffer).",
+            "",
+            "| dtype | elements | " + " | ".join(HEAVY_IMPLS[i] for i in impls)
+            + " | " + " | ".join(f"{HEAVY_IMPLS[i]} / fused" for i in impls if i != "fused")
+            + " | fused GB/s |",
+            "|---|---:|" + "---:|" * (2 * len(impls)),
+        ]
+        for case in results["heavy"]:
+            row = [case["dtype"], fmt_elems(case["elements"])]
+            row += [fmt_time(case["impls"][i]["median_s"]) for i in impls]
+            row += [_x(case["speedup"][i]) for i in impls if i != "fused"]
+            row.append(f"{case['impls']['fused']['gbps']:.1f}")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     if results["memory"]:

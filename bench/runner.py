@@ -19,6 +19,7 @@ from .timing import Progress, interleaved, summarize
 DEFAULT_SIZES = [4096 * 4**i for i in range(7)]  # 4K ... 16M
 FULL_SIZES = DEFAULT_SIZES + [64 * 2**20]  # ... 64M
 QUICK_SIZES = [4096, 16384]
+HEAVY_SIZES = [2**20, 16 * 2**20]  # the heaviest variant, float32 and bfloat16
 
 
 def parse_size(text: str) -> int:
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the mx.compile'd variants")
     p.add_argument("--no-models", action="store_true", help="skip the whole-model cases")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory cases")
+    p.add_argument("--no-variants", action="store_true",
+                   help="skip the heaviest variant (centered + momentum + weight decay)")
     p.add_argument("--out", default="bench-results",
                    help="directory for the JSON and PNG (default: ./bench-results)")
     p.add_argument("--name", default=None,
@@ -94,6 +97,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "model_impls": model_impls,
         "models": [] if args.no_models else ["transformer", "mlp"],
         "memory": not args.no_memory,
+        "heavy": [] if args.no_variants else [
+            (n, d) for d in ("float32", "bfloat16") if d in dtypes
+            for n in (QUICK_SIZES[:1] if args.quick else HEAVY_SIZES)
+        ],
+        "heavy_impls": ["fused", "ops"] + ([] if args.no_compiled else ["ops_compiled"]),
         "quick": bool(args.quick),
     }
 
@@ -204,6 +212,41 @@ def run_model(name: str, settings: dict, progress: Progress) -> dict:
     return result
 
 
+def run_heavy(n: int, dtype_name: str, settings: dict, progress: Progress) -> dict:
+    """The heaviest variant on one leaf: fused against the same algorithm in
+    mlx ops, eager and compiled."""
+    dtype = cases.DTYPES[dtype_name]
+    label = f"heavy variant {dtype_name} {report.fmt_elems(n)}"
+    grads = {"w": mx.random.normal((n,), key=mx.random.key(7)).astype(dtype) * 1e-2}
+    mx.eval(grads)
+    steps, keep = {}, []
+    for impl in settings["heavy_impls"]:
+        model = cases.Leaf(n, dtype)
+        step, opt = cases.heavy_step(model, impl, grads)
+        steps[impl] = step
+        keep.append((model, opt))
+    rounds = _rounds_for(n, settings)
+    samples = _interleaved_with_progress(steps, rounds, settings, progress, label)
+    nbytes = cases.heavy_bytes(n, dtype.size)
+    result: dict[str, Any] = {
+        "dtype": dtype_name,
+        "elements": n,
+        "bytes_per_step": nbytes,
+        "rounds": rounds,
+        "impls": {impl: summarize(s) for impl, s in samples.items()},
+    }
+    for summ in result["impls"].values():
+        summ["gbps"] = nbytes / summ["median_s"] / 1e9
+    fused = result["impls"]["fused"]["median_s"]
+    result["speedup"] = {
+        impl: summ["median_s"] / fused
+        for impl, summ in result["impls"].items() if impl != "fused"
+    }
+    del steps, keep, grads
+    _free()
+    return result
+
+
 def run_memory(n: int, dtype_name: str, settings: dict, progress: Progress) -> dict:
     dtype = cases.DTYPES[dtype_name]
     out = {"dtype": dtype_name, "elements": n, "leaf_bytes": n * dtype.size,
@@ -226,6 +269,8 @@ def run(settings: dict) -> dict:
     total = sum(_rounds_for(n, settings) * n_leaf_steps for n, _ in leaf_cases)
     total += len(settings["models"]) * settings["repeats"] * len(settings["model_impls"])
     total += len(memory_cases) * len(settings["leaf_impls"])
+    total += sum(_rounds_for(n, settings) * len(settings["heavy_impls"])
+                 for n, _ in settings["heavy"])
     progress = Progress(total)
     started = time.time()
     t0 = time.perf_counter()
@@ -236,12 +281,15 @@ def run(settings: dict) -> dict:
         "leaves": [],
         "models": [],
         "memory": [],
+        "heavy": [],
     }
     try:
         for n, d in leaf_cases:
             results["leaves"].append(run_leaf(n, d, settings, progress))
         for name in settings["models"]:
             results["models"].append(run_model(name, settings, progress))
+        for n, d in settings["heavy"]:
+            results["heavy"].append(run_heavy(n, d, settings, progress))
         for n, d in memory_cases:
             results["memory"].append(run_memory(n, d, settings, progress))
     finally:

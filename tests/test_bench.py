@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_fused_rmsprop import bench
@@ -62,6 +64,13 @@ def test_quick_run_writes_json_with_every_section(quick_run):
         assert set(m["train_step_extra_peak_x_leaf"]) == IMPLS
         assert all(v >= 0 for v in m["extra_peak_x_leaf"].values())
 
+    assert {(h["dtype"], h["elements"]) for h in data["heavy"]} == {
+        ("float32", 4096), ("bfloat16", 4096)}
+    for h in data["heavy"]:
+        assert set(h["impls"]) == {"fused", "ops", "ops_compiled"}
+        assert h["bytes_per_step"] == 9 * h["elements"] * (4 if h["dtype"] == "float32" else 2)
+        assert set(h["speedup"]) == {"ops", "ops_compiled"}
+
     assert len(data["targets"]) == 6
     for t in data["targets"]:
         assert {"target", "goal", "measured", "met"} <= set(t)
@@ -71,7 +80,7 @@ def test_quick_run_prints_markdown_tables_and_progress(quick_run):
     proc, data, out = quick_run
     md = proc.stdout
     assert "**Machine:**" in md and data["machine"]["cpu"] in md
-    for heading in ("### Single leaf", "### Whole models",
+    for heading in ("### Single leaf", "### Whole models", "### The heaviest variant",
                     "### Extra peak memory", "### Targets"):
         assert heading in md
     table_rows = [line for line in md.splitlines()
@@ -118,3 +127,22 @@ def test_targets_report_not_measured_without_the_cases():
     targets = report.targets({"leaves": [], "models": [], "memory": []})
     assert len(targets) == 6
     assert all(t["measured"] is None and t["met"] is None for t in targets)
+
+
+def test_the_heavy_cases_compare_the_same_algorithm():
+    """The mlx-ops optimizer the bench times against computes what the fused
+    heaviest variant computes (to float32 accuracy), so the speed-up compares
+    like with like."""
+    from mlx_fused_rmsprop.bench import cases
+
+    grads = {"w": mx.random.normal((4099,), key=mx.random.key(3))}
+    results = {}
+    for impl in ("fused", "ops"):
+        model = cases.Leaf(4099, mx.float32)
+        opt = cases.make_heavy_optimizer(impl)
+        for _ in range(5):
+            opt.update(model, grads)
+        mx.eval(model.parameters())
+        results[impl] = np.array(model.w)
+    assert set(cases.make_heavy_optimizer("fused").state_names) == {"v", "mean", "momentum_buffer"}
+    np.testing.assert_allclose(results["fused"], results["ops"], rtol=1e-5, atol=1e-6)

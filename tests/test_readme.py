@@ -1,0 +1,136 @@
+"""The README's promises about the API: its option table against the real
+signatures (ours, mlx's, and those of torch, optax and Keras where installed),
+and its code blocks run as written."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import pytest
+
+import mlx_fused_rmsprop as fused
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+COLUMNS = ["option", "ours", "mlx", "torch", "optax", "keras"]
+
+
+def option_table() -> list[dict[str, str]]:
+    start = README.index("| option | `mlx_fused_rmsprop.RMSprop`")
+    rows = []
+    for line in README[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows.append(dict(zip(COLUMNS, cells)))
+    return rows
+
+
+def documented_defaults(column: str) -> dict[str, object]:
+    """`name=value` entries of a column (the text in backquotes)."""
+    out = {}
+    for row in option_table():
+        m = re.match(r"`(\w+)=([^`]+)`", row[column])
+        if m:
+            out[m.group(1)] = ast.literal_eval(m.group(2))
+    return out
+
+
+def signature_defaults(fn) -> dict[str, object]:
+    return {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def python_block(after: str) -> str:
+    start = README.index(after)
+    block = README.index("```python", start) + len("```python")
+    return README[block:README.index("```", block)]
+
+
+def test_our_column_is_our_signature():
+    """Every keyword of RMSprop is in the table with its real default."""
+    ours = signature_defaults(fused.RMSprop.__init__)
+    documented = documented_defaults("ours")
+    assert documented == ours
+
+
+def test_mlx_column_is_mlx_signature():
+    assert documented_defaults("mlx") == signature_defaults(optim.RMSprop.__init__)
+
+
+@pytest.mark.parametrize(
+    "column,module,attr",
+    [("torch", "torch", "optim.RMSprop.__init__"), ("optax", "optax", "rmsprop"),
+     ("keras", "keras", "optimizers.RMSprop.__init__")],
+)
+def test_library_columns_are_their_signatures(column, module, attr):
+    """Each name=value of a library's column is that library's default (the
+    library must be installed: optax and Keras are in the test extra)."""
+    lib = pytest.importorskip(module, reason=f"{module} is not installed")
+    fn = lib
+    for part in attr.split("."):
+        fn = getattr(fn, part)
+    defaults = signature_defaults(fn)
+    documented = documented_defaults(column)
+    assert documented, column
+    for name, value in documented.items():
+        assert defaults[name] == value, (column, name)
+
+
+PRESETS = {"from_torch": "torch", "from_optax": "optax", "from_keras": "keras"}
+
+
+def porting_calls() -> dict[str, dict[str, object]]:
+    """The keyword arguments of each one-line port in the README."""
+    calls = {}
+    for node in ast.walk(ast.parse(python_block("### Porting: one line"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in PRESETS:
+            calls[node.func.attr] = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+    return calls
+
+
+def test_porting_lines_state_each_presets_arguments_and_defaults():
+    """Each one-liner names every argument of its preset, at the preset's
+    default (the learning rate, which optax requires, excepted), and the
+    presets take the arguments of the library's own constructor."""
+    calls = porting_calls()
+    assert set(calls) == set(PRESETS)
+    for preset, kwargs in calls.items():
+        params = inspect.signature(getattr(fused.RMSprop, preset)).parameters
+        assert list(kwargs) == list(params)
+        for name, value in kwargs.items():
+            default = params[name].default
+            if default is not inspect.Parameter.empty:
+                assert value == default, (preset, name)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_defaults_are_the_libraries_defaults(preset):
+    library = PRESETS[preset]
+    lib = pytest.importorskip(library, reason=f"{library} is not installed")
+    fn = {"torch": lambda: lib.optim.RMSprop.__init__, "optax": lambda: lib.rmsprop,
+          "keras": lambda: lib.optimizers.RMSprop.__init__}[library]()
+    theirs = signature_defaults(fn)
+    ours = signature_defaults(getattr(fused.RMSprop, preset))
+    for name, value in ours.items():
+        assert theirs[name] == value, (preset, name)
+
+
+def test_the_code_blocks_run():
+    """'Swap it in' trains a step; the porting lines build the optimizers
+    they describe."""
+    exec(python_block("## Swap it in"), {})
+    scope = {"fused": fused}
+    exec(python_block("### Porting: one line"), scope)
+    opt = scope["opt"]  # the last line: Keras
+    assert isinstance(opt, fused.RMSprop)
+    assert opt.eps_in_sqrt and opt.decoupled_weight_decay and opt.lr_inside_momentum
+    params = {"w": mx.ones((4,))}
+    opt.apply_gradients({"w": mx.ones((4,))}, params)
