@@ -5,6 +5,8 @@
 // (cpu/variant_loops.h) for the leaf's dtypes, split across cores
 // (cpu/parallel.h). Each concern lives in its own header under csrc/cpu/.
 #include <cstdint>
+#include <functional>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -39,171 +41,178 @@ bool is_transposed_pair(const CollapsedLayout& l) {
   return w[0] == cols && w[1] == 1 && g[0] == 1 && g[1] == rows;
 }
 
+// The work of one leaf, run on the CPU stream's thread.
+using Job = std::function<void()>;
+
+// What a leaf's job reads: its walked arrays (grad, param, state...), the
+// step's scalars (lr, [bias correction]) and its outputs.
+struct LeafIO {
+  std::span<const mx::array> walked;
+  std::span<const mx::array> scalars;
+  std::span<mx::array> outputs;
+};
+
 // ---- The plain update: grad, param and v of one format F.
 template <class F>
-void dispatch_typed(
-    const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs,
-    CpuWalk walk,
-    const CollapsedLayout& layout,
-    double alpha,
-    double eps,
-    mx::cpu::CommandEncoder& encoder) {
+Job plain_job(const LeafIO& io, const CpuDispatch& d, double alpha, double eps) {
   using S = typename F::Storage;
   using C = typename F::Compute;
-  const auto& grad = inputs[0];
-  const auto& param = inputs[1];
-  const auto& v = inputs[2];
-  const auto& lr = inputs[3];
+  const S* g_ptr = reinterpret_cast<const S*>(io.walked[0].data<void>());
+  const S* w_ptr = reinterpret_cast<const S*>(io.walked[1].data<void>());
+  const S* v_ptr = reinterpret_cast<const S*>(io.walked[2].data<void>());
+  const C* lr_ptr = io.scalars[0].data<C>();
+  S* w_out_ptr = reinterpret_cast<S*>(io.outputs[0].data<void>());
+  S* v_out_ptr = reinterpret_cast<S*>(io.outputs[1].data<void>());
 
-  const S* g_ptr = reinterpret_cast<const S*>(grad.data<void>());
-  const S* w_ptr = reinterpret_cast<const S*>(param.data<void>());
-  const S* v_ptr = reinterpret_cast<const S*>(v.data<void>());
-  const C* lr_ptr = lr.data<C>();
-  S* w_out_ptr = reinterpret_cast<S*>(outputs[0].data<void>());
-  S* v_out_ptr = reinterpret_cast<S*>(outputs[1].data<void>());
-
-  switch (walk) {
+  switch (d.walk) {
     case CpuWalk::flat:
       // With the flat layout every array holds exactly size() elements.
-      encoder.dispatch([=, n = static_cast<int64_t>(param.size())]() {
+      return [=, n = static_cast<int64_t>(io.walked[1].size()), bound = d.bound]() {
         FlatJob<F> job{
             g_ptr, w_ptr, v_ptr, w_out_ptr, v_out_ptr,
             make_coefficients<C>(*lr_ptr, alpha, eps)};
-        split_run(n, kSplitAlign, 1, [&](int64_t b, int64_t e) {
-          run_flat<F>(job, b, e);
+        split_run(n, kSplitAlign, 1, bound, [&](int64_t b, int64_t e) {
+          run_walk<FlatWalk<F>>(job, b, e);
         });
-      });
-      return;
+      };
     case CpuWalk::transposed:
-      encoder.dispatch([=, rows = int64_t{layout.shape[0]}, cols = int64_t{layout.shape[1]}]() {
+      return [=, rows = int64_t{d.layout.shape[0]}, cols = int64_t{d.layout.shape[1]},
+              bound = d.bound]() {
         TransposedJob<F> job{
             g_ptr, w_ptr, v_ptr, w_out_ptr, v_out_ptr, rows, cols,
             make_coefficients<C>(*lr_ptr, alpha, eps)};
-        split_run(rows, kTileRows, cols, [&](int64_t b, int64_t e) {
-          run_transposed<F>(job, b, e);
+        split_run(rows, kTileRows, cols, bound, [&](int64_t b, int64_t e) {
+          run_walk<TransposedWalk<F>>(job, b, e);
         });
-      });
-      return;
+      };
     case CpuWalk::strided_like_param:
     case CpuWalk::strided:
-      encoder.dispatch([=, like_param = walk == CpuWalk::strided_like_param]() {
+      return [=, layout = d.layout, like_param = d.walk == CpuWalk::strided_like_param]() {
         auto k = make_coefficients<C>(*lr_ptr, alpha, eps);
         rmsprop_strided<F>(
             g_ptr, w_ptr, v_ptr, w_out_ptr, v_out_ptr, layout, like_param, k);
-      });
-      return;
+      };
   }
+  return {};
 }
 
 // ---- The variants: param and grad of format PF, the state of format SF.
 template <class PF, class SF, bool kC, bool kM>
-void dispatch_variant(
-    const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs,
-    CpuWalk walk,
-    const CollapsedLayout& layout,
-    const RMSpropOptions& options,
-    mx::cpu::CommandEncoder& encoder) {
+Job variant_job(const LeafIO& io, const CpuDispatch& d, const RMSpropOptions& options) {
   using P = typename PF::Storage;
   using S = typename SF::Storage;
   using C = typename PF::Compute;
   const size_t states = 1 + (kC ? 1 : 0) + (kM ? 1 : 0);
   VariantJob<PF, SF> job{};
-  job.grad = reinterpret_cast<const P*>(inputs[0].data<void>());
-  job.param = reinterpret_cast<const P*>(inputs[1].data<void>());
-  job.param_out = reinterpret_cast<P*>(outputs[0].data<void>());
-  // State slots: 0 v, 1 mean, 2 buffer; the inputs list only those in use.
+  job.grad = reinterpret_cast<const P*>(io.walked[0].data<void>());
+  job.param = reinterpret_cast<const P*>(io.walked[1].data<void>());
+  job.param_out = reinterpret_cast<P*>(io.outputs[0].data<void>());
+  // State slots: 0 v, 1 mean, 2 buffer; the arrays are only those in use.
   const size_t slots[3] = {0, kC ? 1u : 2u, 2};
   for (size_t i = 0; i < states; ++i) {
-    job.state[slots[i]] = reinterpret_cast<const S*>(inputs[2 + i].data<void>());
-    job.state_out[slots[i]] = reinterpret_cast<S*>(outputs[1 + i].data<void>());
+    job.state[slots[i]] = reinterpret_cast<const S*>(io.walked[2 + i].data<void>());
+    job.state_out[slots[i]] = reinterpret_cast<S*>(io.outputs[1 + i].data<void>());
   }
-  const C* lr_ptr = inputs[2 + states].data<C>();
-  const C* bc_ptr = options.bias_correction ? inputs[3 + states].data<C>() : nullptr;
+  const C* lr_ptr = io.scalars[0].data<C>();
+  const C* bc_ptr = options.bias_correction ? io.scalars[1].data<C>() : nullptr;
   auto constants = make_variant_constants<C>(options);
   auto step = [=] {
     return rmsprop_variant_step<C>(*lr_ptr, bc_ptr ? *bc_ptr : C(1), constants);
   };
-  switch (walk) {
+  switch (d.walk) {
     case CpuWalk::flat:
-      encoder.dispatch([=, n = static_cast<int64_t>(inputs[1].size())]() mutable {
+      return [=, n = static_cast<int64_t>(io.walked[1].size()), bound = d.bound]() mutable {
         job.k = step();
-        split_run(n, kSplitAlign, 1, [&](int64_t b, int64_t e) {
-          run_variant_flat<PF, SF, kC, kM>(job, b, e);
+        split_run(n, kSplitAlign, 1, bound, [&](int64_t b, int64_t e) {
+          run_walk<VariantFlatWalk<PF, SF, kC, kM>>(job, b, e);
         });
-      });
-      return;
+      };
     case CpuWalk::transposed:
-      job.rows = layout.shape[0];
-      job.cols = layout.shape[1];
-      encoder.dispatch([=]() mutable {
+      job.rows = d.layout.shape[0];
+      job.cols = d.layout.shape[1];
+      return [=, bound = d.bound]() mutable {
         job.k = step();
-        split_run(job.rows, kTileRows, job.cols, [&](int64_t b, int64_t e) {
-          run_variant_transposed<PF, SF, kC, kM>(job, b, e);
+        split_run(job.rows, kTileRows, job.cols, bound, [&](int64_t b, int64_t e) {
+          run_walk<VariantTransposedWalk<PF, SF, kC, kM>>(job, b, e);
         });
-      });
-      return;
+      };
     case CpuWalk::strided_like_param:
     case CpuWalk::strided:
-      encoder.dispatch([=, like_param = walk == CpuWalk::strided_like_param]() mutable {
+      return [=, layout = d.layout, like_param = d.walk == CpuWalk::strided_like_param]() mutable {
         job.k = step();
         variant_strided<PF, SF, kC, kM>(job, layout, like_param);
-      });
-      return;
+      };
   }
+  return {};
 }
 
 template <class PF, class SF>
-void dispatch_variant_options(
-    const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs,
-    const CpuDispatch& d,
-    const RMSpropOptions& o,
-    mx::cpu::CommandEncoder& encoder) {
+Job variant_job_for_options(const LeafIO& io, const CpuDispatch& d, const RMSpropOptions& o) {
   bool momentum = o.momentum > 0.0;
   if (o.centered && momentum) {
-    dispatch_variant<PF, SF, true, true>(inputs, outputs, d.walk, d.layout, o, encoder);
+    return variant_job<PF, SF, true, true>(io, d, o);
   } else if (o.centered) {
-    dispatch_variant<PF, SF, true, false>(inputs, outputs, d.walk, d.layout, o, encoder);
+    return variant_job<PF, SF, true, false>(io, d, o);
   } else if (momentum) {
-    dispatch_variant<PF, SF, false, true>(inputs, outputs, d.walk, d.layout, o, encoder);
-  } else {
-    dispatch_variant<PF, SF, false, false>(inputs, outputs, d.walk, d.layout, o, encoder);
+    return variant_job<PF, SF, false, true>(io, d, o);
   }
+  return variant_job<PF, SF, false, false>(io, d, o);
 }
 
 // A half parameter's state is of its own format or float32.
 template <class PF>
-void dispatch_half_variant(
-    const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs,
-    const CpuDispatch& d,
-    const RMSpropOptions& o,
-    mx::cpu::CommandEncoder& encoder) {
-  if (inputs[2].dtype() == mx::float32) {
-    dispatch_variant_options<PF, Float32Format>(inputs, outputs, d, o, encoder);
-  } else {
-    dispatch_variant_options<PF, PF>(inputs, outputs, d, o, encoder);
+Job half_variant_job(const LeafIO& io, const CpuDispatch& d, const RMSpropOptions& o) {
+  if (io.walked[2].dtype() == mx::float32) {
+    return variant_job_for_options<PF, Float32Format>(io, d, o);
   }
+  return variant_job_for_options<PF, PF>(io, d, o);
 }
 
 [[noreturn]] void unsupported_dtype() {
   throw std::invalid_argument("[FusedRMSprop] unsupported dtype reached the CPU kernel.");
 }
 
+Job leaf_job(const LeafIO& io, const CpuDispatch& d, const RMSpropOptions& o) {
+  const auto& param = io.walked[1];
+  bool plain = runs_plain_kernels(o, param.dtype(), io.walked[2].dtype());
+  switch (param.dtype()) {
+    case mx::float32:
+      return plain ? plain_job<Float32Format>(io, d, o.alpha, o.eps)
+                   : variant_job_for_options<Float32Format, Float32Format>(io, d, o);
+    case mx::float16:
+      return plain ? plain_job<Float16Format>(io, d, o.alpha, o.eps)
+                   : half_variant_job<Float16Format>(io, d, o);
+    case mx::bfloat16:
+      return plain ? plain_job<BFloat16Format>(io, d, o.alpha, o.eps)
+                   : half_variant_job<BFloat16Format>(io, d, o);
+    case mx::float64:
+      return plain ? plain_job<Float64Format>(io, d, o.alpha, o.eps)
+                   : variant_job_for_options<Float64Format, Float64Format>(io, d, o);
+    default:
+      unsupported_dtype();
+  }
+}
+
 } // namespace
 
-CpuDispatch choose_cpu_dispatch(const std::vector<mx::array>& arrays) {
+CpuDispatch choose_cpu_dispatch(std::span<const mx::array> arrays) {
+  auto param_dtype = arrays[1].dtype();
+  CpuBound bound = param_dtype == mx::float16 || param_dtype == mx::bfloat16
+      ? CpuBound::compute
+      : CpuBound::memory;
   // Empty leaves and 0-d leaves are row-contiguous, so they take the flat path.
   if (is_flat_layout(arrays)) {
-    return {CpuWalk::flat, {}};
+    return {CpuWalk::flat, bound, {}};
   }
   auto layout = collapse_layout(arrays);
   CpuWalk walk = !is_dense(arrays[1])   ? CpuWalk::strided
       : is_transposed_pair(layout) ? CpuWalk::transposed
                                    : CpuWalk::strided_like_param;
-  return {walk, std::move(layout)};
+  return {walk, bound, std::move(layout)};
+}
+
+std::string cpu_bound_name(CpuBound bound) {
+  return bound == CpuBound::memory ? "memory" : "compute";
 }
 
 std::string cpu_walk_name(CpuWalk walk) {
@@ -220,13 +229,26 @@ std::string cpu_walk_name(CpuWalk walk) {
   return "";
 }
 
+std::string cpu_isa_name() {
+  switch (cpu_isa()) {
+    case Isa::baseline:
+      return "baseline";
+    case Isa::avx2:
+      return "avx2";
+    case Isa::avx512:
+      return "avx512";
+  }
+  return "";
+}
+
 void FusedRMSprop::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
   release_sibling_inputs(inputs, outputs);
-  auto dispatch = choose_cpu_dispatch(walked_arrays(inputs, options_));
+  auto [walked, scalars] = split_inputs(inputs, options_);
+  auto dispatch = choose_cpu_dispatch(walked);
   // Every walk but the plain strided one writes the outputs in param's layout.
-  allocate_outputs(inputs, outputs, dispatch.walk != CpuWalk::strided);
+  allocate_outputs(walked, outputs, dispatch.walk != CpuWalk::strided);
 
   auto& encoder = mx::cpu::get_command_encoder(stream());
   for (const auto& in : inputs) {
@@ -235,34 +257,8 @@ void FusedRMSprop::eval_cpu(
   for (auto& out : outputs) {
     encoder.set_output_array(out);
   }
-  const auto& param = inputs[1];
-  if (param.size() == 0) {
-    return;
-  }
-
-  const auto& o = options_;
-  const auto& walk = dispatch.walk;
-  const auto& layout = dispatch.layout;
-  bool plain = runs_plain_kernels(o, param.dtype(), inputs[2].dtype());
-  switch (param.dtype()) {
-    case mx::float32:
-      return plain
-          ? dispatch_typed<Float32Format>(inputs, outputs, walk, layout, o.alpha, o.eps, encoder)
-          : dispatch_variant_options<Float32Format, Float32Format>(inputs, outputs, dispatch, o, encoder);
-    case mx::float16:
-      return plain
-          ? dispatch_typed<Float16Format>(inputs, outputs, walk, layout, o.alpha, o.eps, encoder)
-          : dispatch_half_variant<Float16Format>(inputs, outputs, dispatch, o, encoder);
-    case mx::bfloat16:
-      return plain
-          ? dispatch_typed<BFloat16Format>(inputs, outputs, walk, layout, o.alpha, o.eps, encoder)
-          : dispatch_half_variant<BFloat16Format>(inputs, outputs, dispatch, o, encoder);
-    case mx::float64:
-      return plain
-          ? dispatch_typed<Float64Format>(inputs, outputs, walk, layout, o.alpha, o.eps, encoder)
-          : dispatch_variant_options<Float64Format, Float64Format>(inputs, outputs, dispatch, o, encoder);
-    default:
-      unsupported_dtype();
+  if (walked[1].size() != 0) {
+    encoder.dispatch(leaf_job(LeafIO{walked, scalars, outputs}, dispatch, options_));
   }
 }
 

@@ -23,9 +23,22 @@
 #include <metal_stdlib>
 #define RMSPROP_SQRT(x) metal::precise::sqrt(x)
 #define RMSPROP_DIVIDE(a, b) metal::precise::divide((a), (b))
+#define RMSPROP_INLINE inline
 #else
 #include <cmath>
-#define RMSPROP_SQRT(x) std::sqrt(x)
+// Always inlined on the CPU: the SIMD builds (csrc/cpu/simd.h) instantiate
+// these with vector types inside functions compiled for AVX2 / AVX-512, and
+// an out-of-line copy compiled for the baseline target would pass those
+// vectors with another calling convention.
+#define RMSPROP_INLINE inline __attribute__((always_inline))
+// std::sqrt for float and double; for the CPU kernel's SIMD vector types
+// their own sqrt, found by argument-dependent lookup.
+template <typename T>
+RMSPROP_INLINE T rmsprop_sqrt(T x) {
+  using std::sqrt;
+  return sqrt(x);
+}
+#define RMSPROP_SQRT(x) rmsprop_sqrt(x)
 #define RMSPROP_DIVIDE(a, b) ((a) / (b))
 #endif
 
@@ -49,7 +62,7 @@ struct RMSpropResult {
 // One element of the update, in the compute type C (float for float32 and the
 // half types, double for float64 on the CPU).
 template <typename C>
-inline RMSpropResult<C> rmsprop_element(
+RMSPROP_INLINE RMSpropResult<C> rmsprop_element(
     C grad,
     C param,
     C v,

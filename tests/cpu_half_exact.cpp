@@ -1,5 +1,7 @@
-// Compares the CPU kernel's branch-free half conversions (csrc/cpu/half.h)
-// with mlx's own float16_t / bfloat16_t, bit for bit. Built and run by
+// Compares the CPU kernel's half conversions with mlx's own float16_t /
+// bfloat16_t, bit for bit: the branch-free scalar ones (csrc/cpu/half.h),
+// a loop of them as the compiler vectorizes it, and on x86-64 the in-register
+// SIMD ones of the AVX2 and AVX-512 builds (csrc/cpu/simd.h) the CPU runs. Built and run by
 // tests/test_cpu_kernel.py; prints one line per check and exits non-zero on
 // the first mismatch.
 //
@@ -11,10 +13,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "mlx/types/half_types.h"
 #include "cpu/half.h"
+#include "cpu/simd.h"
 
 namespace hb = mlx_fused_rmsprop::half_bits;
 using mlx::core::bfloat16_t;
@@ -46,13 +50,70 @@ __attribute__((noinline)) static void batch_from_f32(
   }
 }
 
-static bool have_f16c() {
+// ---- The SIMD conversions, n % L elements left to the scalar ones. Each
+// width is stamped out in a function compiled for its target (its
+// intrinsics inline only there), like the kernel's loops.
+#if RMSPROP_HAVE_AVX2_F16C
+namespace simd = mlx_fused_rmsprop::simd;
+using mlx_fused_rmsprop::BFloat16Format;
+using mlx_fused_rmsprop::Float16Format;
+using mlx_fused_rmsprop::Float32Format;
+#define DEFINE_LANES_CONVERSIONS(SUFFIX, TARGET, L)                              \
+  template <class F>                                                           \
+  TARGET __attribute__((noinline)) static void to_f32_##SUFFIX(                \
+      const uint16_t* in, float* out, int n) {                                 \
+    int i = 0;                                                                 \
+    for (; i + L <= n; i += L)                                                 \
+      simd::Lanes<Float32Format, L>::store(out + i, simd::Lanes<F, L>::load(in + i)); \
+    for (; i < n; ++i) out[i] = F::load(in[i]);                                \
+  }                                                                            \
+  template <class F>                                                           \
+  TARGET __attribute__((noinline)) static void from_f32_##SUFFIX(              \
+      const float* in, uint16_t* out, int n) {                                 \
+    int i = 0;                                                                 \
+    for (; i + L <= n; i += L)                                                 \
+      simd::Lanes<F, L>::store(out + i, simd::Lanes<Float32Format, L>::load(in + i)); \
+    for (; i < n; ++i) out[i] = F::store(in[i]);                               \
+  }
+DEFINE_LANES_CONVERSIONS(avx2, RMSPROP_TARGET_AVX2_F16C, 8)
+DEFINE_LANES_CONVERSIONS(avx512, RMSPROP_TARGET_AVX512, 16)
+#undef DEFINE_LANES_CONVERSIONS
+#endif
+
+// The SIMD builds this CPU runs, each with its conversions.
+struct SimdBuild {
+  const char* name;
+  void (*to_f32)(const uint16_t*, float*, int, bool bf16);
+  void (*from_f32)(const float*, uint16_t*, int, bool bf16);
+};
+static std::vector<SimdBuild> simd_builds() {
+  std::vector<SimdBuild> builds;
 #if RMSPROP_HAVE_AVX2_F16C
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-#else
-  return false;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
+    builds.push_back({"AVX2",
+        [](const uint16_t* in, float* out, int n, bool bf16) {
+          bf16 ? to_f32_avx2<BFloat16Format>(in, out, n) : to_f32_avx2<Float16Format>(in, out, n);
+        },
+        [](const float* in, uint16_t* out, int n, bool bf16) {
+          bf16 ? from_f32_avx2<BFloat16Format>(in, out, n)
+               : from_f32_avx2<Float16Format>(in, out, n);
+        }});
+  }
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    builds.push_back({"AVX-512",
+        [](const uint16_t* in, float* out, int n, bool bf16) {
+          bf16 ? to_f32_avx512<BFloat16Format>(in, out, n)
+               : to_f32_avx512<Float16Format>(in, out, n);
+        },
+        [](const float* in, uint16_t* out, int n, bool bf16) {
+          bf16 ? from_f32_avx512<BFloat16Format>(in, out, n)
+               : from_f32_avx512<Float16Format>(in, out, n);
+        }});
+  }
 #endif
+  return builds;
 }
 
 static int fail(const char* what, uint32_t in, uint32_t got, uint32_t want) {
@@ -68,13 +129,17 @@ static int check_floats(const std::vector<uint32_t>& bits, const char* label) {
   std::vector<uint16_t> h(n), b(n);
   batch_from_f32(in.data(), h.data(), static_cast<int>(n), false);
   batch_from_f32(in.data(), b.data(), static_cast<int>(n), true);
-  std::vector<uint16_t> hc(n);
-#if RMSPROP_HAVE_AVX2_F16C
-  if (have_f16c()) hb::f32_to_f16_f16c(in.data(), hc.data(), static_cast<int64_t>(n));
-#endif
+  for (const SimdBuild& build : simd_builds()) {
+    std::vector<uint16_t> hs(n), bs(n);
+    build.from_f32(in.data(), hs.data(), static_cast<int>(n), false);
+    build.from_f32(in.data(), bs.data(), static_cast<int>(n), true);
+    for (size_t i = 0; i < n; ++i) {
+      if (hs[i] != ref_f16(in[i])) return fail(build.name, bits[i], hs[i], ref_f16(in[i]));
+      if (bs[i] != ref_bf16(in[i])) return fail(build.name, bits[i], bs[i], ref_bf16(in[i]));
+    }
+  }
   for (size_t i = 0; i < n; ++i) {
     uint16_t want_h = ref_f16(in[i]), want_b = ref_bf16(in[i]);
-    if (have_f16c() && hc[i] != want_h) return fail("f32->f16 (F16C)", bits[i], hc[i], want_h);
     if (h[i] != want_h) return fail("f32->f16 (batch)", bits[i], h[i], want_h);
     if (b[i] != want_b) return fail("f32->bf16 (batch)", bits[i], b[i], want_b);
     if (hb::f32_to_f16(in[i]) != want_h)
@@ -104,18 +169,20 @@ int main(int argc, char** argv) {
       return fail("f16->f32 (scalar)", x, f2u(hb::f16_to_f32(x)), want);
     if (f2u(bf[i]) != want_b) return fail("bf16->f32 (batch)", x, f2u(bf[i]), want_b);
   }
-#if RMSPROP_HAVE_AVX2_F16C
-  if (have_f16c()) {
-    std::vector<float> fc(65536);
-    hb::f16_to_f32_f16c(all.data(), fc.data(), 65536);
+  std::string builds = "portable";
+  for (const SimdBuild& build : simd_builds()) {
+    std::vector<float> fs(65536), bfs(65536);
+    build.to_f32(all.data(), fs.data(), 65536, false);
+    build.to_f32(all.data(), bfs.data(), 65536, true);
     for (int i = 0; i < 65536; ++i) {
-      uint32_t want = f2u(ref_from_f16(static_cast<uint16_t>(i)));
-      if (f2u(fc[i]) != want) return fail("f16->f32 (F16C)", i, f2u(fc[i]), want);
+      uint16_t x = static_cast<uint16_t>(i);
+      if (f2u(fs[i]) != f2u(ref_from_f16(x))) return fail(build.name, x, f2u(fs[i]), f2u(ref_from_f16(x)));
+      if (f2u(bfs[i]) != f2u(ref_from_bf16(x)))
+        return fail(build.name, x, f2u(bfs[i]), f2u(ref_from_bf16(x)));
     }
+    builds += std::string(", ") + build.name;
   }
-#endif
-  std::printf("ok all 65536 f16 and bf16 patterns -> f32%s\n",
-              have_f16c() ? " (portable and F16C)" : "");
+  std::printf("ok all 65536 f16 and bf16 patterns -> f32 (%s)\n", builds.c_str());
 
   // 2. Every float32 a half can hold (round trips), and its neighbours: the
   //    rounding boundaries (ties, just below/above) of every half interval.

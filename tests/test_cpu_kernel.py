@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import mlx_fused_rmsprop as fused
-from mlx_fused_rmsprop import rmsprop_update
+from mlx_fused_rmsprop import _ext, rmsprop_update
 
 ROOT = Path(__file__).resolve().parent.parent
 ALPHA, EPS = 0.99, 1e-8
@@ -86,8 +86,10 @@ def _cpu_has(flag: str) -> bool:
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])
 def test_half_conversions_match_mlx_bit_for_bit(tmp_path, isa):
-    """Compiles tests/cpu_half_exact.cpp against the kernel's conversion header
-    and mlx's float16_t / bfloat16_t: all 65536 half patterns to float32, and
+    """Compiles tests/cpu_half_exact.cpp against the kernel's conversion headers
+    (scalar, a vectorized loop of them, and the AVX2 / AVX-512 in-register
+    ones this CPU has) and mlx's float16_t / bfloat16_t: all 65536 half
+    patterns to float32, and
     to half from every half value's neighbourhood (ties, just above/below),
     every float32 exponent's edge mantissas (NaN, Inf, subnormals) and 4M
     random float32 patterns. (`cpu_half_exact all` checks all 2^32.)"""
@@ -105,6 +107,7 @@ def test_half_conversions_match_mlx_bit_for_bit(tmp_path, isa):
         mlx_include = Path(mx.__path__[0]) / "include"
     build = subprocess.run(
         [cxx, "-std=c++20", *flags, f"-I{mlx_include}", f"-I{ROOT / 'csrc'}",
+         f"-I{ROOT / 'kernels'}",
          str(ROOT / "tests" / "cpu_half_exact.cpp"), "-o", str(exe)],
         capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
@@ -238,13 +241,13 @@ def test_linear_weight_gradients_take_the_tiled_transposed_walk():
     mx.eval(grads)
     w, b = model.weight, model.bias
     assert grads["weight"].shape == w.shape
-    assert fused._ext._cpu_walk(grads["weight"], w, mx.zeros_like(w)) == "transposed"
-    assert fused._ext._cpu_walk(grads["bias"], b, mx.zeros_like(b)) == "flat"
+    assert _ext._cpu_walk(grads["weight"], w, mx.zeros_like(w)) == "transposed"
+    assert _ext._cpu_walk(grads["bias"], b, mx.zeros_like(b)) == "flat"
     g, w, v = _make_layout("grad_transposed", (33, 129), mx.bfloat16, seed=1)
-    assert fused._ext._cpu_walk(g, w, v) == "transposed"
+    assert _ext._cpu_walk(g, w, v) == "transposed"
     g, w, v = _make_layout("grad_strided", (33, 129), mx.float32, seed=1)
-    assert fused._ext._cpu_walk(g, w, v) == "strided_like_param"
-    assert fused._ext._cpu_walk(g, g, g) == "strided"
+    assert _ext._cpu_walk(g, w, v) == "strided_like_param"
+    assert _ext._cpu_walk(g, g, g) == "strided"
 
 
 def _random_view(rng, shape, dtype, seed, positive=False, dense_rate=0.25):
@@ -287,8 +290,8 @@ def test_strided_walks_over_3d_and_4d_layouts(dtype):
         g = _random_view(rng, shape, dtype, 3 * case)
         w = _random_view(rng, shape, dtype, 3 * case + 1, dense_rate=0.5)
         v = _random_view(rng, shape, dtype, 3 * case + 2, positive=True)
-        walk = fused._ext._cpu_walk(g, w, v)
-        collapsed = fused._ext._dispatch_layout(g, w, v)[1]
+        walk = _ext._cpu_walk(g, w, v)
+        collapsed = _ext._dispatch_layout(g, w, v)[1]
         if walk in walks and len(collapsed) >= 3:
             walks[walk] += 1
         ref_w, ref_v = reference(g, w, v, 0.01, dtype)
@@ -316,7 +319,7 @@ def test_a_state_laid_out_unlike_the_parameter_is_never_donated(dtype):
     shape = (67, 130)
     g, w, _ = _leaf(shape, dtype, seed=5)
     v = _column_major(shape, dtype, 9)
-    assert fused._ext._cpu_walk(g, w, v) == "strided_like_param"
+    assert _ext._cpu_walk(g, w, v) == "strided_like_param"
     ref_w, ref_v = reference(g, w, v, 0.01, dtype)
     mx.eval(ref_w, ref_v)
     out_w, out_v = rmsprop_update(
@@ -332,7 +335,7 @@ def test_a_state_laid_out_unlike_the_parameter_is_never_donated(dtype):
 _SPLIT_SCRIPT = r"""
 import hashlib, json, sys
 import mlx.core as mx
-from mlx_fused_rmsprop import rmsprop_update
+from mlx_fused_rmsprop import _ext, rmsprop_update
 mx.set_default_device(mx.cpu)
 cases = json.loads(sys.argv[1])
 out = {}
@@ -395,6 +398,50 @@ def test_split_across_threads_gives_identical_results(min_per_thread):
     for threads in ("2", "3", "4"):
         multi = _run_split(cases, {**env, "MLX_FUSED_RMSPROP_NUM_THREADS": threads})
         assert multi == single, f"{threads} threads differ from 1"
+
+
+def test_threads_follow_what_bounds_the_leaf():
+    """float32 / float64 leaves are memory-bound: at most 8 threads (more only
+    add wake-ups once the bus is saturated); 16-bit parameters are
+    compute-bound and take every core."""
+    assert _ext._split_threads("memory", cores=16) == 8
+    assert _ext._split_threads("compute", cores=16) == 16
+    assert _ext._split_threads("memory", cores=3) == 3
+    assert _ext._split_threads("compute", cores=3) == 3
+    with pytest.raises(ValueError, match="'memory' or 'compute'"):
+        _ext._split_threads("io", cores=4)
+    for dtype, bound in ((mx.float32, "memory"), (mx.float64, "memory"),
+                         (mx.float16, "compute"), (mx.bfloat16, "compute")):
+        g, w, v = _leaf((64, 48), dtype, 1)
+        assert _ext._cpu_bound(g, w, v) == bound, dtype
+        assert _ext._cpu_bound(mx.transpose(g), mx.transpose(w), v.T) == bound, dtype
+    # A 16-bit parameter with float32 state still converts per element.
+    g, w, v = _leaf((64,), mx.bfloat16, 2)
+    assert _ext._cpu_bound(g, w, v.astype(mx.float32)) == "compute"
+
+
+_THREADS_SCRIPT = r"""
+import json
+from mlx_fused_rmsprop import _ext
+print(json.dumps([_ext._split_threads("memory"), _ext._split_threads("compute")]))
+"""
+
+
+@pytest.mark.parametrize("override", [None, "3"])
+def test_this_process_splits_by_the_policy_or_the_override(override):
+    env = dict(os.environ)
+    env.pop("MLX_FUSED_RMSPROP_NUM_THREADS", None)
+    if override is not None:
+        env["MLX_FUSED_RMSPROP_NUM_THREADS"] = override
+    res = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    memory, compute = json.loads(res.stdout.strip().splitlines()[-1])
+    if override is not None:
+        assert memory == compute == int(override)
+    else:
+        cores = len(os.sched_getaffinity(0))
+        assert (memory, compute) == (min(cores, 8), cores)
 
 
 _TWO_STREAMS_SCRIPT = r"""

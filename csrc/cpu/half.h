@@ -9,15 +9,14 @@
 // tests/test_cpu_kernel.py compiles this header against mlx's and compares all
 // 65536 half patterns and millions of float32 patterns.
 //
-// Plain integer and float operations only; no dependency on mlx. On x86-64
-// there are also F16C versions for blocks of 8 (used by the AVX2 build of the
-// kernel when the CPU has F16C), with the same results.
+// Plain integer and float operations only; no dependency on mlx. The x86-64
+// SIMD builds convert in registers instead (cpu/simd.h), with the same
+// results.
 #pragma once
 
 #include <bit>
 #include <cstdint>
 
-#include "isa.h"
 
 namespace mlx_fused_rmsprop::half_bits {
 
@@ -79,49 +78,5 @@ inline uint16_t f32_to_bf16(float x) {
   bool is_nan = static_cast<int32_t>(u & 0x7FFFFFFFu) > 0x7F800000;
   return static_cast<uint16_t>(is_nan ? 0x7FC0u : rounded);
 }
-
-#if RMSPROP_HAVE_AVX2_F16C
-// n halves -> floats with vcvtph2ps (exact, like f16_to_f32; a NaN keeps its
-// sign and payload and becomes quiet, as mlx's conversion makes it); the
-// tail of n % 8 elements goes through f16_to_f32.
-RMSPROP_TARGET_AVX2_F16C inline void f16_to_f32_f16c(
-    const uint16_t* __restrict in,
-    float* __restrict out,
-    int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i));
-    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(h));
-  }
-  for (; i < n; ++i) {
-    out[i] = f16_to_f32(in[i]);
-  }
-}
-
-// n floats -> halves with vcvtps2ph, round to nearest even (exact like
-// f32_to_f16), then NaN lanes rewritten to mlx's sign | 0x7D00 (the
-// instruction would keep the payload); the tail goes through f32_to_f16.
-RMSPROP_TARGET_AVX2_F16C inline void f32_to_f16_f16c(
-    const float* __restrict in,
-    uint16_t* __restrict out,
-    int64_t n) {
-  const __m128i sign_bit = _mm_set1_epi16(static_cast<short>(0x8000));
-  const __m128i mlx_nan = _mm_set1_epi16(0x7D00);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 x = _mm256_loadu_ps(in + i);
-    __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
-    __m256i nan32 = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    __m128i nan16 = _mm_packs_epi32(
-        _mm256_castsi256_si128(nan32), _mm256_extracti128_si256(nan32, 1));
-    __m128i fixed = _mm_or_si128(_mm_and_si128(h, sign_bit), mlx_nan);
-    _mm_storeu_si128(
-        reinterpret_cast<__m128i*>(out + i), _mm_blendv_epi8(h, fixed, nan16));
-  }
-  for (; i < n; ++i) {
-    out[i] = f32_to_f16(in[i]);
-  }
-}
-#endif
 
 } // namespace mlx_fused_rmsprop::half_bits

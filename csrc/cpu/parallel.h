@@ -14,11 +14,6 @@
 
 namespace mlx_fused_rmsprop {
 
-// Threads that update one leaf (the caller's included): up to 8, the cores
-// this process may run on; MLX_FUSED_RMSPROP_NUM_THREADS overrides it (1
-// disables the split). Read once.
-int split_threads();
-
 // Elements each thread must get at least before a leaf is split (131072;
 // MLX_FUSED_RMSPROP_MIN_ELEMENTS_PER_THREAD overrides it). Read once.
 int64_t min_elements_per_thread();
@@ -113,15 +108,18 @@ class WorkerPool {
 // The process's pool, created on first use (rmsprop_cpu_parallel.cpp).
 WorkerPool& worker_pool();
 
-// How many parts a leaf of n elements is cut into.
-int split_parts(int64_t n);
-
 // Runs fn(begin, end) over [0, units) split into equal parts whose boundaries
 // are multiples of `align` units (the last part takes the rest), one part per
-// thread; `unit_elements` elements per unit decide how many threads pay off.
+// thread; `unit_elements` elements per unit and the leaf's bound decide how
+// many threads pay off.
 template <class Fn>
-void split_run(int64_t units, int64_t align, int64_t unit_elements, const Fn& fn) {
-  int parts = split_parts(units * unit_elements);
+void split_run(
+    int64_t units,
+    int64_t align,
+    int64_t unit_elements,
+    CpuBound bound,
+    const Fn& fn) {
+  int parts = split_parts(units * unit_elements, bound);
   if (parts > 1) {
     parts = std::min<int64_t>(parts, (units + align - 1) / align);
   }

@@ -5,10 +5,11 @@
 //  - In place: in a training loop the old parameter and state are referenced
 //    by nothing but this update, so the outputs take their buffers (no fresh
 //    allocation, no page faults, no write-allocate traffic).
-//  - One loop per run that the compiler vectorizes with the baseline flags:
-//    restrict-qualified pointers, in place versus separate outputs decided
-//    once per call, branch-free half conversions (half.h), and an AVX2 build
-//    (float16 through F16C) picked at run time where the CPU has it (isa.h).
+//  - One pass per run that the compiler vectorizes with the baseline flags
+//    (SSE2, NEON): restrict-qualified pointers, in place versus separate
+//    outputs decided once per call, branch-free half conversions (half.h);
+//    an AVX2 build, and for float16 / bfloat16 an AVX-512 one, picked at run
+//    time (builds.h), whose 16-bit loops convert in SIMD registers (simd.h).
 // The math is unchanged; the extension is built with -ffp-contract=off.
 #pragma once
 
@@ -16,8 +17,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "builds.h"
 #include "formats.h"
 #include "isa.h"
+#include "simd.h"
 #include "strided.h"
 #include "transpose.h"
 
@@ -77,38 +80,52 @@ RMSPROP_ALWAYS_INLINE void span_any(
   }
 }
 
-#if RMSPROP_HAVE_AVX2_F16C
-// float16 with F16C (AVX2 build only): blocks converted by vcvtph2ps /
-// vcvtps2ph (rmsprop_cpu_half.h, same bits as the portable conversions)
-// around the same float32 loop. Every element of a block is read before any
-// is written, so in place is safe.
-constexpr int64_t kF16Block = 512;
+template <class F>
+constexpr bool kIsHalf =
+    std::is_same_v<F, Float16Format> || std::is_same_v<F, BFloat16Format>;
 
-RMSPROP_TARGET_AVX2_F16C inline void span_f16c(
-    const uint16_t* grad,
-    const uint16_t* param,
-    const uint16_t* v,
-    uint16_t* param_out,
-    uint16_t* v_out,
-    int64_t n,
-    RMSpropCoefficients<float> k) {
-  alignas(64) float g[kF16Block];
-  alignas(64) float w[kF16Block];
-  alignas(64) float s[kF16Block];
-  for (int64_t start = 0; start < n; start += kF16Block) {
-    int64_t len = std::min(kF16Block, n - start);
-    half_bits::f16_to_f32_f16c(grad + start, g, len);
-    half_bits::f16_to_f32_f16c(param + start, w, len);
-    half_bits::f16_to_f32_f16c(v + start, s, len);
-    rmsprop_span<Float32Format, true, true>(g, w, s, nullptr, nullptr, len, k);
-    half_bits::f32_to_f16_f16c(w, param_out + start, len);
-    half_bits::f32_to_f16_f16c(s, v_out + start, len);
+#if RMSPROP_HAVE_AVX2_F16C
+// L elements at a time in SIMD registers (simd.h): loaded and converted in
+// registers, the same math on Vec<L>, converted back and stored; each
+// element read before it is written, so in place is safe. The tail goes
+// through the scalar loop.
+//
+// Written once and stamped out per target: the float16 conversions are
+// target intrinsics, which GCC and clang inline only into a function
+// compiled for that target, and these functions take no vector arguments,
+// so calling them from any build is ABI-safe.
+#define RMSPROP_DEFINE_SPAN_SIMD(NAME, TARGET, L)                              \
+  template <class F>                                                         \
+  TARGET void NAME(                                                          \
+      const typename F::Storage* grad,                                       \
+      const typename F::Storage* param,                                      \
+      const typename F::Storage* v,                                          \
+      typename F::Storage* param_out,                                        \
+      typename F::Storage* v_out,                                            \
+      int64_t n,                                                             \
+      RMSpropCoefficients<float> k) {                                        \
+    using Lanes = simd::Lanes<F, L>;                                         \
+    const auto kv = simd::broadcast<L>(k);                                   \
+    int64_t i = 0;                                                           \
+    for (; i + L <= n; i += L) {                                             \
+      auto r = rmsprop_element<simd::Vec<L>>(                                \
+          Lanes::load(grad + i), Lanes::load(param + i), Lanes::load(v + i), \
+          kv);                                                               \
+      Lanes::store(param_out + i, r.param);                                  \
+      Lanes::store(v_out + i, r.v);                                          \
+    }                                                                        \
+    span_any<F>(grad + i, param + i, v + i, param_out + i, v_out + i, n - i, \
+                k);                                                          \
   }
-}
+RMSPROP_DEFINE_SPAN_SIMD(span_simd_avx2, RMSPROP_TARGET_AVX2_F16C, 8)
+RMSPROP_DEFINE_SPAN_SIMD(span_simd_avx512, RMSPROP_TARGET_AVX512, 16)
+#undef RMSPROP_DEFINE_SPAN_SIMD
 #endif
 
-// The run used by a given build: kWide is the AVX2 (+F16C) build.
-template <class F, bool kWide>
+// The run used by a given build: float16 and bfloat16 convert in registers
+// in the AVX2 (8 lanes, F16C) and AVX-512 (16 lanes) builds; everything
+// else is the loop the compiler vectorizes for the build's target.
+template <class F, Isa kIsa>
 RMSPROP_ALWAYS_INLINE void span_for(
     const typename F::Storage* grad,
     const typename F::Storage* param,
@@ -118,8 +135,10 @@ RMSPROP_ALWAYS_INLINE void span_for(
     int64_t n,
     RMSpropCoefficients<typename F::Compute> k) {
 #if RMSPROP_HAVE_AVX2_F16C
-  if constexpr (kWide && std::is_same_v<F, Float16Format>) {
-    return span_f16c(grad, param, v, param_out, v_out, n, k);
+  if constexpr (kIsHalf<F> && kIsa == Isa::avx2) {
+    return span_simd_avx2<F>(grad, param, v, param_out, v_out, n, k);
+  } else if constexpr (kIsHalf<F> && kIsa == Isa::avx512) {
+    return span_simd_avx512<F>(grad, param, v, param_out, v_out, n, k);
   }
 #endif
   span_any<F>(grad, param, v, param_out, v_out, n, k);
@@ -138,12 +157,20 @@ struct FlatJob {
   RMSpropCoefficients<typename F::Compute> k;
 };
 
-template <class F, bool kWide>
-RMSPROP_ALWAYS_INLINE void flat_body(const FlatJob<F>& j, int64_t begin, int64_t end) {
-  span_for<F, kWide>(
-      j.grad + begin, j.param + begin, j.v + begin, j.param_out + begin,
-      j.v_out + begin, end - begin, j.k);
-}
+// The walk (builds.h): elements [begin, end) of the flat buffers. The
+// 16-bit formats have an AVX-512 build (16 lanes of conversions); float32
+// and float64 are memory-bound, AVX2 is all they need.
+template <class F>
+struct FlatWalk {
+  using Job = FlatJob<F>;
+  static constexpr Isa kWidest = kIsHalf<F> ? Isa::avx512 : Isa::avx2;
+  template <Isa kIsa>
+  RMSPROP_ALWAYS_INLINE static void run(const Job& j, int64_t begin, int64_t end) {
+    span_for<F, kIsa>(
+        j.grad + begin, j.param + begin, j.v + begin, j.param_out + begin,
+        j.v_out + begin, end - begin, j.k);
+  }
+};
 
 // ---- The transposed walk (transpose.h): param and v row-major [rows, cols],
 // grad the same matrix column-major. Outputs have param's layout; rows
@@ -161,72 +188,22 @@ struct TransposedJob {
   RMSpropCoefficients<typename F::Compute> k;
 };
 
-template <class F, bool kWide>
-RMSPROP_ALWAYS_INLINE void transposed_body(
-    const TransposedJob<F>& j,
-    int64_t row_begin,
-    int64_t row_end) {
-  using S = typename F::Storage;
-  alignas(64) S tile[kTileRows * kTileCols];
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += kTileRows) {
-    int64_t nr = std::min(kTileRows, row_end - r0);
-    for (int64_t c0 = 0; c0 < j.cols; c0 += kTileCols) {
-      int64_t nc = std::min(kTileCols, j.cols - c0);
-      fill_transposed_tile<S, kWide>(j.grad, j.rows, r0, nr, c0, nc, tile);
-      for (int64_t r = 0; r < nr; ++r) {
-        int64_t at = (r0 + r) * j.cols + c0;
-        span_for<F, kWide>(
-            tile + r * kTileCols, j.param + at, j.v + at, j.param_out + at,
-            j.v_out + at, nc, j.k);
-      }
-    }
+// The walk (builds.h): rows [begin, end), tile by tile.
+template <class F>
+struct TransposedWalk {
+  using Job = TransposedJob<F>;
+  static constexpr Isa kWidest = kIsHalf<F> ? Isa::avx512 : Isa::avx2;
+  template <Isa kIsa>
+  RMSPROP_ALWAYS_INLINE static void run(const Job& j, int64_t row_begin, int64_t row_end) {
+    for_each_tile_run<typename F::Storage, kIsa != Isa::baseline>(
+        j.grad, j.rows, j.cols, row_begin, row_end,
+        [&](const typename F::Storage* grad, int64_t at, int64_t n)
+            RMSPROP_LAMBDA_ALWAYS_INLINE {
+              span_for<F, kIsa>(
+                  grad, j.param + at, j.v + at, j.param_out + at, j.v_out + at, n, j.k);
+            });
   }
-}
-
-template <class F>
-void flat_baseline(const FlatJob<F>& j, int64_t begin, int64_t end) {
-  flat_body<F, false>(j, begin, end);
-}
-template <class F>
-void transposed_baseline(const TransposedJob<F>& j, int64_t begin, int64_t end) {
-  transposed_body<F, false>(j, begin, end);
-}
-
-#if RMSPROP_HAVE_AVX2_F16C
-// The same source compiled for AVX2 (8 floats per instruction) and F16C
-// (float16 conversions in hardware).
-template <class F>
-RMSPROP_TARGET_AVX2_F16C void flat_avx2(const FlatJob<F>& j, int64_t begin, int64_t end) {
-  flat_body<F, true>(j, begin, end);
-}
-template <class F>
-RMSPROP_TARGET_AVX2_F16C void transposed_avx2(
-    const TransposedJob<F>& j,
-    int64_t begin,
-    int64_t end) {
-  transposed_body<F, true>(j, begin, end);
-}
-#endif
-
-template <class F>
-void run_flat(const FlatJob<F>& j, int64_t begin, int64_t end) {
-#if RMSPROP_HAVE_AVX2_F16C
-  if (use_avx2()) {
-    return flat_avx2<F>(j, begin, end);
-  }
-#endif
-  flat_baseline<F>(j, begin, end);
-}
-
-template <class F>
-void run_transposed(const TransposedJob<F>& j, int64_t begin, int64_t end) {
-#if RMSPROP_HAVE_AVX2_F16C
-  if (use_avx2()) {
-    return transposed_avx2<F>(j, begin, end);
-  }
-#endif
-  transposed_baseline<F>(j, begin, end);
-}
+};
 
 // ---- The strided walk: any other layout (strided, broadcast inputs).
 // When the outputs have param's layout (param dense), element i of param' and

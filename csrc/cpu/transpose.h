@@ -46,7 +46,6 @@ RMSPROP_TARGET_AVX2_F16C inline void transpose8x8(
 }
 #endif
 
-
 // tile[r * kTileCols + c] = grad(r0 + r, c0 + c) for r < nr, c < nc, where
 // grad(r, c) = grad[c * rows + r] (column-major, `rows` rows).
 template <class S, bool kWide>
@@ -78,6 +77,31 @@ RMSPROP_ALWAYS_INLINE void fill_transposed_tile(
     const S* column = grad + (c0 + c) * rows + r0;
     for (int64_t r = 0; r < nr; ++r) {
       tile[r * kTileCols + c] = column[r];
+    }
+  }
+}
+
+// Rows [row_begin, row_end) of the [rows, cols] matrix, tile by tile: each
+// tile of the column-major grad is transposed into a local buffer, then
+// run(grad_run, at, n) updates n consecutive elements of one row, from flat
+// index `at` of the row-major arrays, with grad_run the row in the buffer.
+template <class S, bool kWide, class Run>
+RMSPROP_ALWAYS_INLINE void for_each_tile_run(
+    const S* grad,
+    int64_t rows,
+    int64_t cols,
+    int64_t row_begin,
+    int64_t row_end,
+    const Run& run) {
+  alignas(64) S tile[kTileRows * kTileCols];
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kTileRows) {
+    int64_t nr = std::min(kTileRows, row_end - r0);
+    for (int64_t c0 = 0; c0 < cols; c0 += kTileCols) {
+      int64_t nc = std::min(kTileCols, cols - c0);
+      fill_transposed_tile<S, kWide>(grad, rows, r0, nr, c0, nc, tile);
+      for (int64_t r = 0; r < nr; ++r) {
+        run(tile + r * kTileCols, (r0 + r) * cols + c0, nc);
+      }
     }
   }
 }

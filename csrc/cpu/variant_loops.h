@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "builds.h"
 #include "formats.h"
 #include "isa.h"
 #include "strided.h"
@@ -113,81 +114,31 @@ RMSPROP_ALWAYS_INLINE void variant_span_at(
   }
 }
 
-// ---- The flat walk: elements [begin, end) of every buffer.
+// ---- The flat walk (builds.h): elements [begin, end) of every buffer.
 template <class PF, class SF, bool kC, bool kM>
-RMSPROP_ALWAYS_INLINE void variant_flat_body(
-    const VariantJob<PF, SF>& j,
-    int64_t begin,
-    int64_t end) {
-  variant_span_at<PF, SF, kC, kM>(j, j.grad + begin, begin, end - begin);
-}
-
-// ---- The transposed walk: rows [begin, end), tile by tile (transpose.h).
-template <class PF, class SF, bool kC, bool kM, bool kWide>
-RMSPROP_ALWAYS_INLINE void variant_transposed_body(
-    const VariantJob<PF, SF>& j,
-    int64_t row_begin,
-    int64_t row_end) {
-  using P = typename PF::Storage;
-  alignas(64) P tile[kTileRows * kTileCols];
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += kTileRows) {
-    int64_t nr = std::min(kTileRows, row_end - r0);
-    for (int64_t c0 = 0; c0 < j.cols; c0 += kTileCols) {
-      int64_t nc = std::min(kTileCols, j.cols - c0);
-      fill_transposed_tile<P, kWide>(j.grad, j.rows, r0, nr, c0, nc, tile);
-      for (int64_t r = 0; r < nr; ++r) {
-        variant_span_at<PF, SF, kC, kM>(
-            j, tile + r * kTileCols, (r0 + r) * j.cols + c0, nc);
-      }
-    }
+struct VariantFlatWalk {
+  using Job = VariantJob<PF, SF>;
+  static constexpr Isa kWidest = Isa::avx2;
+  template <Isa kIsa>
+  RMSPROP_ALWAYS_INLINE static void run(const Job& j, int64_t begin, int64_t end) {
+    variant_span_at<PF, SF, kC, kM>(j, j.grad + begin, begin, end - begin);
   }
-}
+};
 
-// Both walks in the baseline build and, on x86-64, the AVX2 one.
+// ---- The transposed walk (builds.h): rows [begin, end), tile by tile
+// (transpose.h).
 template <class PF, class SF, bool kC, bool kM>
-void variant_flat_baseline(const VariantJob<PF, SF>& j, int64_t begin, int64_t end) {
-  variant_flat_body<PF, SF, kC, kM>(j, begin, end);
-}
-template <class PF, class SF, bool kC, bool kM>
-void variant_transposed_baseline(const VariantJob<PF, SF>& j, int64_t begin, int64_t end) {
-  variant_transposed_body<PF, SF, kC, kM, false>(j, begin, end);
-}
-#if RMSPROP_HAVE_AVX2_F16C
-template <class PF, class SF, bool kC, bool kM>
-RMSPROP_TARGET_AVX2_F16C void variant_flat_avx2(
-    const VariantJob<PF, SF>& j,
-    int64_t begin,
-    int64_t end) {
-  variant_flat_body<PF, SF, kC, kM>(j, begin, end);
-}
-template <class PF, class SF, bool kC, bool kM>
-RMSPROP_TARGET_AVX2_F16C void variant_transposed_avx2(
-    const VariantJob<PF, SF>& j,
-    int64_t begin,
-    int64_t end) {
-  variant_transposed_body<PF, SF, kC, kM, true>(j, begin, end);
-}
-#endif
-
-template <class PF, class SF, bool kC, bool kM>
-void run_variant_flat(const VariantJob<PF, SF>& j, int64_t begin, int64_t end) {
-#if RMSPROP_HAVE_AVX2_F16C
-  if (use_avx2()) {
-    return variant_flat_avx2<PF, SF, kC, kM>(j, begin, end);
+struct VariantTransposedWalk {
+  using Job = VariantJob<PF, SF>;
+  static constexpr Isa kWidest = Isa::avx2;
+  template <Isa kIsa>
+  RMSPROP_ALWAYS_INLINE static void run(const Job& j, int64_t row_begin, int64_t row_end) {
+    for_each_tile_run<typename PF::Storage, kIsa != Isa::baseline>(
+        j.grad, j.rows, j.cols, row_begin, row_end,
+        [&](const typename PF::Storage* grad, int64_t at, int64_t n)
+            RMSPROP_LAMBDA_ALWAYS_INLINE { variant_span_at<PF, SF, kC, kM>(j, grad, at, n); });
   }
-#endif
-  variant_flat_baseline<PF, SF, kC, kM>(j, begin, end);
-}
-
-template <class PF, class SF, bool kC, bool kM>
-void run_variant_transposed(const VariantJob<PF, SF>& j, int64_t begin, int64_t end) {
-#if RMSPROP_HAVE_AVX2_F16C
-  if (use_avx2()) {
-    return variant_transposed_avx2<PF, SF, kC, kM>(j, begin, end);
-  }
-#endif
-  variant_transposed_baseline<PF, SF, kC, kM>(j, begin, end);
-}
+};
 
 // ---- The strided walk over the collapsed layout of grad, param, v, [mean],
 // [buffer] (in that order). With outputs_like_param every output is written
