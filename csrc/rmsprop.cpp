@@ -24,10 +24,6 @@ bool is_supported_dtype(mx::Dtype dtype, bool on_gpu) {
   return dtype == mx::float64 && !on_gpu; // Metal has no double precision
 }
 
-[[noreturn]] void fail(const std::ostringstream& msg) {
-  throw std::invalid_argument(msg.str());
-}
-
 } // namespace
 
 std::vector<std::string> RMSpropOptions::state_names() const {
@@ -52,30 +48,15 @@ const char* op_name(const RMSpropOptions& options) {
   return others == RMSpropOptions{} ? "[rmsprop_update] " : "[rmsprop_step] ";
 }
 
-void check_options(const RMSpropOptions& o) {
+// Throws std::invalid_argument with the op's name and what `write` says. The
+// message is only built here, on failure: the checks run once per leaf and
+// step, so the passing path allocates nothing.
+template <class Write>
+[[noreturn]] void fail(const RMSpropOptions& options, const Write& write) {
   std::ostringstream msg;
-  msg << op_name(o);
-  if (!(o.alpha >= 0.0) || !std::isfinite(o.alpha)) {
-    msg << "alpha must be a finite number >= 0, got " << o.alpha << ".";
-    fail(msg);
-  }
-  if (!(o.eps > 0.0) || !std::isfinite(o.eps)) {
-    msg << "eps must be a finite number > 0, got " << o.eps << ".";
-    fail(msg);
-  }
-  if (!(o.momentum >= 0.0) || !std::isfinite(o.momentum)) {
-    msg << "momentum must be a finite number >= 0, got " << o.momentum << ".";
-    fail(msg);
-  }
-  if (!(o.weight_decay >= 0.0) || !std::isfinite(o.weight_decay)) {
-    msg << "weight_decay must be a finite number >= 0, got " << o.weight_decay
-        << ".";
-    fail(msg);
-  }
-  if (o.nesterov && !(o.momentum > 0.0)) {
-    msg << "nesterov needs momentum > 0, got momentum=" << o.momentum << ".";
-    fail(msg);
-  }
+  msg << op_name(options);
+  write(msg);
+  throw std::invalid_argument(msg.str());
 }
 
 // A single-element real array (lr, step).
@@ -83,19 +64,131 @@ void check_scalar(
     const mx::array& a,
     const char* what,
     const RMSpropOptions& options) {
-  std::ostringstream msg;
-  msg << op_name(options);
   if (a.size() != 1) {
-    msg << what << " must be a scalar, got shape " << a.shape() << ".";
-    fail(msg);
+    fail(options, [&](std::ostream& m) {
+      m << what << " must be a scalar, got shape " << a.shape() << ".";
+    });
   }
   if (mx::issubdtype(a.dtype(), mx::complexfloating)) {
-    msg << what << " must be real, got " << a.dtype() << ".";
-    fail(msg);
+    fail(options, [&](std::ostream& m) {
+      m << what << " must be real, got " << a.dtype() << ".";
+    });
   }
 }
 
 } // namespace
+
+void check_options(const RMSpropOptions& o) {
+  auto must = [&](bool ok, const char* name, double value, const char* rule) {
+    if (!ok) {
+      fail(o, [&](std::ostream& m) {
+        m << name << " must be a finite number " << rule << ", got " << value << ".";
+      });
+    }
+  };
+  must(o.alpha >= 0.0 && std::isfinite(o.alpha), "alpha", o.alpha, ">= 0");
+  must(o.eps > 0.0 && std::isfinite(o.eps), "eps", o.eps, "> 0");
+  must(o.momentum >= 0.0 && std::isfinite(o.momentum), "momentum", o.momentum, ">= 0");
+  must(
+      o.weight_decay >= 0.0 && std::isfinite(o.weight_decay),
+      "weight_decay",
+      o.weight_decay,
+      ">= 0");
+  if (o.nesterov && !(o.momentum > 0.0)) {
+    fail(o, [&](std::ostream& m) {
+      m << "nesterov needs momentum > 0, got momentum=" << o.momentum << ".";
+    });
+  }
+}
+
+void check_step_scalars(
+    const mx::array& lr,
+    const std::optional<mx::array>& step,
+    const RMSpropOptions& options) {
+  check_scalar(lr, "learning rate", options);
+  if (options.bias_correction) {
+    if (!step) {
+      fail(options, [](std::ostream& m) {
+        m << "bias_correction needs the step count (step=...).";
+      });
+    }
+    check_scalar(*step, "step", options);
+  }
+}
+
+void check_leaf(
+    const mx::array& grad,
+    const mx::array& param,
+    const std::vector<mx::array>& state,
+    const RMSpropOptions& options,
+    const mx::Stream& stream) {
+  const bool on_gpu = stream.device == mx::Device::gpu;
+  if (!is_supported_dtype(param.dtype(), on_gpu)) {
+    fail(options, [&](std::ostream& m) {
+      m << "parameter dtype " << param.dtype() << " is not supported on "
+        << stream.device
+        << "; RMSprop updates float32, float16 and bfloat16 parameters"
+        << (on_gpu ? "" : " (and float64 on the CPU)") << ".";
+    });
+  }
+  if (state.size() != options.state_count()) {
+    fail(options, [&](std::ostream& m) {
+      auto names = options.state_names();
+      m << "expected " << names.size() << " state array"
+        << (names.size() == 1 ? "" : "s") << " (";
+      for (size_t i = 0; i < names.size(); ++i) {
+        m << (i ? ", " : "") << names[i];
+      }
+      m << ") for these options, got " << state.size() << ".";
+    });
+  }
+  // grad and the state must be laid over param element for element.
+  auto check_shape = [&](const mx::array& a, auto&& what) {
+    if (a.shape() != param.shape()) {
+      fail(options, [&](std::ostream& m) {
+        what(m);
+        m << " shape " << a.shape() << " does not match parameter shape "
+          << param.shape() << ".";
+      });
+    }
+  };
+  if (grad.dtype() != param.dtype()) {
+    fail(options, [&](std::ostream& m) {
+      m << "gradient dtype " << grad.dtype() << " does not match parameter dtype "
+        << param.dtype() << ".";
+    });
+  }
+  check_shape(grad, [](std::ostream& m) { m << "gradient"; });
+  // The state has param's dtype (as in mlx), or float32 beside float16 and
+  // bfloat16 parameters (state_dtype=float32); all of it the same.
+  const bool half_param =
+      param.dtype() == mx::float16 || param.dtype() == mx::bfloat16;
+  for (size_t i = 0; i < state.size(); ++i) {
+    const auto& s = state[i];
+    auto what = [&](std::ostream& m) {
+      m << "state '" << options.state_names()[i] << "'";
+    };
+    bool allowed =
+        s.dtype() == param.dtype() || (half_param && s.dtype() == mx::float32);
+    if (!allowed || s.dtype() != state[0].dtype()) {
+      fail(options, [&](std::ostream& m) {
+        what(m);
+        m << " dtype " << s.dtype() << " does not match parameter dtype "
+          << param.dtype();
+        if (half_param) {
+          m << " (nor float32, the other state dtype for " << param.dtype()
+            << " parameters)";
+        }
+        if (s.dtype() != state[0].dtype() && allowed) {
+          m << " the way state '" << options.state_names()[0] << "' ("
+            << state[0].dtype() << ") does";
+        }
+        m << ".";
+      });
+    }
+    check_shape(s, what);
+  }
+}
 
 void check_rmsprop_inputs(
     const mx::array& grad,
@@ -105,73 +198,70 @@ void check_rmsprop_inputs(
     const std::optional<mx::array>& step,
     const RMSpropOptions& options,
     const mx::Stream& stream) {
-  bool on_gpu = stream.device == mx::Device::gpu;
-  std::ostringstream msg;
-  msg << op_name(options);
-  if (!is_supported_dtype(param.dtype(), on_gpu)) {
-    msg << "parameter dtype " << param.dtype() << " is not supported on "
-        << stream.device
-        << "; RMSprop updates float32, float16 and bfloat16 parameters"
-        << (on_gpu ? "" : " (and float64 on the CPU)") << ".";
-    fail(msg);
-  }
-  auto names = options.state_names();
-  if (state.size() != names.size()) {
-    msg << "expected " << names.size() << " state array"
-        << (names.size() == 1 ? "" : "s") << " (";
-    for (size_t i = 0; i < names.size(); ++i) {
-      msg << (i ? ", " : "") << names[i];
-    }
-    msg << ") for these options, got " << state.size() << ".";
-    fail(msg);
-  }
-  // grad and the state must be laid over param element for element.
-  auto check_shape = [&](const mx::array& a, const std::string& what) {
-    if (a.shape() != param.shape()) {
-      msg << what << " shape " << a.shape() << " does not match parameter shape "
-          << param.shape() << ".";
-      fail(msg);
-    }
-  };
-  if (grad.dtype() != param.dtype()) {
-    msg << "gradient dtype " << grad.dtype()
-        << " does not match parameter dtype " << param.dtype() << ".";
-    fail(msg);
-  }
-  check_shape(grad, "gradient");
-  // The state has param's dtype (as in mlx), or float32 beside float16 and
-  // bfloat16 parameters (state_dtype=float32); all of it the same.
-  bool half_param = param.dtype() == mx::float16 || param.dtype() == mx::bfloat16;
-  for (size_t i = 0; i < state.size(); ++i) {
-    auto what = "state '" + names[i] + "'";
-    const auto& s = state[i];
-    bool allowed = s.dtype() == param.dtype() ||
-        (half_param && s.dtype() == mx::float32);
-    if (!allowed || s.dtype() != state[0].dtype()) {
-      msg << what << " dtype " << s.dtype() << " does not match parameter dtype "
-          << param.dtype();
-      if (half_param) {
-        msg << " (nor float32, the other state dtype for " << param.dtype()
-            << " parameters)";
-      }
-      if (s.dtype() != state[0].dtype() && allowed) {
-        msg << " the way state '" << names[0] << "' (" << state[0].dtype()
-            << ") does";
-      }
-      msg << ".";
-      fail(msg);
-    }
-    check_shape(s, what);
-  }
-  check_scalar(lr, "learning rate", options);
-  if (options.bias_correction) {
-    if (!step) {
-      msg << "bias_correction needs the step count (step=...).";
-      fail(msg);
-    }
-    check_scalar(*step, "step", options);
-  }
+  check_leaf(grad, param, state, options, stream);
+  check_step_scalars(lr, step, options);
   check_options(options);
+}
+
+StepScalars::StepScalars(
+    const mx::array& lr,
+    const std::optional<mx::array>& step,
+    const RMSpropOptions& options,
+    mx::Stream stream)
+    : lr_(lr), step_(step), options_(options), stream_(stream) {}
+
+const std::vector<mx::array>& StepScalars::inputs(mx::Dtype compute) {
+  auto& cached = compute == mx::float64 ? float64_ : float32_;
+  if (!cached.empty()) {
+    return cached;
+  }
+  // The kernels read the step's scalars in their compute type: double for
+  // float64 leaves, float otherwise (half leaves compute in float32). Metal
+  // has no float64: a float64 lr (0-d, so the hop is free) is reshaped and
+  // converted on the CPU, whatever stream the update runs on.
+  auto cpu = mx::default_stream(mx::Device::cpu);
+  auto on = lr_.dtype() == mx::float64 && compute != mx::float64 ? cpu : stream_;
+  auto lr = mx::reshape(lr_, {}, on);
+  cached.push_back(lr.dtype() == compute ? lr : mx::astype(lr, compute, on));
+  if (options_.bias_correction) {
+    // 1 - alpha^t in double on the CPU from the step array (a new step is a
+    // new input value, never a retrace), rounded once to the compute type.
+    auto t = mx::astype(mx::reshape(*step_, {}, cpu), mx::float64, cpu);
+    auto power = mx::power(mx::array(options_.alpha, mx::float64), t, cpu);
+    auto bc = mx::subtract(mx::array(1.0, mx::float64), power, cpu);
+    cached.push_back(compute == mx::float64 ? bc : mx::astype(bc, compute, cpu));
+  }
+  return cached;
+}
+
+std::vector<mx::array> build_step(
+    const LeafArrays& leaf,
+    StepScalars& scalars,
+    const RMSpropOptions& options,
+    mx::Stream stream) {
+  auto compute = leaf.param.dtype() == mx::float64 ? mx::float64 : mx::float32;
+  const auto& step_inputs = scalars.inputs(compute);
+  std::vector<mx::array> inputs;
+  inputs.reserve(2 + leaf.state.size() + step_inputs.size());
+  inputs.push_back(leaf.grad);
+  inputs.push_back(leaf.param);
+  inputs.insert(inputs.end(), leaf.state.begin(), leaf.state.end());
+  inputs.insert(inputs.end(), step_inputs.begin(), step_inputs.end());
+  std::vector<mx::Dtype> dtypes{leaf.param.dtype()};
+  for (const auto& a : leaf.state) {
+    dtypes.push_back(a.dtype());
+  }
+  return mx::array::make_arrays(
+      std::vector<mx::Shape>(1 + leaf.state.size(), leaf.param.shape()),
+      dtypes,
+      std::make_shared<FusedRMSprop>(stream, options),
+      std::move(inputs));
+}
+
+StepInputs split_inputs(const std::vector<mx::array>& inputs, const RMSpropOptions& options) {
+  std::span<const mx::array> all(inputs);
+  const size_t walked = 2 + options.state_count();
+  return {all.first(walked), all.subspan(walked)};
 }
 
 std::vector<mx::array> rmsprop_step(
@@ -184,40 +274,8 @@ std::vector<mx::array> rmsprop_step(
     mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   check_rmsprop_inputs(grad, param, state, lr, step, options, stream);
-
-  // The kernels read the step's scalars in their compute type: double for
-  // float64 leaves, float otherwise (half leaves compute in float32). Metal
-  // has no float64: a float64 lr (0-d, so the hop is free) is reshaped and
-  // converted on the CPU, whatever stream the update runs on.
-  auto compute = param.dtype() == mx::float64 ? mx::float64 : mx::float32;
-  auto cpu = mx::default_stream(mx::Device::cpu);
-  auto scalar = [&](const mx::array& a) {
-    auto on = a.dtype() == mx::float64 && compute != mx::float64 ? cpu : stream;
-    auto out = mx::reshape(a, {}, on);
-    return out.dtype() == compute ? out : mx::astype(out, compute, on);
-  };
-  std::vector<mx::array> inputs = {grad, param};
-  inputs.insert(inputs.end(), state.begin(), state.end());
-  inputs.push_back(scalar(lr));
-  if (options.bias_correction) {
-    // 1 - alpha^t in double on the CPU from the step array (a new step is a
-    // new input value, never a retrace), rounded once to the compute type.
-    auto t = mx::astype(mx::reshape(*step, {}, cpu), mx::float64, cpu);
-    auto power = mx::power(mx::array(options.alpha, mx::float64), t, cpu);
-    auto bc = mx::subtract(mx::array(1.0, mx::float64), power, cpu);
-    inputs.push_back(compute == mx::float64 ? bc : mx::astype(bc, compute, cpu));
-  }
-
-  std::vector<mx::Shape> shapes(1 + state.size(), param.shape());
-  std::vector<mx::Dtype> dtypes = {param.dtype()};
-  for (const auto& a : state) {
-    dtypes.push_back(a.dtype());
-  }
-  return mx::array::make_arrays(
-      std::move(shapes),
-      dtypes,
-      std::make_shared<FusedRMSprop>(stream, options),
-      std::move(inputs));
+  StepScalars scalars(lr, step, options, stream);
+  return build_step(LeafArrays{grad, param, state}, scalars, options, stream);
 }
 
 std::vector<mx::array> rmsprop_update(
@@ -245,14 +303,7 @@ bool laid_like(const mx::array& a, const mx::array& param) {
   return is_dense(a) && a.strides() == param.strides();
 }
 
-std::vector<mx::array> walked_arrays(
-    const std::vector<mx::array>& inputs,
-    const RMSpropOptions& options) {
-  auto count = 2 + options.state_names().size();
-  return std::vector<mx::array>(inputs.begin(), inputs.begin() + count);
-}
-
-bool is_flat_layout(const std::vector<mx::array>& arrays) {
+bool is_flat_layout(std::span<const mx::array> arrays) {
   const auto& param = arrays[1];
   if (!is_dense(param)) {
     return false;
@@ -265,7 +316,7 @@ bool is_flat_layout(const std::vector<mx::array>& arrays) {
   return true;
 }
 
-CollapsedLayout collapse_layout(const std::vector<mx::array>& arrays) {
+CollapsedLayout collapse_layout(std::span<const mx::array> arrays) {
   const auto& param = arrays[1];
   const size_t n = arrays.size();
   CollapsedLayout out;
@@ -327,7 +378,7 @@ bool needs_64bit_index(const CollapsedLayout& layout) {
   return false;
 }
 
-GpuDispatch choose_gpu_dispatch(const std::vector<mx::array>& arrays) {
+GpuDispatch choose_gpu_dispatch(std::span<const mx::array> arrays) {
   if (is_flat_layout(arrays)) {
     return {RMSpropKernel::contiguous, {}};
   }
@@ -363,16 +414,15 @@ void release_sibling_inputs(
 }
 
 void allocate_outputs(
-    const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs,
+    std::span<const mx::array> walked,
+    std::span<mx::array> outputs,
     bool like_param) {
-  const auto& param = inputs[1];
+  const auto& param = walked[1];
   // The kernels read element i of an input before writing element i of the
-  // output that shares its buffer, so donation is safe. The state is donated
-  // all or none of it: the loops run in place or not per leaf, not per array.
+  // output that shares its buffer, so donation is safe.
   auto donates = [&](size_t i) {
-    return like_param && laid_like(inputs[1 + i], param) &&
-        mx::is_donatable(inputs[1 + i], outputs[i]);
+    return like_param && laid_like(walked[1 + i], param) &&
+        mx::is_donatable(walked[1 + i], outputs[i]);
   };
   bool state_donated = true;
   for (size_t i = 1; i < outputs.size(); ++i) {
@@ -381,7 +431,7 @@ void allocate_outputs(
   for (size_t i = 0; i < outputs.size(); ++i) {
     auto& out = outputs[i];
     if (i == 0 ? donates(0) : state_donated) {
-      out.copy_shared_buffer(inputs[1 + i]);
+      out.copy_shared_buffer(walked[1 + i]);
     } else if (like_param) {
       out.set_data(
           mx::allocator::malloc(out.nbytes()),
@@ -428,8 +478,7 @@ bool FusedRMSprop::is_equivalent(const mx::Primitive& other) const {
 
 std::vector<mx::Shape> FusedRMSprop::output_shapes(
     const std::vector<mx::array>& inputs) {
-  return std::vector<mx::Shape>(
-      1 + options_.state_names().size(), inputs[1].shape());
+  return std::vector<mx::Shape>(1 + options_.state_count(), inputs[1].shape());
 }
 
 } // namespace mlx_fused_rmsprop

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -59,6 +60,10 @@ struct RMSpropOptions {
   /** Names of the state arrays, in the primitive's order: v, then mean
    * (centered), then momentum_buffer (momentum > 0). */
   std::vector<std::string> state_names() const;
+  /** How many state arrays: state_names().size(), without allocating. */
+  size_t state_count() const {
+    return 1 + (centered ? 1 : 0) + (momentum > 0.0 ? 1 : 0);
+  }
   bool operator==(const RMSpropOptions&) const = default;
 };
 
@@ -80,6 +85,60 @@ void check_rmsprop_inputs(
     const std::optional<mx::array>& step,
     const RMSpropOptions& options,
     const mx::Stream& stream);
+
+/** The parts of check_rmsprop_inputs: one leaf's arrays, the step's
+ * scalars (lr, step) and the options; each message is built on failure only. */
+void check_leaf(
+    const mx::array& grad,
+    const mx::array& param,
+    const std::vector<mx::array>& state,
+    const RMSpropOptions& options,
+    const mx::Stream& stream);
+void check_step_scalars(
+    const mx::array& lr,
+    const std::optional<mx::array>& step,
+    const RMSpropOptions& options);
+void check_options(const RMSpropOptions& options);
+
+/**
+ * The scalar inputs one step gives every leaf's primitive, built once per
+ * compute type and shared: lr as a 0-d array of the compute type, then, with
+ * bias correction, 1 - alpha^t (computed in double on the CPU from `step`).
+ */
+class StepScalars {
+ public:
+  StepScalars(
+      const mx::array& lr,
+      const std::optional<mx::array>& step,
+      const RMSpropOptions& options,
+      mx::Stream stream);
+  const std::vector<mx::array>& inputs(mx::Dtype compute);
+
+ private:
+  mx::array lr_;
+  std::optional<mx::array> step_;
+  RMSpropOptions options_;
+  mx::Stream stream_;
+  std::vector<mx::array> float32_;
+  std::vector<mx::array> float64_;
+};
+
+class FusedRMSprop;
+
+/** A leaf of a step: its gradient, parameter and state arrays. */
+struct LeafArrays {
+  mx::array grad;
+  mx::array param;
+  std::vector<mx::array> state;
+};
+
+/** The primitive updating `leaf` (checked by the caller) and its outputs:
+ * param', state'... */
+std::vector<mx::array> build_step(
+    const LeafArrays& leaf,
+    StepScalars& scalars,
+    const RMSpropOptions& options,
+    mx::Stream stream);
 
 /**
  * One RMSprop step of a single leaf as ONE primitive with an output per
@@ -155,20 +214,22 @@ bool is_dense(const mx::array& a);
 bool laid_like(const mx::array& a, const mx::array& param);
 
 /**
- * The arrays an update walks, in the primitive's input order: grad, param,
- * then the state. The trailing scalar inputs (lr, bias correction) are not
- * walked.
+ * The primitive's inputs: the walked arrays -- grad, param, then the state
+ * (options.state_count() arrays) -- then the step's scalars (lr, then the
+ * bias correction). Its outputs: param', then the state', in that order.
  */
-std::vector<mx::array> walked_arrays(
-    const std::vector<mx::array>& inputs,
-    const RMSpropOptions& options);
+struct StepInputs {
+  std::span<const mx::array> walked;
+  std::span<const mx::array> scalars;
+};
+StepInputs split_inputs(const std::vector<mx::array>& inputs, const RMSpropOptions& options);
 
 /**
  * True when the walked arrays (grad, param, state...) can be walked as one
  * flat buffer each with the same index meaning the same element: param
  * dense, every other array laid like it. Both backends use it.
  */
-bool is_flat_layout(const std::vector<mx::array>& arrays);
+bool is_flat_layout(std::span<const mx::array> arrays);
 
 /**
  * The joint layout of the walked arrays (index 1 is param) with size-1 dims
@@ -180,7 +241,7 @@ struct CollapsedLayout {
   mx::Shape shape;
   std::vector<mx::Strides> strides; // one per walked array
 };
-CollapsedLayout collapse_layout(const std::vector<mx::array>& arrays);
+CollapsedLayout collapse_layout(std::span<const mx::array> arrays);
 
 /**
  * True unless every index the general GPU kernel forms over `layout` fits in
@@ -198,7 +259,7 @@ struct GpuDispatch {
   RMSpropKernel kernel;
   CollapsedLayout layout;
 };
-GpuDispatch choose_gpu_dispatch(const std::vector<mx::array>& arrays);
+GpuDispatch choose_gpu_dispatch(std::span<const mx::array> arrays);
 
 /**
  * The arrays a GPU kernel takes, as indices into the walked arrays: the plain
@@ -222,15 +283,17 @@ void release_sibling_inputs(
     std::vector<mx::array>& outputs);
 
 /**
- * Give the outputs their buffers; output 0 pairs with input 1 (param) and
- * output 1 + i with input 2 + i (state i). like_param (param must be dense):
- * every output takes param's layout, and takes its input's very buffer when
- * that input is laid like param and donatable, so the update is in place.
+ * Give one leaf's outputs their buffers; output 0 pairs with walked array 1
+ * (param) and output 1 + i with walked array 2 + i (state i). like_param
+ * (param must be dense): every output takes param's layout, param' takes
+ * param's very buffer when param is donatable, and the state's outputs take
+ * the state's buffers when every state array is laid like param and
+ * donatable (all or none: the loops run a leaf's state in place or not).
  * Otherwise: fresh row-contiguous buffers.
  */
 void allocate_outputs(
-    const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs,
+    std::span<const mx::array> walked,
+    std::span<mx::array> outputs,
     bool like_param);
 
 class FusedRMSprop : public mx::Primitive {
@@ -238,8 +301,7 @@ class FusedRMSprop : public mx::Primitive {
   FusedRMSprop(mx::Stream stream, RMSpropOptions options)
       : mx::Primitive(stream), options_(options) {}
 
-  // Inputs: {grad, param, state..., lr, [bias correction]}.
-  // Outputs: {param', state'...}.
+  // Inputs and outputs: see StepInputs.
   void eval_cpu(
       const std::vector<mx::array>& inputs,
       std::vector<mx::array>& outputs) override;

@@ -54,15 +54,15 @@ MTL::Library* rmsprop_library(mx::metal::Device& device) {
 void FusedRMSprop::eval_gpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
-  const auto& param = inputs[1];
-  const auto& state_dtype = inputs[2].dtype();
-  const size_t states = outputs.size() - 1;
+  release_sibling_inputs(inputs, outputs);
+  auto [walked, scalars] = split_inputs(inputs, options_);
+  const auto& param = walked[1];
+  const auto& state_dtype = walked[2].dtype();
   const bool plain = runs_plain_kernels(options_, param.dtype(), state_dtype);
 
-  release_sibling_inputs(inputs, outputs);
-  auto dispatch = choose_gpu_dispatch(walked_arrays(inputs, options_));
+  auto dispatch = choose_gpu_dispatch(walked);
   bool flat = dispatch.kernel == RMSpropKernel::contiguous;
-  allocate_outputs(inputs, outputs, flat);
+  allocate_outputs(walked, outputs, flat);
   if (param.size() == 0) {
     return;
   }
@@ -81,43 +81,42 @@ void FusedRMSprop::eval_gpu(
   // (lr, then the bias correction for the variants), the outputs, the
   // constants, size; the general kernels add shape, strides, ndim.
   auto slots = gpu_array_slots(options_, plain);
-  const auto& walked = inputs; // grad, param, state... lead the inputs
   int at = 0;
   for (size_t slot : slots) {
     encoder.set_input_array(walked[slot], at++);
   }
-  const auto& lr = inputs[2 + states];
+  const auto& lr = scalars[0];
   encoder.set_input_array(lr, at++);
   if (!plain) {
     // Read only with bias correction (RMSPROP_OPTION_BIAS_CORRECTION).
-    encoder.set_input_array(options_.bias_correction ? inputs[3 + states] : lr, at++);
+    encoder.set_input_array(options_.bias_correction ? scalars[1] : lr, at++);
   }
   for (size_t i = 1; i < slots.size(); ++i) {
     encoder.set_output_array(outputs[slots[i] - 1], at++);
   }
   if (plain) {
     auto k = make_coefficients<float>(0.0f, options_.alpha, options_.eps);
-    RMSpropDeviceScalars scalars{k.alpha, k.one_minus_alpha, k.eps};
-    encoder.set_bytes(scalars, at++);
+    RMSpropDeviceScalars device_scalars{k.alpha, k.one_minus_alpha, k.eps};
+    encoder.set_bytes(device_scalars, at++);
   } else {
     encoder.set_bytes(make_variant_constants<float>(options_), at++);
   }
   uint64_t size = param.size();
   encoder.set_bytes(size, at++);
-  const auto& layout = dispatch.layout;
+  const auto& collapsed = dispatch.layout;
   if (!flat) {
     std::vector<int64_t> strides;
     for (size_t slot : slots) {
-      const auto& st = layout.strides[slot];
+      const auto& st = collapsed.strides[slot];
       strides.insert(strides.end(), st.begin(), st.end());
     }
-    int ndim = static_cast<int>(layout.shape.size());
-    encoder.set_vector_bytes(layout.shape, at++);
+    int ndim = static_cast<int>(collapsed.shape.size());
+    encoder.set_vector_bytes(collapsed.shape, at++);
     encoder.set_vector_bytes(strides, at++);
     encoder.set_bytes(ndim, at++);
   }
 
-  uint64_t inner = flat ? 0 : static_cast<uint64_t>(layout.shape.back());
+  uint64_t inner = flat ? 0 : static_cast<uint64_t>(collapsed.shape.back());
   auto grid = rmsprop_grid(
       rmsprop_threads(dispatch.kernel, size, param.itemsize(), inner),
       static_cast<uint32_t>(kernel->maxTotalThreadsPerThreadgroup()));

@@ -361,13 +361,32 @@ class RMSprop(Optimizer):
         """Apply the gradients to the parameters and return the updated
         parameters (see :meth:`mlx.optimizers.Optimizer.apply_gradients`).
 
-        Every leaf is checked before anything changes: a bad leaf raises
-        ``TypeError`` / ``ValueError`` naming its path (e.g.
-        ``layers.0.weight``), and the parameters, the state and the step
-        counter are left as they were.
+        One native call walks the tree, checks every leaf and builds every
+        leaf's fused primitive. A bad leaf raises ``TypeError`` /
+        ``ValueError`` naming its path (e.g. ``layers.0.weight``) before
+        anything changes: the parameters, the state, the learning rate and
+        the step counter are left as they were.
         """
-        self.check_gradients(gradients, parameters)
-        return super().apply_gradients(gradients, parameters)
+        options = self._prepare(gradients, parameters)
+        if not self._initialized:
+            self.init(gradients)
+        # As Optimizer.apply_gradients, but nothing is written before every
+        # leaf has passed: schedules at the current step, then the new step.
+        scheduled = {name: fn(self.step) for name, fn in self._schedulers.items()}
+        step = self.step + 1
+        updated = _ext.optimizer_step(
+            gradients,
+            parameters,
+            self._state,
+            scheduled.get("learning_rate", self._state.get("learning_rate")),
+            step,
+            options,
+            self.state_dtype,
+            True,
+        )
+        self._state.update(scheduled)
+        self._state["step"] = step
+        return updated
 
     def check_gradients(self, gradients: dict, parameters: dict) -> None:
         """Raise, naming the leaf, unless one step over ``gradients`` can run.
@@ -376,50 +395,27 @@ class RMSprop(Optimizer):
         the optimizer is initialized) the state entries of its options, of the
         parameter's shape and a dtype the fused kernel updates.
         """
-        # Hyperparameters may have been set since the last step.
+        options = self._prepare(gradients, parameters)
+        if self._initialized:
+            _ext.optimizer_step(
+                gradients, parameters, self._state, None, None, options,
+                self.state_dtype, False,
+            )
+
+    def _prepare(self, gradients: Any, parameters: Any) -> "_ext.RMSpropOptions":
+        """The options of this step (hyperparameters may have been set since
+        the last one); checks an assigned state entry by entry and, before
+        the state exists, every leaf as init() will set it up."""
         self._options = options = self._make_options()
-        names = self.state_names
         if self._state_needs_check:
             _check_assigned_state(self._state, gradients, parameters, self)
-        lr = self._state.get("learning_rate")
-        step = self._state.get("step", 1) if options.bias_correction else None
-        for path, grad, param, leaf_state in _walk_leaves(
-            gradients, parameters, self._state
-        ):
-            where = f"RMSprop: leaf '{path}'"
-            if not isinstance(param, mx.array):
-                raise TypeError(
-                    f"{where}: the parameter is {type(param).__name__}, "
-                    "expected mlx.core.array"
-                )
-            if leaf_state is _MISSING or (
-                isinstance(leaf_state, dict) and not leaf_state
-            ):
-                if self._initialized:
-                    raise ValueError(f"{where}: the optimizer state has no entry")
-                # init() will create the state: check arrays like it.
-                dtype = self.state_dtype_of(param) if param.dtype in _FLOATS else param.dtype
-                state = [param if dtype == param.dtype else param.astype(dtype)] * len(names)
-            else:
-                state = []
-                for name in names:
-                    if not isinstance(leaf_state, dict) or name not in leaf_state:
-                        raise ValueError(f"{where}: the optimizer state has no entry '{name}'")
-                    value = leaf_state[name]
-                    if not isinstance(value, mx.array):
-                        raise TypeError(
-                            f"{where}: state '{name}' is {type(value).__name__}, "
-                            "expected mlx.core.array"
-                        )
-                    state.append(value)
-            try:
-                _ext.check_rmsprop_inputs(grad, param, state, lr, step, options)
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-        self._state_needs_check = False
-
-
-_FLOATS = (mx.float16, mx.bfloat16, mx.float32, mx.float64)
+            self._state_needs_check = False
+        if not self._initialized:
+            _ext.optimizer_step(
+                gradients, parameters, self._state, None, None, options,
+                self.state_dtype, False, allow_missing_state=True,
+            )
+        return options
 
 
 _SCALAR_ENTRIES = ("step", "learning_rate")
