@@ -1,6 +1,8 @@
-"""What the benchmark measures: optimizer steps on single leaves and whole
-models, a plain memory copy of the same bytes, and the extra peak memory of
-a step. Every optimizer step is the normal training-loop step:
+"""What the benchmark measures: optimizer steps on single leaves, on many
+small leaves and on whole models; the memory limit of the step's access
+pattern and a plain memory copy of the same bytes; where a step's time goes
+(our Python, mlx's model update, eval); and the extra peak memory of a step.
+Every optimizer step is the normal training-loop step:
 
     optimizer.update(model, grads)
     mx.eval(model.parameters(), optimizer.state)
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import statistics
 import threading
+import time
 from functools import partial
 from typing import Callable
 
@@ -19,6 +23,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 import mlx_fused_rmsprop
+from mlx_fused_rmsprop import _ext
 
 LR = 1e-3
 ALPHA = 0.99
@@ -30,6 +35,7 @@ IMPLS = {
     "fused_compiled": "fused, mx.compile",
     "mlx": "mlx eager",
     "mlx_compiled": "mlx, mx.compile",
+    "torch_foreach": "torch foreach (CPU)",
 }
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -184,6 +190,26 @@ class Copier:
             w.join()
 
 
+class StepPatternLimit:
+    """The memory limit for the step's own access pattern (csrc/roofline.h):
+    reads three buffers of the leaf's bytes (grad, param, v) and writes two
+    back in place, with trivial math, split like the fused step splits the
+    same leaf. Native code, so no conversion or Python cost: what the memory
+    system allows for exactly the step's traffic."""
+
+    def __init__(self, leaf: mx.array, grad: mx.array):
+        self._kernel = _ext.StepPatternRoofline(leaf.size * leaf.dtype.size)
+        bound = _ext._cpu_bound(grad, leaf, leaf)
+        self.threads = _ext._split_parts(leaf.size, bound)
+        self.bound = bound
+
+    def run_1t(self) -> None:
+        self._kernel.run(1)
+
+    def run_same_threads(self) -> None:
+        self._kernel.run(self.threads)
+
+
 def rmsprop_bytes(n: int, itemsize: int) -> int:
     """Bytes one RMSprop step moves: reads grad, param, v; writes param, v."""
     return 5 * n * itemsize
@@ -239,6 +265,72 @@ def step_extra_peak(
     gc.collect()
     mx.clear_cache()
     return extra
+
+
+# ---- Many small leaves: per-leaf overhead rather than memory.
+
+
+class ManyLeaves(nn.Module):
+    """A model of `count` independent float32 parameters of n elements."""
+
+    def __init__(self, count: int, n: int, seed: int = 0):
+        super().__init__()
+        self.ws = [mx.random.normal((n,), key=mx.random.key(seed * 100003 + i))
+                   for i in range(count)]
+        mx.eval(self.ws)
+
+
+def many_grads(count: int, n: int) -> dict:
+    grads = {"ws": [mx.random.normal((n,), key=mx.random.key(7 * 100003 + i)) * 1e-2
+                    for i in range(count)]}
+    mx.eval(grads)
+    return grads
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def torch_foreach_step(count: int, n: int) -> Callable[[], None]:
+    """torch.optim.RMSprop(foreach=True) on CPU over the same leaves: the
+    multi-tensor path, the peer on many small tensors."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, generator=gen, requires_grad=True) for _ in range(count)]
+    for p in params:
+        p.grad = torch.randn(n, generator=gen) * 1e-2
+    opt = torch.optim.RMSprop(params, lr=LR, alpha=ALPHA, eps=EPS, foreach=True)
+    return opt.step
+
+
+def step_phases(model: nn.Module, grads: dict, rounds: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per phase of the fused step `opt.update(model, grads)`
+    + `mx.eval(...)`: `apply_gradients` (this package's Python and native
+    call: one walk, every check, the graph), mlx's `model.update(...)`, and
+    `mx.eval` (mlx's per-array scheduling plus the kernels)."""
+    opt = make_optimizer("fused")
+    opt.init(model.trainable_parameters())
+    mx.eval(model.parameters(), opt.state)
+    phases: dict[str, list[float]] = {"apply_gradients": [], "model_update": [], "eval": []}
+    for r in range(warmup + rounds):
+        t0 = time.perf_counter()
+        new_parameters = opt.apply_gradients(grads, model)
+        t1 = time.perf_counter()
+        model.update(new_parameters)
+        t2 = time.perf_counter()
+        mx.eval(model.parameters(), opt.state)
+        t3 = time.perf_counter()
+        del new_parameters
+        if r >= warmup:
+            phases["apply_gradients"].append(t1 - t0)
+            phases["model_update"].append(t2 - t1)
+            phases["eval"].append(t3 - t2)
+    return {k: statistics.median(v) for k, v in phases.items()}
 
 
 # ---- Whole models.

@@ -66,14 +66,21 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def kernel_threads() -> int:
-    """Threads the fused CPU kernel splits a large leaf across (mirrors
-    csrc/rmsprop_cpu.cpp: MLX_FUSED_RMSPROP_NUM_THREADS, else usable cores
-    capped at 8)."""
-    env = os.environ.get("MLX_FUSED_RMSPROP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return min(usable_cores(), 8)
+def kernel_threads() -> dict[str, int]:
+    """Threads the fused CPU kernel splits a large leaf across, by what bounds
+    it: float32 / float64 leaves are memory-bound, 16-bit ones compute-bound
+    (asked from the kernel itself: MLX_FUSED_RMSPROP_NUM_THREADS, else its
+    policy on this process's cores)."""
+    from mlx_fused_rmsprop import _ext
+
+    return {bound: _ext._split_threads(bound) for bound in ("memory", "compute")}
+
+
+def kernel_isa() -> str:
+    """The instruction-set build of the CPU loops this process runs."""
+    from mlx_fused_rmsprop import _ext
+
+    return _ext._cpu_isa()
 
 
 def describe() -> dict[str, Any]:
@@ -94,15 +101,18 @@ def describe() -> dict[str, Any]:
         "device": "gpu" if device == mx.gpu else "cpu",
         "metal_available": bool(mx.metal.is_available()),
         "kernel_threads": kernel_threads(),
+        "kernel_isa": kernel_isa(),
     }
 
 
 def one_line(m: dict[str, Any]) -> str:
     mem = f", {m['memory_gib']} GiB" if m.get("memory_gib") else ""
     simd = f" [{' '.join(m['cpu_simd'])}]" if m.get("cpu_simd") else ""
+    threads = m["kernel_threads"]
     return (
         f"{m['cpu']}{simd}, {m['usable_cores']} usable of {m['logical_cores']} cores"
         f"{mem}, {m['os']} {m['arch']}; mlx {m['mlx']}, device {m['device']}; "
-        f"mlx-fused-rmsprop {m['mlx_fused_rmsprop']} "
-        f"(CPU kernel threads: {m['kernel_threads']}); Python {m['python']}"
+        f"mlx-fused-rmsprop {m['mlx_fused_rmsprop']} (CPU kernel: {m['kernel_isa']} build, "
+        f"{threads['memory']} threads for float32, {threads['compute']} for 16-bit); "
+        f"Python {m['python']}"
     )

@@ -20,6 +20,8 @@ DEFAULT_SIZES = [4096 * 4**i for i in range(7)]  # 4K ... 16M
 FULL_SIZES = DEFAULT_SIZES + [64 * 2**20]  # ... 64M
 QUICK_SIZES = [4096, 16384]
 HEAVY_SIZES = [2**20, 16 * 2**20]  # the heaviest variant, float32 and bfloat16
+MANY_LEAVES = [(500, 4096), (2000, 256)]  # (leaves, elements per leaf), float32
+QUICK_MANY_LEAVES = [(20, 256)]
 
 
 def parse_size(text: str) -> int:
@@ -40,10 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mlx_fused_rmsprop bench",
         description=(
             "Benchmark the fused RMSprop against mlx.optimizers.RMSprop (eager and "
-            "mx.compile'd) and a plain memory copy, on the default device. Prints a "
-            "markdown table; writes JSON and a PNG plot (needs matplotlib: "
+            "mx.compile'd), the memory limit of the step's access pattern and a plain "
+            "memory copy, on the default device; on many small leaves also against "
+            "torch.optim.RMSprop(foreach=True) when torch is installed. Prints "
+            "markdown tables; writes JSON and a PNG plot (needs matplotlib: "
             "pip install 'mlx-fused-rmsprop[bench]'). The default run takes about "
-            "2 minutes on 2 cores."
+            "4 minutes on 2 cores."
         ),
     )
     mode = p.add_mutually_exclusive_group()
@@ -65,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory cases")
     p.add_argument("--no-variants", action="store_true",
                    help="skip the heaviest variant (centered + momentum + weight decay)")
+    p.add_argument("--no-many", action="store_true",
+                   help="skip the many-small-leaves cases (500 x 4K, 2000 x 256)")
     p.add_argument("--out", default="bench-results",
                    help="directory for the JSON and PNG (default: ./bench-results)")
     p.add_argument("--name", default=None,
@@ -102,6 +108,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             for n in (QUICK_SIZES[:1] if args.quick else HEAVY_SIZES)
         ],
         "heavy_impls": ["fused", "ops"] + ([] if args.no_compiled else ["ops_compiled"]),
+        "many": [] if args.no_many else (QUICK_MANY_LEAVES if args.quick else MANY_LEAVES),
+        "many_impls": impls + (["torch_foreach"] if cases.torch_available() else []),
         "quick": bool(args.quick),
     }
 
@@ -133,7 +141,11 @@ def run_leaf(n: int, dtype_name: str, settings: dict, progress: Progress) -> dic
         step, opt = cases.optimizer_step(model, impl, grads)
         steps[impl] = step
         keep.append((model, opt))
-    copier = cases.Copier(nbytes // 2, machine.kernel_threads())
+    limit = cases.StepPatternLimit(keep[0][0].w, grads["w"])
+    steps["limit_1t"] = limit.run_1t
+    if limit.threads > 1:
+        steps["limit_same_threads"] = limit.run_same_threads
+    copier = cases.Copier(nbytes // 2, limit.threads)
     steps["copy_1t"] = copier.copy_1t
     if copier.threads > 1:
         steps[f"copy_{copier.threads}t"] = copier.copy_nt
@@ -148,22 +160,31 @@ def run_leaf(n: int, dtype_name: str, settings: dict, progress: Progress) -> dic
         "rounds": rounds,
         "impls": {},
         "copy": {},
+        "limit": {},
+        "threads": limit.threads,
+        "bound": limit.bound,
     }
     for name, s in samples.items():
         summ = summarize(s)
         summ["gbps"] = nbytes / summ["median_s"] / 1e9
-        (result["copy"] if name.startswith("copy") else result["impls"])[name] = summ
+        group = ("copy" if name.startswith("copy") else "limit" if name.startswith("limit")
+                 else "impls")
+        result[group][name] = summ
     best_copy = min(result["copy"].values(), key=lambda c: c["median_s"])
     result["roofline_gbps"] = best_copy["gbps"]
     result["copy_median_s"] = best_copy["median_s"]
+    same = result["limit"].get("limit_same_threads", result["limit"]["limit_1t"])
+    result["limit_gbps"] = same["gbps"]
+    result["limit_median_s"] = same["median_s"]
     for impl, summ in result["impls"].items():
         summ["fraction_of_copy"] = summ["gbps"] / result["roofline_gbps"]
+        summ["fraction_of_limit"] = summ["gbps"] / result["limit_gbps"]
     fused = result["impls"]["fused"]["median_s"]
     result["speedup"] = {
         impl: summ["median_s"] / fused
         for impl, summ in result["impls"].items() if impl != "fused"
     }
-    del steps, keep, grads, copier
+    del steps, keep, grads, copier, limit
     _free()
     return result
 
@@ -207,6 +228,39 @@ def run_model(name: str, settings: dict, progress: Progress) -> dict:
         impl: summ["median_s"] / fused
         for impl, summ in result["impls"].items() if impl != "fused"
     }
+    result["phases"] = cases.step_phases(cases.build_model(name, quick), grads, rounds)
+    del steps, keep, grads
+    _free()
+    return result
+
+
+def run_many(count: int, n: int, settings: dict, progress: Progress) -> dict:
+    """`count` float32 leaves of n elements: the per-leaf cost of a step."""
+    label = f"{count} leaves × {report.fmt_elems(n)}"
+    grads = cases.many_grads(count, n)
+    steps, keep = {}, []
+    for impl in settings["many_impls"]:
+        if impl == "torch_foreach":
+            steps[impl] = cases.torch_foreach_step(count, n)
+            continue
+        model = cases.ManyLeaves(count, n)
+        step, opt = cases.optimizer_step(model, impl, grads)
+        steps[impl] = step
+        keep.append((model, opt))
+    rounds = settings["repeats"]
+    samples = _interleaved_with_progress(steps, rounds, settings, progress, label)
+    result: dict[str, Any] = {
+        "leaves": count,
+        "elements": n,
+        "rounds": rounds,
+        "impls": {impl: summarize(s) for impl, s in samples.items()},
+    }
+    fused = result["impls"]["fused"]["median_s"]
+    result["speedup"] = {
+        impl: summ["median_s"] / fused
+        for impl, summ in result["impls"].items() if impl != "fused"
+    }
+    result["phases"] = cases.step_phases(cases.ManyLeaves(count, n), grads, rounds)
     del steps, keep, grads
     _free()
     return result
@@ -265,12 +319,13 @@ def run(settings: dict) -> dict:
     leaf_cases = [(n, d) for d in settings["dtypes"] for n in settings["sizes"]]
     memory_n = max(settings["sizes"])
     memory_cases = [(memory_n, d) for d in settings["dtypes"]] if settings["memory"] else []
-    n_leaf_steps = len(settings["leaf_impls"]) + 2
+    n_leaf_steps = len(settings["leaf_impls"]) + 4
     total = sum(_rounds_for(n, settings) * n_leaf_steps for n, _ in leaf_cases)
     total += len(settings["models"]) * settings["repeats"] * len(settings["model_impls"])
     total += len(memory_cases) * len(settings["leaf_impls"])
     total += sum(_rounds_for(n, settings) * len(settings["heavy_impls"])
                  for n, _ in settings["heavy"])
+    total += len(settings["many"]) * settings["repeats"] * len(settings["many_impls"])
     progress = Progress(total)
     started = time.time()
     t0 = time.perf_counter()
@@ -282,10 +337,13 @@ def run(settings: dict) -> dict:
         "models": [],
         "memory": [],
         "heavy": [],
+        "many": [],
     }
     try:
         for n, d in leaf_cases:
             results["leaves"].append(run_leaf(n, d, settings, progress))
+        for count, n in settings["many"]:
+            results["many"].append(run_many(count, n, settings, progress))
         for name in settings["models"]:
             results["models"].append(run_model(name, settings, progress))
         for n, d in settings["heavy"]:

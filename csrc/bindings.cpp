@@ -4,6 +4,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/operators.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
@@ -11,9 +12,11 @@
 #include "mlx/transforms.h"
 #include "mlx/version.h"
 
+#include "optimizer_step.h"
 #include "rmsprop.h"
 #include "rmsprop_cpu.h"
 #include "rmsprop_metal_library.h"
+#include "roofline.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -57,6 +60,16 @@ std::string repr(const mlx_fused_rmsprop::RMSpropOptions& o) {
       << ", maximize=" << flag(o.maximize)
       << ", lr_inside_momentum=" << flag(o.lr_inside_momentum) << ")";
   return out.str();
+}
+
+mlx_fused_rmsprop::CpuBound parse_bound(const std::string& bound) {
+  if (bound == "memory") {
+    return mlx_fused_rmsprop::CpuBound::memory;
+  }
+  if (bound == "compute") {
+    return mlx_fused_rmsprop::CpuBound::compute;
+  }
+  throw std::invalid_argument("bound must be 'memory' or 'compute', not '" + bound + "'.");
 }
 
 } // namespace
@@ -202,6 +215,40 @@ NB_MODULE(_ext, m) {
       "for the bias correction only.");
 
   m.def(
+      "optimizer_step",
+      [](nb::handle gradients,
+         nb::handle parameters,
+         nb::handle state,
+         const std::optional<LearningRate>& lr,
+         const std::optional<StepCount>& step,
+         const RMSpropOptions& options,
+         std::optional<mx::Dtype> half_state_dtype,
+         bool build,
+         bool allow_missing_state) {
+        std::optional<mx::array> lr_array;
+        if (lr) {
+          lr_array = as_array(*lr);
+        }
+        return mlx_fused_rmsprop::optimizer_step(
+            gradients, parameters, state, lr_array, as_step(step), options,
+            half_state_dtype, build, allow_missing_state);
+      },
+      "gradients"_a,
+      "parameters"_a,
+      "state"_a,
+      "lr"_a.none(),
+      "step"_a.none(),
+      "options"_a,
+      "half_state_dtype"_a.none(),
+      "build"_a,
+      "allow_missing_state"_a = false,
+      "One optimizer step over a tree (RMSprop.apply_gradients): check every "
+      "leaf, naming the first bad one's path; with build, build every leaf's "
+      "primitive, write the new state into the state dicts and return the new "
+      "parameters shaped like gradients. Nothing changes unless every leaf "
+      "passes.");
+
+  m.def(
       "check_rmsprop_inputs",
       [](const mx::array& grad,
          const mx::array& param,
@@ -261,6 +308,73 @@ NB_MODULE(_ext, m) {
       "For tests: the walk eval_cpu takes for grad, param and the state "
       "arrays: 'flat', 'transposed' (tiled), 'strided_like_param' or "
       "'strided'.");
+
+  m.def(
+      "_cpu_bound",
+      [](nb::args args) {
+        auto arrays = nb::cast<std::vector<mx::array>>(args);
+        mx::eval(arrays);
+        return mlx_fused_rmsprop::cpu_bound_name(
+            mlx_fused_rmsprop::choose_cpu_dispatch(arrays).bound);
+      },
+      nb::sig(
+          "def _cpu_bound(grad: mlx.core.array, param: mlx.core.array, "
+          "*state: mlx.core.array) -> str"),
+      "For tests: what eval_cpu takes to bound the leaf's loop, 'memory' or "
+      "'compute', which decides how many threads split it.");
+
+  m.def(
+      "_split_threads",
+      [](const std::string& bound, std::optional<int> cores) {
+        auto b = parse_bound(bound);
+        return cores ? mlx_fused_rmsprop::threads_for(b, *cores)
+                     : mlx_fused_rmsprop::split_threads(b);
+      },
+      "bound"_a,
+      "cores"_a = nb::none(),
+      "For tests: the threads a leaf of this bound is split across in this "
+      "process (MLX_FUSED_RMSPROP_NUM_THREADS or the policy on this machine's "
+      "cores), or with `cores` what the policy gives on that many cores.");
+
+  m.def(
+      "_split_parts",
+      [](int64_t elements, const std::string& bound) {
+        return mlx_fused_rmsprop::split_parts(elements, parse_bound(bound));
+      },
+      "elements"_a,
+      "bound"_a,
+      "The threads the CPU kernel splits a leaf of `elements` elements with "
+      "this bound ('memory' or 'compute', see _cpu_bound) across in this "
+      "process.");
+
+  nb::class_<mlx_fused_rmsprop::StepPatternRoofline>(
+      m,
+      "StepPatternRoofline",
+      "The benchmark's memory limit for the fused step's own access pattern: "
+      "three buffers (grad, param, v) of `bytes_per_array` bytes; run() reads "
+      "all three and writes param and v back in place with trivial math.")
+      .def(nb::init<int64_t>(), "bytes_per_array"_a)
+      .def(
+          "run",
+          &mlx_fused_rmsprop::StepPatternRoofline::run,
+          "threads"_a,
+          nb::call_guard<nb::gil_scoped_release>(),
+          "One pass, split into `threads` parts on the kernel's worker pool.")
+      .def_prop_ro(
+          "bytes_moved",
+          &mlx_fused_rmsprop::StepPatternRoofline::bytes_moved,
+          "Bytes one pass reads and writes (5 x bytes_per_array).")
+      .def(
+          "sums",
+          &mlx_fused_rmsprop::StepPatternRoofline::sums,
+          "For tests: sums (mod 2**64) of param's and of v's 64-bit words.");
+
+  m.def(
+      "_cpu_isa",
+      &mlx_fused_rmsprop::cpu_isa_name,
+      "For tests: the instruction-set build of the CPU loops this process "
+      "runs: 'baseline', 'avx2' or 'avx512' (the widest the CPU has, capped "
+      "by MLX_FUSED_RMSPROP_ISA=baseline|avx2).");
 
   m.def(
       "_split_stats",

@@ -12,12 +12,21 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_fused_rmsprop import bench
+from mlx_fused_rmsprop import _ext, bench
 from mlx_fused_rmsprop.bench import report, runner
 
 IMPLS = {"fused", "mlx", "mlx_compiled"}
 MACHINE_KEYS = {"cpu", "logical_cores", "usable_cores", "mlx", "device",
-                "mlx_fused_rmsprop", "kernel_threads", "os", "arch", "python"}
+                "mlx_fused_rmsprop", "kernel_threads", "kernel_isa", "os", "arch", "python"}
+N_TARGETS = 12
+
+
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +57,29 @@ def test_quick_run_writes_json_with_every_section(quick_run):
         for summ in leaf["impls"].values():
             assert summ["median_s"] > 0 and summ["gbps"] > 0
             assert len(summ["samples_s"]) == leaf["rounds"]
-            assert summ["fraction_of_copy"] > 0
+            assert summ["fraction_of_copy"] > 0 and summ["fraction_of_limit"] > 0
         assert leaf["copy"] and leaf["roofline_gbps"] > 0
+        assert "limit_1t" in leaf["limit"] and leaf["limit_gbps"] > 0
+        # The limit runs on the threads the kernel splits this leaf across.
+        bound = "memory" if leaf["dtype"] == "float32" else "compute"
+        assert leaf["bound"] == bound
+        assert leaf["threads"] == _ext._split_parts(leaf["elements"], bound)
         assert leaf["bytes_per_step"] == 5 * leaf["leaf_bytes"]
         assert set(leaf["speedup"]) == IMPLS - {"fused"}
+
+    many_impls = IMPLS | ({"torch_foreach"} if _has_torch() else set())
+    assert [(c["leaves"], c["elements"]) for c in data["many"]] == [(20, 256)]
+    for case in data["many"]:
+        assert set(case["impls"]) == many_impls
+        assert set(case["speedup"]) == many_impls - {"fused"}
+        assert set(case["phases"]) == {"apply_gradients", "model_update", "eval"}
+        assert all(t > 0 for t in case["phases"].values())
 
     assert [m["model"] for m in data["models"]] == ["transformer", "mlp"]
     for m in data["models"]:
         assert m["parameters"] > 0 and m["leaves"] > 0
         assert set(m["impls"]) == IMPLS | {"fused_compiled"}
+        assert all(t > 0 for t in m["phases"].values())
 
     assert {m["dtype"] for m in data["memory"]} == {"float32", "float16", "bfloat16"}
     for m in data["memory"]:
@@ -71,7 +94,7 @@ def test_quick_run_writes_json_with_every_section(quick_run):
         assert h["bytes_per_step"] == 9 * h["elements"] * (4 if h["dtype"] == "float32" else 2)
         assert set(h["speedup"]) == {"ops", "ops_compiled"}
 
-    assert len(data["targets"]) == 6
+    assert len(data["targets"]) == N_TARGETS
     for t in data["targets"]:
         assert {"target", "goal", "measured", "met"} <= set(t)
 
@@ -80,8 +103,9 @@ def test_quick_run_prints_markdown_tables_and_progress(quick_run):
     proc, data, out = quick_run
     md = proc.stdout
     assert "**Machine:**" in md and data["machine"]["cpu"] in md
-    for heading in ("### Single leaf", "### Whole models", "### The heaviest variant",
-                    "### Extra peak memory", "### Targets"):
+    for heading in ("### Single leaf", "### Many small leaves", "### Where a fused step's time",
+                    "### Whole models", "### The heaviest variant", "### Extra peak memory",
+                    "### Targets"):
         assert heading in md
     table_rows = [line for line in md.splitlines()
                   if line.startswith("| float32 |") or line.startswith("| bfloat16 |")]
@@ -125,7 +149,7 @@ def test_settings_and_sizes():
 
 def test_targets_report_not_measured_without_the_cases():
     targets = report.targets({"leaves": [], "models": [], "memory": []})
-    assert len(targets) == 6
+    assert len(targets) == N_TARGETS
     assert all(t["measured"] is None and t["met"] is None for t in targets)
 
 
@@ -146,3 +170,49 @@ def test_the_heavy_cases_compare_the_same_algorithm():
         results[impl] = np.array(model.w)
     assert set(cases.make_heavy_optimizer("fused").state_names) == {"v", "mean", "momentum_buffer"}
     np.testing.assert_allclose(results["fused"], results["ops"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_step_pattern_limit_reads_three_buffers_and_writes_two(threads):
+    """Each pass reads grad, param and v and writes param ^= grad, v += grad
+    over every word, whatever the split (pass k leaves param = 2 ^ (k odd ?
+    g : 0), v = 3 + k * g, with g = 0x0101...01)."""
+    words = 1000 * 8 + 5  # parts of whole cache lines and a ragged tail
+    limit = _ext.StepPatternRoofline(words * 8)
+    assert limit.bytes_moved == 5 * words * 8
+    g = 0x0101010101010101
+    mask = 2**64 - 1
+    for k in range(1, 4):
+        limit.run(threads)
+        param, v = limit.sums()
+        assert param == (words * (2 ^ (g if k % 2 else 0))) & mask
+        assert v == (words * (3 + k * g)) & mask
+
+
+def test_report_targets_read_the_cases_they_name():
+    """A hand-made result: each issue-11 target reads its own case."""
+    def leaf(dtype, fraction):
+        return {"dtype": dtype, "elements": report.TARGET_N,
+                "speedup": {"mlx": 10.0, "mlx_compiled": 5.0},
+                "impls": {"fused": {"fraction_of_limit": fraction}}}
+
+    results = {
+        "leaves": [leaf("float32", 0.95), leaf("float16", 0.65), leaf("bfloat16", 0.75)],
+        "many": [{"leaves": 500, "elements": 4096, "speedup": {"mlx_compiled": 2.6},
+                  "phases": {"apply_gradients": 500 * 2e-6}},
+                 {"leaves": 2000, "elements": 256, "speedup": {"mlx_compiled": 2.1},
+                  "phases": {"apply_gradients": 2000 * 3.5e-6}}],
+        "models": [{"model": "transformer", "description": "nn.Transformer(dims=256, ...)",
+                    "speedup": {"mlx": 4.0, "mlx_compiled": 2.9}}],
+        "memory": [],
+    }
+    got = {t["target"]: (t["measured"], t["met"]) for t in report.targets(results)}
+    limit = "fraction of the step-pattern memory limit (same threads)"
+    assert got[f"16M float32 leaf: {limit}"] == (0.95, True)
+    assert got[f"16M float16 leaf: {limit}"] == (0.65, False)
+    assert got[f"16M bfloat16 leaf: {limit}"] == (0.75, True)
+    assert got["500 leaves × 4K: speed-up over mlx compiled"] == (2.6, True)
+    assert got["2000 leaves × 256: speed-up over mlx compiled"] == (2.1, False)
+    assert got["Transformer step: speed-up over mlx compiled"] == (2.9, True)
+    us, met = got["Python time per leaf per step (apply_gradients, 2000 leaves × 256), µs"]
+    assert us == pytest.approx(3.5) and met is False
