@@ -44,9 +44,9 @@ def _edit_state_in_place(edit):
     opt.update(model, grads)
 
 
-def _variant_op(dtype=mx.float32, state_dtypes=(mx.float32,), **options):
+def _variant_op(dtype=mx.float32, state_dtypes=(mx.float32,), names=None, **options):
     param = mx.ones((3,), dtype=dtype)
-    names = ["v", "mean", "momentum_buffer"][: len(state_dtypes)]
+    names = names or ["v", "mean", "momentum_buffer"][: len(state_dtypes)]
     state = {n: mx.zeros((3,), dtype=d) for n, d in zip(names, state_dtypes)}
     out = rmsprop_step(param, param, state, 0.1, **options)
     mx.eval(out)
@@ -178,6 +178,22 @@ CASES = [
     ("`rmsprop_step` with `momentum=-1`",
      lambda: _variant_op(momentum=-1.0), ValueError,
      "[rmsprop_step] momentum must be a finite number >= 0, got -1."),
+    ("`rmsprop_step` with `momentum=inf`",
+     lambda: _variant_op(state_dtypes=(mx.float32,) * 2, names=["v", "momentum_buffer"],
+                         momentum=float("inf")), ValueError,
+     "[rmsprop_step] momentum must be a finite number >= 0, got inf."),
+    ("`rmsprop_step` with `weight_decay=nan`",
+     lambda: _variant_op(weight_decay=float("nan")), ValueError,
+     "[rmsprop_step] weight_decay must be a finite number >= 0, got nan."),
+    ("`rmsprop_step` with `nesterov=True` and no momentum",
+     lambda: _variant_op(nesterov=True), ValueError,
+     "[rmsprop_step] nesterov needs momentum > 0, got momentum=0."),
+    ("`rmsprop_step` with bias correction and a step count that is not a scalar",
+     lambda: _variant_op(bias_correction=True, step=mx.array([1, 2])), ValueError,
+     "[rmsprop_step] step must be a scalar, got shape (2)."),
+    ("`rmsprop_step` with float32 state beside a float64 parameter",
+     lambda: _variant_op(mx.float64, (mx.float32,), weight_decay=0.1), ValueError,
+     "[rmsprop_step] state 'v' dtype float32 does not match parameter dtype float64."),
     ("`mx.grad` through the update",
      lambda: mx.grad(lambda p: rmsprop_update(p, p, p, 0.1, alpha=0.9, eps=1e-8)[0].sum())(mx.ones((3,))),
      ValueError,

@@ -503,6 +503,39 @@ def test_two_streams_splitting_at_once_match_sequential_runs():
     assert report["busy_fallbacks"] > 0 and report["pooled"] > 0, report
 
 
+_FORK_SCRIPT = r"""
+import os
+from mlx_fused_rmsprop import _ext
+parent = _ext.StepPatternRoofline(1 << 20)
+parent.run(2)  # the worker pool now exists in this process
+pid = os.fork()
+if pid == 0:
+    # The child has the pool's memory but none of its threads: it must make
+    # a pool of its own, or this split waits forever for absent workers.
+    child = _ext.StepPatternRoofline(1 << 16)
+    child.run(2)
+    words = (1 << 16) // 8
+    g = 0x0101010101010101
+    os._exit(0 if child.sums() == ((words * (2 ^ g)) % 2**64, (words * (3 + g)) % 2**64) else 3)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_splits_work_on_a_pool_of_its_own():
+    env = dict(os.environ, MLX_FUSED_RMSPROP_NUM_THREADS="2")
+    proc = subprocess.Popen([sys.executable, "-c", _FORK_SCRIPT], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the hung child too
+        proc.communicate()
+        pytest.fail("the forked child's split never finished")
+    assert proc.returncode == 0, err
+    assert "child exit 0" in out, out + err
+
+
 def test_baseline_and_avx2_builds_of_the_loop_agree():
     cases = _split_cases(300)
     default = _run_split(cases, {"MLX_FUSED_RMSPROP_MIN_ELEMENTS_PER_THREAD": "300"})

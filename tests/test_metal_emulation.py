@@ -505,9 +505,11 @@ def _write_manifest(cases: list[Case], workdir: Path) -> Path:
         with open(inp, "wb") as f:
             for view in case.views:
                 f.write(view.base.tobytes())
-        # What the op computes from the step array: 1 - alpha^t in double,
-        # rounded once to float32.
-        bias_correction = 1.0 - alpha**VARIANT_STEP if options.bias_correction else 1.0
+        # The buffer eval_gpu binds in the bias-correction slot: what the op
+        # computes from the step array (1 - alpha^t in double, rounded once
+        # to float32), or -- without bias correction -- the learning rate
+        # again, which the kernel must not read.
+        bias_correction = 1.0 - alpha**VARIANT_STEP if options.bias_correction else lr
         slots = _ext._gpu_array_slots(options, case.plain)
         lines += [
             f"dtype {case.dtype} {case.state_dtype}",

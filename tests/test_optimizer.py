@@ -429,3 +429,23 @@ def test_compile_keeps_steps_with_different_alpha_or_eps_apart():
     assert not bit_equal(eager[0], eager[1]) and not bit_equal(eager[0], eager[2])
     assert not bit_equal(eager[3], eager[4])
     assert all(out.shape == (3, 4) for out in compiled)
+
+
+def test_compile_keeps_variant_steps_with_different_option_values_apart():
+    """is_equivalent compares every option's value, not only alpha, eps and
+    which options are on: momentum 0.9 vs 0.5, weight decay 0.1 vs 0.2."""
+    step = mlx_fused_rmsprop.rmsprop_step
+    g, p = mx.full((3, 4), 0.5), mx.ones((3, 4))
+    state = {"v": mx.full((3, 4), 1.0), "momentum_buffer": mx.full((3, 4), 0.25)}
+
+    def steps(g, p, v, buf):
+        s = {"v": v, "momentum_buffer": buf}
+        outs = [step(g, p, s, 0.1, momentum=m, weight_decay=wd)[0] * 2
+                for m, wd in ((0.9, 0.1), (0.5, 0.1), (0.9, 0.2))]
+        return tuple(outs)
+
+    eager = steps(g, p, state["v"], state["momentum_buffer"])
+    compiled = mx.compile(steps)(g, p, state["v"], state["momentum_buffer"])
+    for e, c in zip(eager, compiled):
+        assert bit_equal(e, c)
+    assert not bit_equal(eager[0], eager[1]) and not bit_equal(eager[0], eager[2])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import variant_models as models
-from mlx_fused_rmsprop import RMSprop, rmsprop_step
+from mlx_fused_rmsprop import RMSprop, _ext, rmsprop_step
 
 F32_TOL = 2.0**-20  # a few float32 roundings of one step, relative to its terms
 F64_TOL = 2.0**-48
@@ -456,3 +456,112 @@ def test_a_bad_state_entry_changes_nothing(bad):
                   "a": before_a, "b": [dict(saved)]}
     bits_equal_trees(opt.apply_gradients(grads_of(params, 1), params),
                      twin.apply_gradients(grads_of(params, 1), params))
+
+
+def test_the_op_takes_exactly_the_state_arrays_its_options_keep():
+    """The C++ op (below the Python dict API) rejects a state list longer or
+    shorter than the options keep: an extra array would be read as the
+    learning rate."""
+    p = mx.ones((3,))
+    plain = _ext.RMSpropOptions(alpha=0.9, eps=1e-8)
+    centered = _ext.RMSpropOptions(alpha=0.9, eps=1e-8, centered=True)
+    with pytest.raises(ValueError, match=r"expected 1 state array \(v\) for these options, got 2"):
+        _ext.rmsprop_step(p, p, [p, p], mx.array(0.1), None, plain)
+    with pytest.raises(ValueError, match=r"expected 2 state arrays \(v, mean\) for these options, got 3"):
+        _ext.rmsprop_step(p, p, [p, p, p], mx.array(0.1), None, centered)
+    with pytest.raises(ValueError, match=r"expected 2 state arrays \(v, mean\) for these options, got 1"):
+        _ext.rmsprop_step(p, p, [p], mx.array(0.1), None, centered)
+
+
+# ---- Layout and buffer reuse do not change a variant step's bits.
+
+_UINT = {mx.float32: mx.uint32, mx.float16: mx.uint16, mx.bfloat16: mx.uint16}
+_LAYOUT_OPTIONS = [dict(centered=True, momentum=0.9), dict(momentum=0.9, nesterov=True),
+                   dict(centered=True, weight_decay=0.1)]
+_LAYOUT_DTYPES = [(mx.float32, mx.float32), (mx.bfloat16, mx.float32), (mx.bfloat16, mx.bfloat16)]
+
+
+def _bits(a: mx.array) -> np.ndarray:
+    return np.array(a.view(_UINT[a.dtype]))
+
+
+def _own_copy(a: mx.array) -> mx.array:
+    """An evaluated copy of `a` on a buffer of its own (same bits)."""
+    out = mx.array(_bits(a)).view(a.dtype).reshape(a.shape)
+    mx.eval(out)
+    return out
+
+
+def _address(a: mx.array) -> int:
+    view = np.array(a.view(_UINT[a.dtype]), copy=False)
+    address = view.ctypes.data
+    del view
+    return address
+
+
+def _variant_leaf(shape, dtypes, opts, seed):
+    param_dtype, state_dtype = dtypes
+    rng = np.random.default_rng(seed)
+    o = models.Options(**opts)
+    state = {k: mx.array(v.astype(np.float32)).astype(state_dtype)
+             for k, v in random_state(rng, shape, o, 3).items()}
+    g = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(param_dtype)
+    w = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(param_dtype)
+    mx.eval(g, w, state)
+    return g, w, state
+
+
+@pytest.mark.parametrize("opts", _LAYOUT_OPTIONS, ids=lambda o: "-".join(sorted(o)))
+@pytest.mark.parametrize("dtypes", _LAYOUT_DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("mlx.core.", ""))
+@pytest.mark.parametrize("donated", ["param", "param+v", "state", "v", "all"])
+def test_donating_some_inputs_of_a_variant_step_changes_no_bit(opts, dtypes, donated):
+    """Which inputs nothing else references decides which buffers the
+    outputs take: param' takes param's when param is donatable, the state's
+    outputs take the state's only when every state array is (the loops run a
+    leaf's state in place or not at all). An input still referenced keeps
+    its values, and the results equal the step with nothing donated."""
+    g, w, state = _variant_leaf((37, 65), dtypes, opts, seed=len(donated))
+    ref_w, ref_state = rmsprop_step(g, w, state, 0.01, step=3, **opts)
+    mx.eval(ref_w, ref_state)
+    names = list(state)
+    free = {"param": {"param"}, "param+v": {"param", "v"}, "state": set(names),
+            "v": {"v"}, "all": {"param", *names}}[donated]
+    inputs = {"param": _own_copy(w), **{k: _own_copy(a) for k, a in state.items()}}
+    addresses = {k: _address(a) for k, a in inputs.items()}
+    held = {k: a for k, a in inputs.items() if k not in free}  # still referenced
+    out_w, out_state = rmsprop_step(g, inputs.pop("param"), {k: inputs.pop(k) for k in names},
+                                    0.01, step=3, **opts)
+    mx.eval(out_w, out_state)
+    np.testing.assert_array_equal(_bits(out_w), _bits(ref_w))
+    for k in names:
+        np.testing.assert_array_equal(_bits(out_state[k]), _bits(ref_state[k]), err_msg=k)
+    for k, a in held.items():
+        original = w if k == "param" else state[k]
+        np.testing.assert_array_equal(_bits(a), _bits(original), err_msg=f"{k} was overwritten")
+    assert (_address(out_w) == addresses["param"]) == ("param" in free)
+    state_in_place = set(names) <= free
+    for k in names:
+        assert (_address(out_state[k]) == addresses[k]) == state_in_place, k
+
+
+@pytest.mark.parametrize("opts", _LAYOUT_OPTIONS, ids=lambda o: "-".join(sorted(o)))
+@pytest.mark.parametrize("dtypes", _LAYOUT_DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("mlx.core.", ""))
+def test_state_arrays_laid_out_unlike_each_other_give_the_same_bits(opts, dtypes):
+    """v row-major, the mean column-major, the momentum buffer a strided
+    slice: the strided walk reads each state array at its own offsets."""
+    shape = (23, 41)
+    g, w, state = _variant_leaf(shape, dtypes, opts, seed=7)
+    ref_w, ref_state = rmsprop_step(g, w, state, 0.01, step=3, **opts)
+    layouts = {
+        "v": lambda a: a,
+        "mean": lambda a: mx.transpose(mx.contiguous(mx.transpose(a))),
+        "momentum_buffer": lambda a: mx.repeat(a, 2, axis=1)[:, ::2],
+    }
+    laid = {k: layouts[k](a) for k, a in state.items()}
+    mx.eval(laid)
+    assert _ext._cpu_walk(g, w, *laid.values()) != "flat"
+    out_w, out_state = rmsprop_step(g, w, laid, 0.01, step=3, **opts)
+    mx.eval(ref_w, ref_state, out_w, out_state)
+    np.testing.assert_array_equal(_bits(out_w), _bits(ref_w))
+    for k in state:
+        np.testing.assert_array_equal(_bits(out_state[k]), _bits(ref_state[k]), err_msg=k)
