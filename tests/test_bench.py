@@ -74,6 +74,9 @@ def test_quick_run_writes_json_with_every_section(quick_run):
         assert set(case["speedup"]) == many_impls - {"fused"}
         assert set(case["phases"]) == {"apply_gradients", "model_update", "eval"}
         assert all(t > 0 for t in case["phases"].values())
+        assert case["ceiling_vs_compiled"] == pytest.approx(
+            case["impls"]["mlx_compiled"]["median_s"]
+            / (case["phases"]["model_update"] + case["phases"]["eval"]))
 
     assert [m["model"] for m in data["models"]] == ["transformer", "mlp"]
     for m in data["models"]:
