@@ -359,9 +359,31 @@ LAYOUTS = {
         (6 * n, [("reshape", (3, 2 * n)), ("slice", (slice(None), slice(None, None, 2)))]),
         (n, [("reshape", (1, n)), ("broadcast", (3, n))]),
     ],
+    # Three and four dims of which no two neighbours merge: every outer
+    # coordinate of the general kernel's index comes from its own division.
+    "unmerged_3d": lambda n: [
+        (6 * n, [("reshape", (n, 2, 3)), ("transpose", (2, 1, 0))]),
+        (6 * n, [("reshape", (3, 2, n))]),
+        (6 * n, [("reshape", (3, 2, n))]),
+    ],
+    "unmerged_4d": lambda n: [
+        (12 * n, [("reshape", (n, 2, 3, 2)), ("transpose", (3, 2, 1, 0))]),
+        (12 * n, [("reshape", (2, 3, 2, n))]),
+        (12 * n, [("reshape", (2, 3, 2, n))]),
+    ],
+    # The variants' state in layouts of its own: v row-major, the mean
+    # column-major, the momentum buffer a strided slice.
+    "state_apart": lambda n: [
+        (3 * n, [("reshape", (n, 3))]),
+        (3 * n, [("reshape", (n, 3))]),
+        (3 * n, [("reshape", (n, 3))]),
+        (3 * n, [("reshape", (3, n)), ("transpose", (1, 0))]),
+        (6 * n, [("reshape", (n, 6)), ("slice", (slice(None), slice(None, None, 2)))]),
+    ],
 }
 FLAT_LAYOUTS = ["contiguous", "offset", "zero_dim", "transposed", "permuted_3d"]
-GENERAL_LAYOUTS = [k for k in LAYOUTS if k not in FLAT_LAYOUTS]
+STATE_LAYOUTS = ["state_apart"]  # general only where a variant walks mean / buffer
+GENERAL_LAYOUTS = [k for k in LAYOUTS if k not in FLAT_LAYOUTS + STATE_LAYOUTS]
 
 
 # ---------------------------------------------------------------- inputs
@@ -446,7 +468,8 @@ def _make_case(
 ) -> Case | None:
     """One case, on the kernel eval_gpu picks (with force_idx64, a general
     case runs the 64-bit index kernel instead of the 32-bit one). The state
-    arrays beyond v are laid out like v."""
+    arrays beyond v are laid out like v unless the layout gives each its own
+    (grad, param, v, mean, momentum buffer)."""
     spec = LAYOUTS[layout](n)
     if spec is None:
         return None
@@ -458,7 +481,8 @@ def _make_case(
     )
     names = ["grad", "param", *case.options.state_names()]
     for i, name in enumerate(names):
-        length, ops = spec[min(i, 2)]
+        slot = ["grad", "param", "v", "mean", "momentum_buffer"].index(name)
+        length, ops = spec[min(slot, len(spec) - 1)]  # v's layout unless it has its own
         kind = "v" if name == "v" else name
         case.views.append(View(_random_bits(rng, case.dtype_of(i), length, kind), ops))
     shapes = {v.shape for v in case.views}
@@ -880,7 +904,8 @@ def test_variant_kernels_match_cpu(drivers, tmp_path, pair, variant):
     cases = (
         _cases(dtype_name, ["contiguous", "offset"], VARIANT_SIZES, [False, True], seed,
                variant=variant, state_dtype=state_dtype)
-        + _cases(dtype_name, ["transposed_grad", "mixed", "broadcast_grad"], VARIANT_SIZES,
+        + _cases(dtype_name, ["transposed_grad", "mixed", "broadcast_grad", "unmerged_3d",
+                              "state_apart"], VARIANT_SIZES,
                  [False], seed + 1, variant=variant, state_dtype=state_dtype)
         + _cases(dtype_name, ["strided", "reversed"], VARIANT_SIZES, [False], seed + 2,
                  force_idx64=True, variant=variant, state_dtype=state_dtype)
