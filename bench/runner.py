@@ -37,9 +37,9 @@ def parse_size(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m mlx_fused_rmsprop bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m mlx_fused_rmsprop bench",
+        prog=prog,
         description=(
             "Benchmark the fused RMSprop against mlx.optimizers.RMSprop (eager and "
             "mx.compile'd), the memory limit of the step's access pattern and a plain "
@@ -362,9 +362,10 @@ def run(settings: dict) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m mlx_fused_rmsprop bench`; returns the exit code."""
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m mlx_fused_rmsprop bench") -> int:
+    """Entry point of the `bench` command; returns the exit code. ``prog`` is
+    how the command was invoked (for its usage line)."""
+    args = build_parser(prog).parse_args(argv)
     settings = _settings(args)
     results = run(settings)
 

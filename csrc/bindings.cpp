@@ -95,13 +95,14 @@ NB_MODULE(_ext, m) {
       "v"_a,
       "lr"_a,
       nb::kw_only(),
-      "alpha"_a,
-      "eps"_a,
+      // The defaults of RMSprop's constructor (and mlx.optimizers.RMSprop's).
+      "alpha"_a = 0.99,
+      "eps"_a = 1e-8,
       "stream"_a = nb::none(),
       nb::sig(
           "def rmsprop_update(grad: mlx.core.array, param: mlx.core.array, "
-          "v: mlx.core.array, lr: mlx.core.array | float, *, alpha: float, "
-          "eps: float, "
+          "v: mlx.core.array, lr: mlx.core.array | float, *, "
+          "alpha: float = 0.99, eps: float = 1e-08, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[mlx.core.array, mlx.core.array]"),
       R"(One fused RMSprop step for a single leaf.
@@ -119,8 +120,10 @@ NB_MODULE(_ext, m) {
           v (array): The running average of squared gradients (same shape and dtype).
           lr (array or float): The learning rate :math:`\lambda`: a
             single-element array, or a number (taken as float32).
-          alpha (float): The smoothing constant :math:`\alpha` (>= 0).
-          eps (float): :math:`\epsilon` added to the denominator (> 0).
+          alpha (float, optional): The smoothing constant :math:`\alpha`
+            (>= 0). Default: ``0.99``
+          eps (float, optional): :math:`\epsilon` added to the denominator
+            (> 0). Default: ``1e-8``
           stream (Stream or Device, optional): Where to run the update.
 
       Returns:

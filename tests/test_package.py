@@ -1,6 +1,8 @@
 """The installed package: import-time checks, linking, the verify command."""
 
 import os
+import platform
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +10,7 @@ import mlx.core as mx
 import pytest
 
 import mlx_fused_rmsprop
+from mlx_fused_rmsprop.__main__ import program_name
 from mlx_fused_rmsprop import _build_info, _ext, verify
 
 
@@ -28,6 +31,65 @@ def test_version_mismatch_is_an_import_error_naming_both_versions():
     mlx_fused_rmsprop._require_matching_mlx("0.32.4", "0.32.4")
 
 
+@pytest.mark.parametrize(
+    "system,command",
+    [("Linux", "pip install 'mlx[cpu]==0.32.4'"), ("Darwin", "pip install 'mlx==0.32.4'")],
+)
+@pytest.mark.parametrize("found", ["0.32.3", "0.33.0"])
+def test_version_mismatch_names_the_one_command_that_fixes_it(system, command, found):
+    """On Linux mlx's CPU backend is the separate mlx-cpu distribution:
+    `pip install 'mlx==X'` would leave mlx-cpu behind (an undefined symbol at
+    import), so the command must carry the [cpu] extra there, and only there.
+    It is the only advice: a rebuild against the installed mlx is refused by
+    the build (the pin)."""
+    with pytest.raises(ImportError) as info:
+        mlx_fused_rmsprop._require_matching_mlx("0.32.4", found, system=system)
+    message = str(info.value)
+    assert f"built against mlx 0.32.4, but mlx {found} is installed" in message
+    assert message.endswith(f"Fix: {command}")
+    assert message.count("pip install") == 1 and "rebuild" not in message
+
+
+def test_a_broken_mlx_install_is_named_with_its_fix():
+    """`import mlx.core` itself failing (mlx and mlx-cpu of two releases, or
+    mlx without its backend) names the installed versions and the command."""
+    error = ImportError("libmlx.so: undefined symbol: _ZN3mlx4core5arrayD1Ev")
+    message = mlx_fused_rmsprop._broken_mlx_message(
+        "0.32.4", error, {"mlx": "0.32.4", "mlx-cpu": "0.32.3"}, system="Linux"
+    )
+    assert "needs mlx 0.32.4" in message and "undefined symbol" in message
+    assert "Installed: mlx 0.32.4, mlx-cpu 0.32.3." in message
+    assert message.endswith("Fix: pip install 'mlx[cpu]==0.32.4'")
+    message = mlx_fused_rmsprop._broken_mlx_message(
+        "0.32.4", error, {"mlx": "0.32.4", "mlx-metal": None}, system="Darwin"
+    )
+    assert "Installed: mlx 0.32.4, mlx-metal (not installed)." in message
+    assert message.endswith("Fix: pip install 'mlx==0.32.4'")
+
+
+def test_a_broken_mlx_import_fails_with_that_message():
+    """The package's own import, with `import mlx.core` failing (a stand-in
+    finder raises what the dynamic loader would), raises the message above,
+    reading the installed versions from the metadata."""
+    code = (
+        "import sys\n"
+        "class Broken:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'mlx.core':\n"
+        "            raise ImportError('core.so: undefined symbol: _ZN3mlx4core')\n"
+        "sys.meta_path.insert(0, Broken())\n"
+        "try:\n"
+        "    import mlx_fused_rmsprop\n"
+        "except ImportError as e:\n"
+        "    print('IMPORT ERROR:', e)\n"
+    )
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr
+    assert "`import mlx.core` fails (ImportError: core.so: undefined symbol" in out.stdout
+    assert f"Installed: mlx {mx.__version__}" in out.stdout
+    assert f"Fix: pip install '{mlx_fused_rmsprop._mlx_requirement(_build_info.MLX_VERSION)}'" in out.stdout
+
+
 def test_import_fails_cleanly_when_built_for_another_mlx():
     code = (
         "import sys, types\n"
@@ -41,8 +103,10 @@ def test_import_fails_cleanly_when_built_for_another_mlx():
     )
     out = run_python(code)
     assert out.returncode == 0, out.stderr
-    assert "IMPORT ERROR: mlx_fused_rmsprop was built against mlx 0.1.0" in out.stdout
+    assert "IMPORT ERROR: mlx_fused_rmsprop 0.1.0 was built against mlx 0.1.0" in out.stdout
     assert f"mlx {mx.__version__} is installed" in out.stdout
+    extra = "" if platform.system() == "Darwin" else "[cpu]"
+    assert f"Fix: pip install 'mlx{extra}==0.1.0'" in out.stdout
 
 
 def test_imports_with_no_library_path_variables():
@@ -99,5 +163,54 @@ def test_verify_fails_when_the_update_is_wrong(monkeypatch, capsys):
 def test_cli_usage():
     out = subprocess.run([sys.executable, "-m", "mlx_fused_rmsprop"], capture_output=True, text=True)
     assert out.returncode == 2 and "verify" in out.stdout and "bench" in out.stdout
+    assert out.stdout.startswith("usage: python -m mlx_fused_rmsprop [--version] {verify,bench}")
     out = subprocess.run([sys.executable, "-m", "mlx_fused_rmsprop", "nope"], capture_output=True, text=True)
     assert out.returncode == 2 and "unknown command 'nope'" in out.stderr
+
+
+def console_script() -> str:
+    script = shutil.which("mlx-fused-rmsprop", path=os.path.dirname(sys.executable))
+    assert script, "the console script mlx-fused-rmsprop is not installed beside python"
+    return script
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_cli_version(flag):
+    for cmd in ([sys.executable, "-m", "mlx_fused_rmsprop", flag], [console_script(), flag]):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == (
+            f"mlx-fused-rmsprop {mlx_fused_rmsprop.__version__} (mlx {mx.__version__}, "
+            f"Python {platform.python_version()})"
+        )
+
+
+def test_cli_usage_names_the_program_as_invoked():
+    """The console script's usage, errors and sub-commands' --help name
+    `mlx-fused-rmsprop`; `python -m` names itself."""
+    script = console_script()
+    out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert out.stdout.startswith("usage: mlx-fused-rmsprop [--version] {verify,bench}")
+    assert "python -m" not in out.stdout
+    out = subprocess.run([script, "nope"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("mlx-fused-rmsprop: unknown command 'nope'")
+    for command in ("verify", "bench"):
+        out = subprocess.run([script, command, "--help"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(f"usage: mlx-fused-rmsprop {command} "), out.stdout
+        out = subprocess.run(
+            [sys.executable, "-m", "mlx_fused_rmsprop", command, "--help"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert out.stdout.startswith(f"usage: python -m mlx_fused_rmsprop {command} "), out.stdout
+
+
+@pytest.mark.parametrize(
+    "argv0,prog",
+    [("/venv/bin/mlx-fused-rmsprop", "mlx-fused-rmsprop"),
+     ("/site-packages/mlx_fused_rmsprop/__main__.py", "python -m mlx_fused_rmsprop"),
+     ("-c", "python -m mlx_fused_rmsprop"), ("", "python -m mlx_fused_rmsprop")],
+)
+def test_program_name(argv0, prog):
+    assert program_name(argv0) == prog

@@ -1,4 +1,5 @@
-"""The fused step as a function of arrays: ``rmsprop_step``."""
+"""The fused step as functions of arrays: ``rmsprop_update`` (the algorithm
+of :class:`mlx.optimizers.RMSprop`) and ``rmsprop_step`` (any variant)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,47 @@ from typing import Union
 import mlx.core as mx
 
 from . import _ext
+
+
+def rmsprop_update(
+    grad: mx.array,
+    param: mx.array,
+    v: mx.array,
+    lr: Union[mx.array, float],
+    *,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    stream: Union[mx.Stream, mx.Device, None] = None,
+) -> tuple[mx.array, mx.array]:
+    r"""One fused RMSprop step for a single leaf.
+
+    .. math::
+
+        v_{t+1} &= \alpha v_t + (1 - \alpha) g_t^2 \\
+        w_{t+1} &= w_t - \lambda \frac{g_t}{\sqrt{v_{t+1}} + \epsilon}
+
+    The update of :class:`mlx.optimizers.RMSprop` (bit-identical in float32
+    on the CPU) as ONE graph node (primitive ``FusedRMSprop``) with two
+    outputs.
+
+    Args:
+        grad (array): The gradient :math:`g`.
+        param (array): The parameter :math:`w`: float32, float16, bfloat16
+          (or float64 on the CPU), of grad's shape and dtype.
+        v (array): The running average of squared gradients (param's shape
+          and dtype).
+        lr (array or float): The learning rate :math:`\lambda`: a
+          single-element array, or a number (taken as float32).
+        alpha (float, optional): The smoothing constant :math:`\alpha`
+          (>= 0). Default: ``0.99``
+        eps (float, optional): The term :math:`\epsilon` added to the
+          denominator (> 0). Default: ``1e-8``
+        stream (Stream or Device, optional): Where to run the update.
+
+    Returns:
+        tuple(array, array): The updated parameter and ``v``.
+    """
+    return _ext.rmsprop_update(grad, param, v, lr, alpha=alpha, eps=eps, stream=stream)
 
 
 def rmsprop_step(

@@ -85,9 +85,10 @@ def _check_dtype(dtype: mx.Dtype, device: mx.Device) -> tuple[bool, str]:
     return not failures, "\n".join([line] + ["    " + f for f in failures])
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m mlx_fused_rmsprop verify") -> int:
+    """Entry point of the ``verify`` command; returns the exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m mlx_fused_rmsprop verify",
+        prog=prog,
         description="Check the fused RMSprop against mlx.optimizers.RMSprop on this machine.",
     )
     parser.add_argument(
