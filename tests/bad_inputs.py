@@ -38,6 +38,16 @@ def _step_with(edit_grads=None, edit_model=None):
     opt.update(model, grads)
 
 
+def _first_step_with_counter():
+    """A model that keeps an integer step counter as an attribute: it is in
+    trainable_parameters(), so value_and_grad gives it a gradient."""
+    model = TwoLayers()
+    model.counter = mx.array(0, dtype=mx.uint32)
+    _, grads = nn.value_and_grad(model, lambda m, x: m.layers[1](m.layers[0](x)).sum())(
+        model, mx.ones((1, 3)))
+    RMSprop(0.01).update(model, grads)
+
+
 def _edit_state_in_place(edit):
     model, opt, grads = _trained()
     edit(opt.state)
@@ -92,7 +102,11 @@ CASES = [
      lambda: _step_with(lambda g: g["layers"][1].update(bias=mx.ones((2,), dtype=mx.int32)),
                         lambda m: m.layers[1].update({"bias": mx.zeros((2,), dtype=mx.int32)})),
      ValueError,
-     "RMSprop: leaf 'layers.1.bias': [rmsprop_update] parameter dtype int32 is not supported on Device(cpu, 0); RMSprop updates float32, float16 and bfloat16 parameters (and float64 on the CPU)."),
+     "RMSprop: leaf 'layers.1.bias': [rmsprop_update] parameter dtype int32 is not supported on Device(cpu, 0); RMSprop updates float32, float16 and bfloat16 parameters (and float64 on the CPU). This int32 array is not a trainable parameter (mlx's RMSprop would silently make it float32): freeze it before computing gradients, e.g. `model.layers[1].freeze(keys=['bias'], recurse=False)`, or keep it out of `model.trainable_parameters()` (a Python number, or an attribute whose name starts with '_')."),
+    ("an integer step counter on the model, left trainable",
+     lambda: _first_step_with_counter(),
+     ValueError,
+     "RMSprop: leaf 'counter': [rmsprop_update] parameter dtype uint32 is not supported on Device(cpu, 0); RMSprop updates float32, float16 and bfloat16 parameters (and float64 on the CPU). This uint32 array is not a trainable parameter (mlx's RMSprop would silently make it float32): freeze it before computing gradients, e.g. `model.freeze(keys=['counter'], recurse=False)`, or keep it out of `model.trainable_parameters()` (a Python number, or an attribute whose name starts with '_')."),
     ("a gradient of the wrong shape",
      lambda: _step_with(lambda g: g["layers"][0].update(weight=mx.ones((3, 4)))), ValueError,
      "RMSprop: leaf 'layers.0.weight': [rmsprop_update] gradient shape (3,4) does not match parameter shape (4,3)."),

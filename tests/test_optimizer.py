@@ -449,3 +449,44 @@ def test_compile_keeps_variant_steps_with_different_option_values_apart():
     for e, c in zip(eager, compiled):
         assert bit_equal(e, c)
     assert not bit_equal(eager[0], eager[1]) and not bit_equal(eager[0], eager[2])
+
+
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_an_integer_leaf_error_names_a_fix_that_works(where):
+    """A step counter left trainable on the model: the error's own suggestion
+    (`....freeze(keys=[...], recurse=False)`), run as printed, lets training
+    go on, and the counter is left as it was."""
+    import re
+
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    holder = model if where == "top" else model.layers[1]
+    holder.counter = mx.array(7, dtype=mx.int32)
+
+    def loss_fn(m, x):
+        return m(x).sum()
+
+    x = mx.ones((4, 3))
+    opt = RMSprop(learning_rate=1e-2)
+    _, grads = nn.value_and_grad(model, loss_fn)(model, x)
+    with pytest.raises(ValueError, match="not a trainable parameter") as info:
+        opt.update(model, grads)
+    (fix,) = re.findall(r"e\.g\. `([^`]+)`", str(info.value))
+    expected = "model" if where == "top" else "model.layers[1]"
+    assert fix == f"{expected}.freeze(keys=['counter'], recurse=False)"
+    exec(fix, {"model": model})
+    _, grads = nn.value_and_grad(model, loss_fn)(model, x)
+    opt.update(model, grads)
+    mx.eval(model.parameters(), opt.state)
+    assert holder.counter.dtype == mx.int32 and holder.counter.item() == 7
+    assert opt.state["step"].item() == 1
+
+
+def test_other_errors_get_no_integer_hint():
+    """The hint is for integer and boolean leaves only: a float16 gradient of
+    a float32 parameter keeps its own message."""
+    model = nn.Linear(2, 2)
+    grads = {"weight": mx.ones((2, 2), dtype=mx.float16), "bias": mx.ones((2,))}
+    with pytest.raises(ValueError) as info:
+        RMSprop(learning_rate=1e-2).update(model, grads)
+    assert "does not match parameter dtype float32." in str(info.value)
+    assert "trainable" not in str(info.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Iterator, Optional, Union
 
 import mlx.core as mx
@@ -374,7 +375,7 @@ class RMSprop(Optimizer):
         # leaf has passed: schedules at the current step, then the new step.
         scheduled = {name: fn(self.step) for name, fn in self._schedulers.items()}
         step = self.step + 1
-        updated = _ext.optimizer_step(
+        updated = _optimizer_step(
             gradients,
             parameters,
             self._state,
@@ -397,7 +398,7 @@ class RMSprop(Optimizer):
         """
         options = self._prepare(gradients, parameters)
         if self._initialized:
-            _ext.optimizer_step(
+            _optimizer_step(
                 gradients, parameters, self._state, None, None, options,
                 self.state_dtype, False,
             )
@@ -411,7 +412,7 @@ class RMSprop(Optimizer):
             _check_assigned_state(self._state, gradients, parameters, self)
             self._state_needs_check = False
         if not self._initialized:
-            _ext.optimizer_step(
+            _optimizer_step(
                 gradients, parameters, self._state, None, None, options,
                 self.state_dtype, False, allow_missing_state=True,
             )
@@ -518,6 +519,45 @@ def _check_state_entries(node: Any, params: Any, path: str, opt: RMSprop) -> int
             )
         count += _check_state_entries(child, param, _join(path, key), opt)
     return count
+
+
+def _optimizer_step(gradients: Any, parameters: Any, *args: Any, **kwargs: Any) -> Any:
+    """``_ext.optimizer_step``, with the fix named when a leaf is an integer
+    or boolean array (see :func:`_not_trainable_hint`)."""
+    try:
+        return _ext.optimizer_step(gradients, parameters, *args, **kwargs)
+    except ValueError as e:
+        hint = _not_trainable_hint(str(e))
+        if hint is None:
+            raise
+        raise ValueError(f"{e} {hint}") from None
+
+
+_NOT_FLOAT = re.compile(
+    r"^RMSprop: leaf '(?P<path>.*)': \[rmsprop_update\] parameter dtype "
+    r"(?P<dtype>bool|u?int\d+) is not supported"
+)
+
+
+def _not_trainable_hint(message: str) -> Optional[str]:
+    """For an integer or boolean leaf (e.g. a step counter stored on the
+    model), how to keep it out of training; None for any other error.
+
+    mlx.optimizers.RMSprop silently turns such a leaf into float32; this
+    optimizer refuses it, and says how to leave it out of the gradients."""
+    match = _NOT_FLOAT.match(message)
+    if match is None:
+        return None
+    *holder, key = match["path"].split(".")
+    module = "model" + "".join(f"[{k}]" if k.isdigit() else f".{k}" for k in holder)
+    key = int(key) if key.isdigit() else key
+    return (
+        f"This {match['dtype']} array is not a trainable parameter (mlx's RMSprop "
+        f"would silently make it float32): freeze it before computing "
+        f"gradients, e.g. `{module}.freeze(keys=[{key!r}], recurse=False)`, or "
+        f"keep it out of `model.trainable_parameters()` (a Python number, or "
+        f"an attribute whose name starts with '_')."
+    )
 
 
 def _entries(tree: Any) -> Any:
