@@ -2,6 +2,7 @@
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -158,6 +159,49 @@ def test_verify_fails_when_the_update_is_wrong(monkeypatch, capsys):
     assert verify.main(["--device", "cpu"]) == 1
     out = capsys.readouterr().out
     assert out.splitlines()[-1] == "FAIL"
+
+
+def test_verify_marks_where_the_reference_overflows(capsys):
+    """In float16 the reference rounds eps=1e-8 to 0 and returns Inf/NaN for a
+    few elements: verify says so on its own line and keeps those elements
+    out of the maxima, so no PASS sits beside an unexplained inf."""
+    assert verify.main(["--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not [line for line in lines if re.search(r"\binf\b", line)], lines
+    (i,) = [i for i, line in enumerate(lines) if line.strip().startswith("float16")]
+    note = re.fullmatch(
+        r"    mlx returned Inf/NaN for (\d+) of (\d+) elements where the float64 truth is "
+        r"finite \(the reference's own overflow; eps rounds to 0 in float16\); ours: 0\. "
+        r"The maxima above leave those elements out\.",
+        lines[i + 1],
+    )
+    assert note and 0 < int(note[1]) < int(note[2]), lines[i + 1]
+    for dtype in ("float32", "bfloat16", "float64"):
+        (j,) = [j for j, line in enumerate(lines) if line.strip().startswith(dtype)]
+        assert "Inf/NaN" not in lines[j + 1], (dtype, lines[j + 1])
+
+
+def test_verify_reports_our_own_overflow(monkeypatch, capsys):
+    """An update of ours that overflows where neither the reference nor the
+    truth does is counted (and fails the check): one element in each layout's
+    first step (later steps start from that Inf, so the truth is Inf too)."""
+    real = verify.rmsprop_update
+
+    def overflowing(grad, param, v, lr, *, alpha, eps):
+        p, s = real(grad, param, v, lr, alpha=alpha, eps=eps)
+        if p.dtype != mx.bfloat16:
+            return p, s
+        return mx.where(mx.arange(p.size).reshape(p.shape) == 5, mx.inf, p).astype(p.dtype), s
+
+    monkeypatch.setattr(verify, "rmsprop_update", overflowing)
+    assert verify.main(["--device", "cpu"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    (i,) = [i for i, line in enumerate(lines) if line.strip().startswith("bfloat16")]
+    assert lines[i].endswith("FAIL")
+    assert any(
+        re.fullmatch(r"    ours returned Inf/NaN for 3 of \d+ elements where the float64 truth is finite\.", line)
+        for line in lines[i + 1:]
+    ), lines
 
 
 def test_cli_usage():
