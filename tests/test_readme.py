@@ -170,3 +170,46 @@ def test_the_test_extra_is_lean_and_ci_installs_the_lint_extra():
     lint = next(i for i, line in enumerate(ci) if '["optional-dependencies"]["lint"]' in line)
     assert "pip install -r .venv/lint-requirements.txt" in ci[lint]
     assert lint < ci.index(readme_commands()[1])
+
+
+def _section(title: str) -> str:
+    start = README.index(title)
+    end = README.find("\n## ", start + len(title))
+    return " ".join(README[start:end if end != -1 else None].split())
+
+
+def test_the_quoted_version_skew_messages_are_the_real_ones():
+    """The README quotes the import error and the build's fix as they are."""
+    text = _section("## Versions and compatibility")
+    with pytest.raises(ImportError) as info:
+        fused._require_matching_mlx("0.32.4", "0.32.3", system="Linux")
+    assert f"ImportError: {info.value}" in text
+    import subprocess
+    import shutil
+
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed")
+    out = subprocess.run(
+        [cmake, "-DMLX_FOUND_VERSION=0.32.3", "-DMLX_PIN_PLATFORM=Linux", "-P",
+         str(ROOT / "cmake" / "mlx_pin.cmake")], capture_output=True, text=True, timeout=60,
+    )
+    message = " ".join(out.stderr.split())
+    fix = message[message.index("Fix:"):message.index("Call Stack")].strip()
+    assert fix in text
+    start = message.index("mlx-fused-rmsprop must")
+    head = message[start:message.index("has mlx 0.32.3", start) + len("has mlx 0.32.3")]
+    assert head in text
+
+
+def test_the_version_line_shown_is_the_real_format():
+    import platform
+    import re
+
+    shown = re.search(r"mlx-fused-rmsprop --version +# (.+)", README)[1]
+    assert re.fullmatch(r"mlx-fused-rmsprop \S+ \(mlx \S+, Python \S+\)", shown)
+    from mlx_fused_rmsprop.__main__ import version_text
+
+    assert version_text() == (
+        f"mlx-fused-rmsprop {fused.__version__} (mlx {mx.__version__}, Python {platform.python_version()})"
+    )
