@@ -2,8 +2,10 @@
 
     python distributed_worker.py SCENARIO OUT_DIR CONFIG_JSON
 
-Every rank writes ``OUT_DIR/rank<r>.json`` (what it measured or the error it
-saw) and, for the scenarios that produce arrays, ``OUT_DIR/rank<r>.safetensors``.
+CONFIG_JSON is ``{"cases": [case, ...]}``: the scenario runs once per case.
+Every rank writes ``OUT_DIR/rank<r>.json`` (per case, what it measured or the
+error it saw) and, for the scenarios that produce arrays,
+``OUT_DIR/<case>-rank<r>.safetensors``.
 A rank that dies before writing its JSON makes the test fail with the launch's
 output. The test compares what the ranks wrote with each other and with the
 unsharded optimizer run in the test process.
@@ -46,7 +48,7 @@ def state_elements(opt: fused.RMSprop) -> dict[str, int]:
     return out
 
 
-def train(cfg: dict, group: mx.distributed.Group, out: str, rank: int) -> dict:
+def train(cfg: dict, group: mx.distributed.Group, out: str, rank: int, tag: str) -> dict:
     """Sharded and unsharded RMSprop side by side on the same averaged gradients."""
     kw = cfg.get("options", {})
     params = initial_parameters()
@@ -62,7 +64,7 @@ def train(cfg: dict, group: mx.distributed.Group, out: str, rank: int) -> dict:
         ps = sharded.apply_gradients(grads, ps)
         pu = plain.apply_gradients(grads, pu)
         mx.eval(ps, pu, sharded.state, plain.state)
-    mx.save_safetensors(os.path.join(out, f"rank{rank}.safetensors"), dict(tree_flatten(ps)))
+    mx.save_safetensors(os.path.join(out, f"{tag}rank{rank}.safetensors"), dict(tree_flatten(ps)))
     return {
         "equal_unsharded": equal_trees(ps, pu),
         "step": int(sharded.step),
@@ -74,7 +76,7 @@ def train(cfg: dict, group: mx.distributed.Group, out: str, rank: int) -> dict:
     }
 
 
-def save(cfg: dict, group: mx.distributed.Group, out: str, rank: int) -> dict:
+def save(cfg: dict, group: mx.distributed.Group, out: str, rank: int, tag: str) -> dict:
     """Train sharded on the (rank-independent) gradients of each step, then
     write this rank's sharded_state_dict and the parameters."""
     opt = fused.RMSprop(cfg.get("lr", 1e-2), shard_group=group, **cfg.get("options", {}))
@@ -82,12 +84,12 @@ def save(cfg: dict, group: mx.distributed.Group, out: str, rank: int) -> dict:
     for step in range(cfg["steps"]):
         params = opt.apply_gradients(gradients_at(step, 0), params)
         mx.eval(params, opt.state)
-    mx.save_safetensors(os.path.join(out, f"state{rank}.safetensors"), opt.sharded_state_dict())
-    mx.save_safetensors(os.path.join(out, f"rank{rank}.safetensors"), dict(tree_flatten(params)))
+    mx.save_safetensors(os.path.join(out, f"{tag}state{rank}.safetensors"), opt.sharded_state_dict())
+    mx.save_safetensors(os.path.join(out, f"{tag}rank{rank}.safetensors"), dict(tree_flatten(params)))
     return {"state_nbytes": opt.state_nbytes()}
 
 
-def resume(cfg: dict, group: mx.distributed.Group, out: str, rank: int) -> dict:
+def resume(cfg: dict, group: mx.distributed.Group, out: str, rank: int, tag: str) -> dict:
     """Load the full state and parameters the test wrote, continue sharded,
     write the parameters and this rank's sharded_state_dict."""
     full = tree_unflatten(list(mx.load(cfg["full_state"]).items()))
@@ -97,12 +99,12 @@ def resume(cfg: dict, group: mx.distributed.Group, out: str, rank: int) -> dict:
     for step in range(cfg["first"], cfg["first"] + cfg["steps"]):
         params = opt.apply_gradients(gradients_at(step, 0), params)
         mx.eval(params, opt.state)
-    mx.save_safetensors(os.path.join(out, f"state{rank}.safetensors"), opt.sharded_state_dict())
-    mx.save_safetensors(os.path.join(out, f"rank{rank}.safetensors"), dict(tree_flatten(params)))
+    mx.save_safetensors(os.path.join(out, f"{tag}state{rank}.safetensors"), opt.sharded_state_dict())
+    mx.save_safetensors(os.path.join(out, f"{tag}rank{rank}.safetensors"), dict(tree_flatten(params)))
     return {"step": int(opt.step)}
 
 
-def bad_leaf(cfg: dict, group: mx.distributed.Group, out: str, rank: int) -> dict:
+def bad_leaf(cfg: dict, group: mx.distributed.Group, out: str, rank: int, tag: str) -> dict:
     """One good step; then a step where rank `bad_rank` has a bad gradient
     (`how`); then a good step again. Reports the error each rank saw and
     whether anything changed."""
@@ -119,9 +121,11 @@ def bad_leaf(cfg: dict, group: mx.distributed.Group, out: str, rank: int) -> dic
             grads["layers"][1]["weight"] = mx.zeros((3, 3))
         elif cfg["how"] == "dtype":
             grads["layers"][1]["weight"] = grads["layers"][1]["weight"].astype(mx.int32)
-        elif cfg["how"] == "extra_leaf":  # passes every local check: a layout mismatch
+        elif cfg["how"] == "extra_leaf":  # a leaf the state was not built for
             grads["extra"] = mx.ones((4,))
             target = {**ps, "extra": mx.zeros((4,))}
+        elif cfg["how"] == "learning_rate":  # passes every local check: ranks disagree
+            opt.learning_rate = 2e-2
         else:
             raise AssertionError(cfg["how"])
     error = None
@@ -129,12 +133,14 @@ def bad_leaf(cfg: dict, group: mx.distributed.Group, out: str, rank: int) -> dic
         mx.eval(opt.apply_gradients(grads, target))
     except fused.ShardedStepError as e:
         error = {"type": type(e).__name__, "message": str(e), "rank_errors": e.rank_errors}
+    if cfg["how"] == "learning_rate":
+        opt.learning_rate = 1e-2
     unchanged = equal_trees(opt.state, before_state) and int(opt.step) == 1
     # The group still works and the ranks are still in step.
     ps = opt.apply_gradients(gradients_at(1, 0), ps)
     pu = plain.apply_gradients(gradients_at(1, 0), pu)
     mx.eval(ps, pu)
-    mx.save_safetensors(os.path.join(out, f"rank{rank}.safetensors"), dict(tree_flatten(ps)))
+    mx.save_safetensors(os.path.join(out, f"{tag}rank{rank}.safetensors"), dict(tree_flatten(ps)))
     return {
         "error": error,
         "unchanged": unchanged,
@@ -154,7 +160,12 @@ def main() -> None:
     group = mx.distributed.init(backend="ring", strict=True)
     rank = group.rank()
     try:
-        result = {"ok": True, "size": group.size(), **SCENARIOS[scenario](cfg, group, out, rank)}
+        # Several cases per launch: starting ranks is the slow part.
+        cases = [
+            SCENARIOS[scenario](case, group, out, rank, f"{i}-")
+            for i, case in enumerate(cfg["cases"])
+        ]
+        result = {"ok": True, "size": group.size(), "cases": cases}
     except Exception:
         result = {"ok": False, "traceback": traceback.format_exc()}
     with open(os.path.join(out, f"rank{rank}.json.tmp"), "w") as f:

@@ -36,7 +36,7 @@ _require_matching_mlx(_BUILT_MLX_VERSION, _mx.__version__)
 
 from ._ext import rmsprop_update  # noqa: E402
 from .ops import rmsprop_step  # noqa: E402
-from .optimizer import RMSprop  # noqa: E402
+from .optimizer import RMSprop, ShardedStepError  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["RMSprop", "rmsprop_step", "rmsprop_update"]
+__all__ = ["RMSprop", "ShardedStepError", "rmsprop_step", "rmsprop_update"]

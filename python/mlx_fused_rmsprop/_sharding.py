@@ -277,6 +277,7 @@ def agree(
     if error is not None:
         message = f"{type(error).__name__}: {error}".encode("utf-8", "replace")
         message = message[: _RECORD - _HEADER]
+    digest = digest[:_FINGERPRINT].ljust(_FINGERPRINT, b"\0")  # none when a check failed
     record = bytes([1 if error is not None else 0]) + digest + len(message).to_bytes(2, "little")
     record = record + message + bytes(_RECORD - len(record) - len(message))
     mine = mx.array(list(record), dtype=mx.uint8)
