@@ -33,6 +33,7 @@ from distributed_cases import gradients_at, initial_parameters  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "distributed_worker.py"
+EXAMPLE = TESTS.parent / "examples" / "digits_mlp.py"
 LAUNCH_TIMEOUT = 120  # seconds per launch; a healthy one takes a few
 VARIANT = {"centered": True, "momentum": 0.9, "weight_decay": 0.01}
 
@@ -60,6 +61,36 @@ def _free_port_block(n: int) -> int:
     raise RuntimeError("no block of free ports found")
 
 
+def run_launch(n: int, argv: list[str], cwd: Path) -> str:
+    """``mlx.launch -n N --backend ring`` on 127.0.0.1 with free ports; the output.
+
+    The launcher and every rank (bash exec's python) share one process group
+    in a session of their own, killed as a whole when the launch ends or
+    times out, so no rank outlives its test.
+    """
+    cmd = [
+        sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()",
+        "-n", str(n), "--backend", "ring", "-p", str(_free_port_block(n)),
+        "--python", sys.executable, *argv,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd, text=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"mlx.launch -n {n} {argv[:2]} timed out after {LAUNCH_TIMEOUT}s:\n{output}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return output
+
+
 def launch(n: int, scenario: str, cases: list[dict], out: Path) -> list[list[dict]]:
     """Run the worker's ``scenario`` over ``cases`` on ``n`` ring ranks; return
     ``reports[case][rank]``.
@@ -68,29 +99,7 @@ def launch(n: int, scenario: str, cases: list[dict], out: Path) -> list[list[dic
     wrote no report, or a rank that raised.
     """
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()",
-        "-n", str(n), "--backend", "ring", "-p", str(_free_port_block(n)),
-        "--python", sys.executable,
-        str(WORKER), scenario, str(out), json.dumps({"cases": cases}),
-    ]
-    # Its own session: the launcher and every rank (bash exec's python) share
-    # one process group, which is killed as a whole below.
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, start_new_session=True, cwd=out, text=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"mlx.launch -n {n} {scenario} timed out after {LAUNCH_TIMEOUT}s:\n{output}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    output = run_launch(n, [str(WORKER), scenario, str(out), json.dumps({"cases": cases})], out)
     reports = []
     for rank in range(n):
         path = out / f"rank{rank}.json"
@@ -278,6 +287,35 @@ def test_a_bad_rank_fails_every_rank_cleanly(tmp_path, n):
         params = rank_parameters(tmp_path, n, i)
         for p in params[1:]:
             assert_trees_equal(p, params[0])
+
+
+# ---- Launched: the example.
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_example_trains_data_parallel_with_sharded_state(tmp_path, n):
+    """examples/digits_mlp.py under mlx.launch with --shard: ours and
+    mlx.optimizers.RMSprop end bit-identical, the model learns, each rank
+    holds ~1/N of the state, and the loss curve is written. (Needs
+    scikit-learn, the `examples` extra; .ci/run installs it.)"""
+    pytest.importorskip("sklearn", reason="the example needs scikit-learn (pip install '.[examples]')")
+    out = tmp_path / "result.json"
+    output = run_launch(
+        n,
+        [str(EXAMPLE), "--shard", "--epochs", "3", "--hidden", "32", "--lr", "3e-3",
+         "--plot", str(tmp_path / "loss.png"), "--json", str(out)],
+        tmp_path,
+    )
+    assert out.exists(), output
+    result = json.loads(out.read_text())
+    assert result["ranks"] == n and result["shard"] and result["bit_identical"], output
+    fused_run, reference_run = result["results"]
+    assert fused_run["accuracy"] == reference_run["accuracy"] > 0.85, output
+    state = fused_run["state_bytes_per_rank"]
+    assert sum(state) == reference_run["state_bytes_per_rank"][0] == fused_run["parameter_bytes"]
+    assert max(state) <= math.ceil(sum(state) / 4 / n) * 4, state
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "test accuracy" in output and "ms/step" in output
 
 
 # ---- Single process: the singleton group (size 1).

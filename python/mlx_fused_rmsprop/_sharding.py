@@ -31,7 +31,7 @@ the item size), padded to the same width on every rank. Concatenating the
 ranks' :math:`L_r` in rank order gives back the dtype's leaves in order, since
 ownership ranges are contiguous and increasing. A step thus runs
 ``sum over dtypes of ceil(max_r |L_r| / B)`` gathers (usually one per dtype),
-plus one small gather that makes the ranks agree to proceed (see
+plus one gather of 17 bytes per rank that makes the ranks agree to proceed (see
 :func:`agree`).
 """
 
@@ -50,10 +50,9 @@ SHARD_KEY = "__shard__"
 PIECE_SUFFIX = "." + SHARD_KEY
 SCALAR_ENTRIES = ("step", "learning_rate")
 
-# One rank's record in the agreement gather: flag, fingerprint, message.
-_RECORD = 1024
+# The agreement: a digest of what must agree, then (on failure) messages.
 _FINGERPRINT = 16
-_HEADER = 1 + _FINGERPRINT + 2
+_MESSAGE = 1024
 
 
 class ShardedStepError(ValueError):
@@ -261,44 +260,49 @@ def fingerprint(*items: Any) -> bytes:
     return hashlib.blake2b(repr(items).encode(), digest_size=_FINGERPRINT).digest()
 
 
+def _gather_bytes(data: bytes, group: mx.distributed.Group) -> list[bytes]:
+    """Every rank's ``data`` (all of the same length), by rank."""
+    everyone = bytes(mx.distributed.all_gather(mx.array(list(data), dtype=mx.uint8), group=group).tolist())
+    return [everyone[i : i + len(data)] for i in range(0, len(everyone), len(data))]
+
+
 def agree(
     group: mx.distributed.Group, error: Optional[BaseException], digest: bytes
 ) -> None:
     """Make every rank of ``group`` agree whether a step may proceed.
 
-    Each rank contributes a fixed-size record (a failure flag, the digest of
-    what must agree -- the gradient leaves, options, step, learning rate --
-    and its error message) to one ``all_gather``. Every rank then sees the
-    same records and raises the same :class:`ShardedStepError` when any rank
-    failed or the digests differ; otherwise all proceed. Call it after every
-    check that can differ between ranks and before any other collective.
+    Each rank contributes a small record -- a failure flag and the digest of
+    what must agree (the gradient leaves, options, step, learning rate) -- to
+    one ``all_gather`` of a few bytes. When any flag is set, every rank
+    (knowing it from the same records) takes part in a second gather of the
+    error messages, so every rank raises the same :class:`ShardedStepError`;
+    when the digests differ, likewise. Otherwise all proceed: the healthy
+    step pays one tiny collective. Call it after every check that can differ
+    between ranks and before any other collective.
     """
-    message = b""
-    if error is not None:
-        message = f"{type(error).__name__}: {error}".encode("utf-8", "replace")
-        message = message[: _RECORD - _HEADER]
     digest = digest[:_FINGERPRINT].ljust(_FINGERPRINT, b"\0")  # none when a check failed
-    record = bytes([1 if error is not None else 0]) + digest + len(message).to_bytes(2, "little")
-    record = record + message + bytes(_RECORD - len(record) - len(message))
-    mine = mx.array(list(record), dtype=mx.uint8)
-    everyone = bytes(mx.distributed.all_gather(mine, group=group).tolist())
-    records = [everyone[i : i + _RECORD] for i in range(0, len(everyone), _RECORD)]
-    errors: dict[int, str] = {}
-    for r, rec in enumerate(records):
-        if rec[0]:
-            n = int.from_bytes(rec[1 + _FINGERPRINT : _HEADER], "little")
-            errors[r] = rec[_HEADER : _HEADER + n].decode("utf-8", "replace")
+    records = _gather_bytes(bytes([1 if error is not None else 0]) + digest, group)
     size = len(records)
-    if errors:
-        first = min(errors)
-        others = sorted(errors)[1:]
+    failed = [r for r, rec in enumerate(records) if rec[0]]
+    if failed:
+        message = b""
+        if error is not None:
+            message = f"{type(error).__name__}: {error}".encode("utf-8", "replace")
+            message = message[: _MESSAGE - 2]
+        record = len(message).to_bytes(2, "little") + message
+        messages = _gather_bytes(record.ljust(_MESSAGE, b"\0"), group)
+        errors = {
+            r: messages[r][2 : 2 + int.from_bytes(messages[r][:2], "little")].decode("utf-8", "replace")
+            for r in failed
+        }
+        others = failed[1:]
         more = f" (and on rank(s) {others})" if others else ""
         raise ShardedStepError(
             f"RMSprop (state sharded over {size} ranks): the step failed on rank "
-            f"{first}{more}: {errors[first]} -- nothing changed on any rank",
+            f"{failed[0]}{more}: {errors[failed[0]]} -- nothing changed on any rank",
             errors,
         ) from error
-    digests = [rec[1 : 1 + _FINGERPRINT] for rec in records]
+    digests = [rec[1:] for rec in records]
     differ = [r for r, d in enumerate(digests) if d != digests[0]]
     if differ:
         raise ShardedStepError(
