@@ -157,6 +157,9 @@ def main() -> None:
     # A hung rank prints where it waits and exits (the test's own timeout
     # then reaps the launch); well before that timeout.
     faulthandler.dump_traceback_later(cfg.get("watchdog", 60), exit=True)
+    # On the CPU, as the test process compares with (tests/conftest.py); the
+    # ring backend moves CPU memory anyway.
+    mx.set_default_device(mx.cpu)
     group = mx.distributed.init(backend="ring", strict=True)
     rank = group.rank()
     try:
