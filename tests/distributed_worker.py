@@ -29,10 +29,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from distributed_cases import gradients_at, initial_parameters  # noqa: E402
 
 
+def same_bits(x: mx.array, y: mx.array) -> bool:
+    """Bit for bit (NaN included)."""
+    if x.dtype in (mx.float16, mx.bfloat16, mx.float32):
+        as_int = {2: mx.uint16, 4: mx.uint32}[x.dtype.size]
+        x, y = x.view(as_int), y.view(as_int)
+    return mx.array_equal(x, y).item()
+
+
 def equal_trees(a, b) -> bool:
     fa, fb = tree_flatten(a), tree_flatten(b)
     return [k for k, _ in fa] == [k for k, _ in fb] and all(
-        x.dtype == y.dtype and x.shape == y.shape and mx.array_equal(x, y).item()
+        x.dtype == y.dtype and x.shape == y.shape and same_bits(x, y)
         for (_, x), (_, y) in zip(fa, fb)
     )
 

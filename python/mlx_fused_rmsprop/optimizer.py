@@ -208,20 +208,7 @@ class RMSprop(Optimizer):
         self.maximize = maximize
         self.lr_inside_momentum = lr_inside_momentum
         self.state_dtype = state_dtype
-        if shard_group is not None and not isinstance(shard_group, mx.distributed.Group):
-            raise ValueError(
-                f"RMSprop shard_group should be None or an mlx.core.distributed.Group, "
-                f"{type(shard_group).__name__} was provided instead"
-            )
-        if (
-            not isinstance(shard_bucket_bytes, int)
-            or isinstance(shard_bucket_bytes, bool)
-            or shard_bucket_bytes <= 0
-        ):
-            raise ValueError(
-                f"RMSprop shard_bucket_bytes should be an int > 0, "
-                f"{shard_bucket_bytes} was provided instead"
-            )
+        _check_sharding(shard_group, shard_bucket_bytes)
         self.shard_group = shard_group
         self.shard_bucket_bytes = shard_bucket_bytes
         # Sharded: the plan the state was built for, and a loaded full state
@@ -245,8 +232,6 @@ class RMSprop(Optimizer):
         momentum: float = 0,
         centered: bool = False,
         maximize: bool = False,
-    *,
-        shard_group: Optional[mx.distributed.Group] = None,
     ) -> "RMSprop":
         r"""``torch.optim.RMSprop`` with its argument names and defaults.
 
@@ -262,7 +247,7 @@ class RMSprop(Optimizer):
         Weight decay is coupled (added to the gradient), eps is outside the
         square root and the learning rate multiplies the momentum buffer
         from outside. ``lr`` may be a schedule of the step count.
-        ``shard_group`` shards the state (see the class).
+        Shard its state with :meth:`sharded`.
         """
         return cls(
             lr,
@@ -272,7 +257,6 @@ class RMSprop(Optimizer):
             centered=centered,
             weight_decay=weight_decay,
             maximize=maximize,
-            shard_group=shard_group,
         )
 
     @classmethod
@@ -287,8 +271,6 @@ class RMSprop(Optimizer):
         momentum: Optional[float] = None,
         nesterov: bool = False,
         bias_correction: bool = False,
-    *,
-        shard_group: Optional[mx.distributed.Group] = None,
     ) -> "RMSprop":
         r"""``optax.rmsprop`` with its argument names and defaults.
 
@@ -303,7 +285,7 @@ class RMSprop(Optimizer):
         eps is inside the square root by default and the learning rate enters
         the momentum trace. As in optax, ``nesterov`` without ``momentum`` is
         ignored. ``learning_rate`` may be a schedule of the step count.
-        ``shard_group`` shards the state (see the class).
+        Shard its state with :meth:`sharded`.
         """
         mu = 0.0 if momentum is None else momentum
         return cls(
@@ -317,7 +299,6 @@ class RMSprop(Optimizer):
             initial_scale=initial_scale,
             bias_correction=bias_correction,
             lr_inside_momentum=True,
-            shard_group=shard_group,
         )
 
     @classmethod
@@ -329,8 +310,6 @@ class RMSprop(Optimizer):
         epsilon: float = 1e-7,
         centered: bool = False,
         weight_decay: Optional[float] = None,
-    *,
-        shard_group: Optional[mx.distributed.Group] = None,
     ) -> "RMSprop":
         r"""``keras.optimizers.RMSprop`` with its argument names and defaults.
 
@@ -345,7 +324,7 @@ class RMSprop(Optimizer):
         Weight decay is decoupled (applied to the weights, scaled by the
         learning rate), eps is inside the square root and the learning rate
         enters the momentum buffer. ``learning_rate`` may be a schedule of the
-        step count. ``shard_group`` shards the state (see the class).
+        step count. Shard its state with :meth:`sharded`.
         """
         return cls(
             learning_rate,
@@ -357,7 +336,6 @@ class RMSprop(Optimizer):
             decoupled_weight_decay=True,
             eps_in_sqrt=True,
             lr_inside_momentum=True,
-            shard_group=shard_group,
         )
 
     # ---- The state.
@@ -535,6 +513,26 @@ class RMSprop(Optimizer):
         return options
 
     # ---- Sharded state (shard_group).
+
+    def sharded(
+        self, group: Optional[mx.distributed.Group], bucket_bytes: int = 2**25
+    ) -> "RMSprop":
+        """Shard this optimizer's state over ``group`` (see the class); returns
+        the optimizer, e.g. ``RMSprop.from_torch(lr=0.01).sharded(group)``.
+
+        The same as ``shard_group=group, shard_bucket_bytes=bucket_bytes`` at
+        construction; only before the state exists (the first step or
+        :meth:`init`). ``None`` unshards.
+        """
+        _check_sharding(group, bucket_bytes)
+        if self._initialized or self._pending_full_state is not None:
+            raise ValueError(
+                "RMSprop.sharded: the optimizer already has a state; shard it before "
+                "the first step (or move a state over with assemble_state / load_full_state)"
+            )
+        self.shard_group = group
+        self.shard_bucket_bytes = bucket_bytes
+        return self
 
     def load_full_state(self, state: dict) -> None:
         """Load a full (unsharded) state into this optimizer.
@@ -731,6 +729,19 @@ class RMSprop(Optimizer):
         self._plan = plan
         self._pending_full_state = None
         self._initialized = True
+
+
+def _check_sharding(group: Any, bucket_bytes: Any) -> None:
+    if group is not None and not isinstance(group, mx.distributed.Group):
+        raise ValueError(
+            f"RMSprop shard_group should be None or an mlx.core.distributed.Group, "
+            f"{type(group).__name__} was provided instead"
+        )
+    if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) or bucket_bytes <= 0:
+        raise ValueError(
+            f"RMSprop shard_bucket_bytes should be an int > 0, "
+            f"{bucket_bytes} was provided instead"
+        )
 
 
 def _at(tree: Any, keys: tuple) -> Any:
