@@ -350,6 +350,20 @@ def test_singleton_group_equals_unsharded_and_mlx(group):
     assert_trees_equal(fused.RMSprop.assemble_state([sharded.sharded_state_dict()]), plain.state)
 
 
+def test_schedule_and_step_count_as_unsharded(group):
+    """A learning-rate schedule and the step counter advance as unsharded."""
+    schedule = optim.cosine_decay(1e-2, 10)
+    sharded = fused.RMSprop(schedule, shard_group=group, momentum=0.5, shard_bucket_bytes=48)
+    plain = fused.RMSprop(schedule, momentum=0.5)
+    ps = pu = initial_parameters()
+    for step in range(4):
+        ps = sharded.apply_gradients(gradients_at(step, 0), ps)
+        pu = plain.apply_gradients(gradients_at(step, 0), pu)
+        assert int(sharded.step) == int(plain.step) == step + 1
+        assert sharded.learning_rate.item() == plain.learning_rate.item()
+    assert_trees_equal(ps, pu)
+
+
 def test_plan_balances_elements_and_splits_leaves():
     """The plan: rank r owns [rS, min((r+1)S, E)) of the flat vector; a leaf
     is split where a boundary falls in it; a leaf without elements gets an

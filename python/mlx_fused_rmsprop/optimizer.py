@@ -132,7 +132,10 @@ class RMSprop(Optimizer):
     state) runs before any collective, and the ranks then agree in one
     small all-gather: if any rank failed, every rank raises the same
     :class:`ShardedStepError` (a ``ValueError`` naming the rank and the
-    leaf) and nothing changes anywhere, so no rank waits forever.
+    leaf) and nothing changes anywhere, so no rank waits forever. The
+    sharded step evaluates the gradients first (so that every rank runs the
+    collectives in the same order) and synchronizes on that agreement: it
+    runs eagerly, not inside :func:`mlx.core.compile`.
     """
 
     def __init__(
