@@ -164,7 +164,7 @@ def main() -> None:
     scenario, out, cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     # A hung rank prints where it waits and exits (the test's own timeout
     # then reaps the launch); well before that timeout.
-    faulthandler.dump_traceback_later(cfg.get("watchdog", 60), exit=True)
+    faulthandler.dump_traceback_later(cfg.get("watchdog", 100), exit=True)
     # On the CPU, as the test process compares with (tests/conftest.py); the
     # ring backend moves CPU memory anyway.
     mx.set_default_device(mx.cpu)

@@ -616,10 +616,13 @@ class RMSprop(Optimizer):
         digest = b""
         # The collectives below must run in the same order on every rank, and
         # the gradients usually hang on a pending one (the all_sum of
-        # nn.average_gradients): run those first, on every rank alike.
+        # nn.average_gradients), the parameters maybe too (a broadcast of the
+        # initial weights): run those first, on every rank alike -- a rank's
+        # gather depends only on its own pieces (or on none), so it would not.
         try:
             mx.eval(gradients)
             options, plan, state, pieces = self._check_sharded(gradients, parameters)
+            mx.eval(_leaf_params(plan, parameters))
             scheduled = {name: fn(self.step) for name, fn in self._schedulers.items()}
             lr = scheduled.get("learning_rate", self._state.get("learning_rate"))
             digest = _sharding.fingerprint(
