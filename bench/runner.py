@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
             "torch.optim.RMSprop(foreach=True) when torch is installed. Prints "
             "markdown tables; writes JSON and a PNG plot (needs matplotlib: "
             "pip install 'mlx-fused-rmsprop[bench]'). The default run takes about "
-            "4 minutes on 2 cores."
+            "3 minutes on 2 cores."
         ),
     )
     mode = p.add_mutually_exclusive_group()
