@@ -2,10 +2,13 @@
 process or data-parallel over ``mx.distributed``, optionally with the
 optimizer state sharded across the ranks.
 
-    pip install 'mlx-fused-rmsprop[examples]'        # scikit-learn, matplotlib
+    pip install '.[examples]'                         # scikit-learn, matplotlib
     python examples/digits_mlp.py                     # ours and mlx.optimizers.RMSprop
-    mlx.launch -n 2 --backend ring examples/digits_mlp.py            # data-parallel
-    mlx.launch -n 2 --backend ring examples/digits_mlp.py --shard    # + sharded state
+    mlx.launch -n 2 --backend ring -- python examples/digits_mlp.py          # data-parallel
+    mlx.launch -n 2 --backend ring -- python examples/digits_mlp.py --shard  # + sharded state
+
+(``mlx.launch`` runs its command as given: name the interpreter, as here, or
+pass ``--python``.)
 
 The data set (8x8 images, 1797 of them) ships inside scikit-learn: nothing is
 downloaded. Each global batch is split between the ranks; each rank computes
@@ -54,7 +57,7 @@ def load_data(seed: int) -> tuple[np.ndarray, ...]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        sys.exit("this example needs scikit-learn: pip install 'mlx-fused-rmsprop[examples]'")
+        sys.exit("this example needs scikit-learn: pip install '.[examples]' (or scikit-learn)")
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int32)
