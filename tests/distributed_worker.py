@@ -60,6 +60,13 @@ def train(cfg: dict, group: mx.distributed.Group, out: str, rank: int, tag: str)
     """Sharded and unsharded RMSprop side by side on the same averaged gradients."""
     kw = cfg.get("options", {})
     params = initial_parameters()
+    if cfg.get("lazy_parameters"):
+        # Rank 0's weights broadcast (exactly: a gather, then its row), left
+        # pending: the optimizer must run these collectives on every rank in
+        # the same order although each rank's update touches other leaves.
+        params = tree_map(
+            lambda p: mx.distributed.all_gather(p[None], group=group)[0], params
+        )
     sharded = fused.RMSprop(
         cfg.get("lr", 1e-2), shard_group=group,
         shard_bucket_bytes=cfg.get("bucket_bytes", 2**25), **kw,
