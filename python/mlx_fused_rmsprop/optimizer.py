@@ -104,7 +104,8 @@ class RMSprop(Optimizer):
           Default: ``2**25`` (32 MiB)
 
     **Sharded state.** With ``shard_group`` (any ``mx.distributed.Group`` of
-    :math:`N` ranks; feed every rank the same gradients, e.g. averaged with
+    :math:`N` ranks; or :meth:`sharded`, e.g. after a preset; feed every rank
+    the same gradients, e.g. averaged with
     :func:`mlx.nn.average_gradients`), the gradient leaves in
     ``tree_flatten`` order are viewed as one flat vector of :math:`E`
     elements, and rank :math:`r` keeps state only for the elements
