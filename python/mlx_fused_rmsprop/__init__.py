@@ -87,6 +87,6 @@ except ImportError as e:
 _require_matching_mlx(_BUILT_MLX_VERSION, _mx.__version__)
 
 from .ops import rmsprop_step, rmsprop_update  # noqa: E402
-from .optimizer import RMSprop  # noqa: E402
+from .optimizer import RMSprop, ShardedStepError  # noqa: E402
 
-__all__ = ["RMSprop", "rmsprop_step", "rmsprop_update"]
+__all__ = ["RMSprop", "ShardedStepError", "rmsprop_step", "rmsprop_update"]

@@ -8,8 +8,11 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
+from mlx.utils import tree_map
 
 from . import _ext
+from . import _sharding
+from ._sharding import ShardedStepError
 
 
 LearningRate = Union[float, Callable[[mx.array], mx.array]]
@@ -94,6 +97,47 @@ class RMSprop(Optimizer):
           parameter's dtype (as MLX); ``mx.float32`` keeps it in float32 for
           float16 / bfloat16 parameters, whose math then runs in float32 with
           the parameter rounded once per step. Default: ``None``
+        shard_group (mlx.core.distributed.Group, optional): Shard the state
+          over the ranks of this group (ZeRO stage 1, see *Sharded state*
+          below); ``None`` keeps all of it on every process. Default: ``None``
+        shard_bucket_bytes (int, optional): With ``shard_group``, the most
+          bytes per rank one all-gather of updated parameters moves.
+          Default: ``2**25`` (32 MiB)
+
+    **Sharded state.** With ``shard_group`` (any ``mx.distributed.Group`` of
+    :math:`N` ranks; or :meth:`sharded`, e.g. after a preset; feed every rank
+    the same gradients, e.g. averaged with
+    :func:`mlx.nn.average_gradients`), the gradient leaves in
+    ``tree_flatten`` order are viewed as one flat vector of :math:`E`
+    elements, and rank :math:`r` keeps state only for the elements
+    :math:`[rS, \min((r+1)S, E))`, :math:`S = \lceil E/N \rceil`, whatever
+    the leaf sizes (a leaf may be split between ranks). Each step a rank
+    updates its own elements with the fused kernel (on 1-D slices of the
+    leaves: the update is element-wise, so the bits are the unsharded
+    optimizer's), then the updated parameters are all-gathered, a few
+    buckets per step (one per parameter dtype unless a rank's share of it
+    exceeds ``shard_bucket_bytes``). Parameters are bit-identical to the
+    unsharded optimizer's on every rank; the per-parameter state per rank
+    is :math:`\approx 1/N` of it.
+
+    On a sharded rank :attr:`state` holds ``"step"``, ``"learning_rate"``
+    and, at each parameter's path, the state of this rank's piece of it:
+    ``{"v": (stop - start,), ...}`` (1-D, the piece's elements of the
+    flattened state) or ``{}`` when the rank owns none of it. Checkpoints:
+    :meth:`sharded_state_dict` (per rank) -> :meth:`assemble_state` (the
+    full state, which this class unsharded and
+    :class:`mlx.optimizers.RMSprop` load) -> :meth:`load_full_state` (into
+    a sharded optimizer on any number of ranks; assigning :attr:`state`
+    does the same).
+
+    Every check that can differ between ranks (the gradient leaves, the
+    state) runs before any collective, and the ranks then agree in one
+    small all-gather: if any rank failed, every rank raises the same
+    :class:`ShardedStepError` (a ``ValueError`` naming the rank and the
+    leaf) and nothing changes anywhere, so no rank waits forever. The
+    sharded step evaluates the gradients first (so that every rank runs the
+    collectives in the same order) and synchronizes on that agreement: it
+    runs eagerly, not inside :func:`mlx.core.compile`.
     """
 
     def __init__(
@@ -113,6 +157,8 @@ class RMSprop(Optimizer):
         maximize: bool = False,
         lr_inside_momentum: bool = False,
         state_dtype: Optional[mx.Dtype] = None,
+        shard_group: Optional[mx.distributed.Group] = None,
+        shard_bucket_bytes: int = 2**25,
     ):
         super().__init__()
 
@@ -167,6 +213,13 @@ class RMSprop(Optimizer):
         self.maximize = maximize
         self.lr_inside_momentum = lr_inside_momentum
         self.state_dtype = state_dtype
+        _check_sharding(shard_group, shard_bucket_bytes)
+        self.shard_group = shard_group
+        self.shard_bucket_bytes = shard_bucket_bytes
+        # Sharded: the plan the state was built for, and a loaded full state
+        # waiting for the first step (or init) to be sliced.
+        self._plan: Optional[_sharding.ShardPlan] = None
+        self._pending_full_state: Optional[dict] = None
         self._options = self._make_options()
         # Set when a state is assigned (e.g. loaded from a checkpoint): the
         # next step first checks it against the parameters, entry by entry.
@@ -199,6 +252,7 @@ class RMSprop(Optimizer):
         Weight decay is coupled (added to the gradient), eps is outside the
         square root and the learning rate multiplies the momentum buffer
         from outside. ``lr`` may be a schedule of the step count.
+        Shard its state with :meth:`sharded`.
         """
         return cls(
             lr,
@@ -236,6 +290,7 @@ class RMSprop(Optimizer):
         eps is inside the square root by default and the learning rate enters
         the momentum trace. As in optax, ``nesterov`` without ``momentum`` is
         ignored. ``learning_rate`` may be a schedule of the step count.
+        Shard its state with :meth:`sharded`.
         """
         mu = 0.0 if momentum is None else momentum
         return cls(
@@ -274,7 +329,7 @@ class RMSprop(Optimizer):
         Weight decay is decoupled (applied to the weights, scaled by the
         learning rate), eps is inside the square root and the learning rate
         enters the momentum buffer. ``learning_rate`` may be a schedule of the
-        step count.
+        step count. Shard its state with :meth:`sharded`.
         """
         return cls(
             learning_rate,
@@ -324,9 +379,45 @@ class RMSprop(Optimizer):
 
     @state.setter
     def state(self, state: dict) -> None:
+        if self.shard_group is not None:
+            # A sharded rank holds pieces: an assigned state is a full one.
+            self.load_full_state(state)
+            return
         self._initialized = False
         self._state = state
         self._state_needs_check = True
+
+    def init(self, parameters: dict) -> None:
+        """Initialize the optimizer's state (see :meth:`mlx.optimizers.Optimizer.init`).
+
+        With ``shard_group``, lays the state out over the ranks for the
+        leaves of ``parameters`` (the tree the gradients will have, e.g.
+        ``model.trainable_parameters()``), creating this rank's pieces, or
+        slicing them from a state given to :meth:`load_full_state`. Local: no
+        collective runs, so call it on every rank or on none.
+        """
+        if self.shard_group is None:
+            super().init(parameters)
+            return
+        options = self._make_options()
+        _ext.optimizer_step(
+            parameters, parameters, {}, None, None, options, self.state_dtype,
+            False, allow_missing_state=True,
+        )
+        plan, state, _ = self._shard_candidate(parameters, parameters, options)
+        self._install_sharded(plan, state)
+
+    def state_nbytes(self) -> int:
+        """The bytes of the per-parameter state this process holds (``v``,
+        ``mean``, ``momentum_buffer``; not the step or learning rate). With
+        ``shard_group``, about ``1/N`` of the unsharded optimizer's."""
+        total = 0
+        for keys, value in _sharding.flatten(self._state):
+            if keys and keys[0] in _SCALAR_ENTRIES and len(keys) == 1:
+                continue
+            if isinstance(value, mx.array):
+                total += value.nbytes
+        return total
 
     def init_single(self, parameter: mx.array, state: dict) -> None:
         """Initialize optimizer state"""
@@ -366,8 +457,12 @@ class RMSprop(Optimizer):
         leaf's fused primitive. A bad leaf raises ``TypeError`` /
         ``ValueError`` naming its path (e.g. ``layers.0.weight``) before
         anything changes: the parameters, the state, the learning rate and
-        the step counter are left as they were.
+        the step counter are left as they were. With ``shard_group``, see
+        the class: a failure on any rank raises :class:`ShardedStepError` on
+        every rank.
         """
+        if self.shard_group is not None:
+            return self._apply_sharded(gradients, parameters)
         options = self._prepare(gradients, parameters)
         if not self._initialized:
             self.init(gradients)
@@ -394,8 +489,12 @@ class RMSprop(Optimizer):
 
         Changes nothing. Checks that each gradient has a parameter and (once
         the optimizer is initialized) the state entries of its options, of the
-        parameter's shape and a dtype the fused kernel updates.
+        parameter's shape and a dtype the fused kernel updates. With
+        ``shard_group``, checks this rank only (no collective runs).
         """
+        if self.shard_group is not None:
+            self._check_sharded(gradients, parameters)
+            return
         options = self._prepare(gradients, parameters)
         if self._initialized:
             _optimizer_step(
@@ -417,6 +516,258 @@ class RMSprop(Optimizer):
                 self.state_dtype, False, allow_missing_state=True,
             )
         return options
+
+    # ---- Sharded state (shard_group).
+
+    def sharded(
+        self, group: Optional[mx.distributed.Group], bucket_bytes: int = 2**25
+    ) -> "RMSprop":
+        """Shard this optimizer's state over ``group`` (see the class); returns
+        the optimizer, e.g. ``RMSprop.from_torch(lr=0.01).sharded(group)``.
+
+        The same as ``shard_group=group, shard_bucket_bytes=bucket_bytes`` at
+        construction; only before the state exists (the first step or
+        :meth:`init`). ``None`` unshards.
+        """
+        _check_sharding(group, bucket_bytes)
+        if self._initialized or self._pending_full_state is not None:
+            raise ValueError(
+                "RMSprop.sharded: the optimizer already has a state; shard it before "
+                "the first step (or move a state over with assemble_state / load_full_state)"
+            )
+        self.shard_group = group
+        self.shard_bucket_bytes = bucket_bytes
+        return self
+
+    def load_full_state(self, state: dict) -> None:
+        """Load a full (unsharded) state into this optimizer.
+
+        The state of :class:`RMSprop` without ``shard_group``, of
+        :class:`mlx.optimizers.RMSprop`, or :meth:`assemble_state`'s: a tree
+        ``{"step", "learning_rate", <parameter path>: {"v": ..., ...}}``.
+        Unsharded, the same as assigning :attr:`state`. Sharded (on any number
+        of ranks; every rank loads the same full state), ``"step"`` and
+        ``"learning_rate"`` are taken now and the rest is checked against the
+        gradients and sliced into this rank's pieces at the next step (or
+        :meth:`init`); later steps are bit-identical to the unsharded
+        optimizer continuing from this state.
+        """
+        if self.shard_group is None:
+            self.state = state
+            return
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"RMSprop: the optimizer state must be a dict, got {type(state).__name__}"
+            )
+        missing = [name for name in _SCALAR_ENTRIES if name not in state]
+        if missing:
+            raise ValueError(f"RMSprop: the optimizer state has no entry '{missing[0]}'")
+        self._state = {name: state[name] for name in _SCALAR_ENTRIES}
+        self._pending_full_state = state
+        self._plan = None
+        self._initialized = False
+
+    def sharded_state_dict(self) -> dict[str, mx.array]:
+        """This rank's state as a flat dict of arrays, for ``mx.save_safetensors``.
+
+        Keys: ``"step"``, ``"learning_rate"``; ``"<path>.<name>"`` for each
+        state entry of this rank's pieces (1-D); ``"<path>.__shard__"``,
+        ``[leaf index, start, stop, ndim, *shape]`` (int64) of each piece; and
+        ``"__shard__"``, ``[rank, ranks, elements of all leaves]``. Give every
+        rank's dict to :meth:`assemble_state` for the full state.
+        """
+        if self.shard_group is None:
+            raise ValueError("RMSprop.sharded_state_dict: the optimizer has no shard_group")
+        if self._plan is None:
+            raise ValueError(
+                "RMSprop.sharded_state_dict: the sharded state does not exist yet "
+                "(take a step or call init(model.trainable_parameters()) first)"
+            )
+        plan = self._plan
+        out: dict[str, mx.array] = {}
+        for name in _SCALAR_ENTRIES:
+            if name in self._state:
+                out[name] = mx.array(self._state[name])
+        out[_sharding.SHARD_KEY] = mx.array([plan.rank, plan.ranks, plan.total], dtype=mx.int64)
+        for piece in plan.own_pieces():
+            leaf = plan.leaves[piece.leaf]
+            node = _at(self._state, leaf.keys)
+            for name in self.state_names:
+                out[f"{leaf.path}.{name}"] = node[name]
+            out[leaf.path + _sharding.PIECE_SUFFIX] = _sharding.piece_record(piece.leaf, leaf, piece)
+        return out
+
+    @staticmethod
+    def assemble_state(per_rank_states: "list[dict[str, mx.array]]") -> dict:
+        """The full state from every rank's :meth:`sharded_state_dict`.
+
+        ``per_rank_states`` holds one dict per rank of the group, in any order
+        (e.g. ``[mx.load(f) for f in files]``). Returns the unsharded tree
+        ``{"step", "learning_rate", <parameter path>: {"v": ..., ...}}`` with
+        each entry of its parameter's shape: what :class:`RMSprop` (sharded on
+        any number of ranks or not) and :class:`mlx.optimizers.RMSprop` load.
+        Raises ``ValueError`` unless the pieces of every entry of every rank
+        cover it exactly.
+        """
+        return _sharding.assemble(per_rank_states)
+
+    def _apply_sharded(self, gradients: Any, parameters: Any) -> Any:
+        """One sharded step: check locally, agree, update own pieces, gather."""
+        group = self.shard_group
+        error: Optional[BaseException] = None
+        digest = b""
+        # The collectives below must run in the same order on every rank, and
+        # the gradients usually hang on a pending one (the all_sum of
+        # nn.average_gradients), the parameters maybe too (a broadcast of the
+        # initial weights): run those first, on every rank alike -- a rank's
+        # gather depends only on its own pieces (or on none), so it would not.
+        try:
+            mx.eval(gradients)
+            options, plan, state, pieces = self._check_sharded(gradients, parameters)
+            mx.eval(_leaf_params(plan, parameters))
+            scheduled = {name: fn(self.step) for name, fn in self._schedulers.items()}
+            lr = scheduled.get("learning_rate", self._state.get("learning_rate"))
+            digest = _sharding.fingerprint(
+                plan.signature(), repr(options), str(self.state_dtype),
+                self.shard_bucket_bytes, int(self.step), float(lr),
+            )
+        except Exception as e:  # every rank must hear of it: see agree()
+            error = e
+        _sharding.agree(group, error, digest)
+
+        if state is not None:
+            self._install_sharded(plan, state)
+        grads, params, states, index = pieces
+        step = self.step + 1
+        updated = _ext.optimizer_step(
+            grads, params, states, lr, step, options, self.state_dtype, True
+        )
+        leaves = _sharding.gather_parameters(
+            plan, dict(zip(index, updated)), _leaf_params(plan, parameters), group
+        )
+        self._state.update(scheduled)
+        self._state["step"] = step
+        it = iter(leaves)
+        return tree_map(lambda _: next(it), gradients)
+
+    def _check_sharded(self, gradients: Any, parameters: Any) -> tuple:
+        """Every check of a sharded step on this rank; changes nothing.
+
+        Returns (options, plan, new state or None, (gradient pieces, parameter
+        pieces, state pieces, piece indices)); the new state is set when the
+        state is still to be created or sliced from a loaded full state.
+        """
+        options = self._make_options()
+        _ext.optimizer_step(
+            gradients, parameters, {}, None, None, options, self.state_dtype,
+            False, allow_missing_state=True,
+        )
+        if self._initialized and self._plan is not None:
+            plan = _sharding.make_plan(
+                gradients, self.shard_group.size(), self.shard_group.rank(),
+                self.shard_bucket_bytes,
+            )
+            if plan.signature() != self._plan.signature():
+                raise ValueError(
+                    "RMSprop: the gradients' leaves "
+                    f"({_first_difference(plan, self._plan)}) differ from the ones "
+                    "the sharded state was built for"
+                )
+            plan, state = self._plan, None
+        else:
+            plan, state, _ = self._shard_candidate(gradients, parameters, options)
+        tree = self._state if state is None else state
+        index, grads, params, states = [], [], [], []
+        leaf_params = _leaf_params(plan, parameters)
+        leaf_grads = [g for _, g in _sharding.flatten(gradients)]
+        for i, piece in enumerate(plan.pieces):
+            if piece.rank != plan.rank or piece.size == 0:
+                continue
+            leaf = plan.leaves[piece.leaf]
+            node = _at(tree, leaf.keys)
+            index.append(i)
+            grads.append(leaf_grads[piece.leaf].reshape(-1)[piece.start : piece.stop])
+            params.append(leaf_params[piece.leaf].reshape(-1)[piece.start : piece.stop])
+            states.append(node)
+        # Raises naming the piece's position; the state was made by this
+        # class, so this fires only if it was altered by hand.
+        _ext.optimizer_step(
+            grads, params, states, None, None, options, self.state_dtype, False
+        )
+        return options, plan, state, (grads, params, states, index)
+
+    def _shard_candidate(self, gradients: Any, parameters: Any, options: Any) -> tuple:
+        """The plan for ``gradients`` and this rank's new state tree (fresh, or
+        sliced from the loaded full state after checking it); changes nothing."""
+        plan = _sharding.make_plan(
+            gradients, self.shard_group.size(), self.shard_group.rank(),
+            self.shard_bucket_bytes,
+        )
+        full = self._pending_full_state
+        has_entries = False
+        if full is not None:
+            _check_assigned_state(full, gradients, parameters, self)
+            has_entries = any(
+                isinstance(v, mx.array)
+                for k, v in _sharding.flatten(full)
+                if k[0] not in _SCALAR_ENTRIES
+            )
+        own = {p.leaf: p for p in plan.own_pieces()}
+        leaf_params = _leaf_params(plan, parameters)
+        nodes = []
+        for i, leaf in enumerate(plan.leaves):
+            piece = own.get(i)
+            node: dict = {}
+            if piece is not None:
+                if has_entries:
+                    src = _at(full, leaf.keys)
+                    for name in self.state_names:
+                        node[name] = src[name].reshape(-1)[piece.start : piece.stop]
+                else:
+                    like = leaf_params[i].reshape(-1)[piece.start : piece.stop]
+                    self.init_single(like, node)
+            nodes.append(node)
+        it = iter(nodes)
+        tree = tree_map(lambda _: next(it), gradients)
+        return plan, tree, has_entries
+
+    def _install_sharded(self, plan: "_sharding.ShardPlan", tree: dict) -> None:
+        scalars = {k: self._state[k] for k in _SCALAR_ENTRIES if k in self._state}
+        self._state = {**scalars, **tree}
+        self._plan = plan
+        self._pending_full_state = None
+        self._initialized = True
+
+
+def _check_sharding(group: Any, bucket_bytes: Any) -> None:
+    if group is not None and not isinstance(group, mx.distributed.Group):
+        raise ValueError(
+            f"RMSprop shard_group should be None or an mlx.core.distributed.Group, "
+            f"{type(group).__name__} was provided instead"
+        )
+    if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) or bucket_bytes <= 0:
+        raise ValueError(
+            f"RMSprop shard_bucket_bytes should be an int > 0, "
+            f"{bucket_bytes} was provided instead"
+        )
+
+
+def _at(tree: Any, keys: tuple) -> Any:
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def _leaf_params(plan: "_sharding.ShardPlan", parameters: Any) -> list:
+    return [_at(parameters, leaf.keys) for leaf in plan.leaves]
+
+
+def _first_difference(a: "_sharding.ShardPlan", b: "_sharding.ShardPlan") -> str:
+    sa, sb = a.signature(), b.signature()
+    for x, y in zip(sa, sb):
+        if x != y:
+            return f"'{x[0]}' {x[1]} {x[2]} where the state has '{y[0]}' {y[1]} {y[2]}"
+    return f"{len(sa)} leaves where the state has {len(sb)}"
 
 
 _SCALAR_ENTRIES = ("step", "learning_rate")

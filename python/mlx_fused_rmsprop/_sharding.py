@@ -1,0 +1,417 @@
+r"""Optimizer state sharded across the ranks of an ``mx.distributed`` group (ZeRO stage 1).
+
+The layout
+----------
+The gradient leaves, in the order of :func:`mlx.utils.tree_flatten` over the
+gradient tree, are viewed as ONE flat vector of :math:`E` elements (each leaf
+flattened row-major, the leaves one after the other). With :math:`N` ranks and
+:math:`S = \lceil E / N \rceil`, rank :math:`r` owns the elements
+
+.. math::
+
+    [\, rS,\ \min((r + 1) S, E) \,)
+
+so every rank owns at most :math:`S` elements whatever the leaf sizes (the
+last ranks may own fewer, or none when :math:`E < N`). A leaf may be split
+between ranks: a rank's *piece* of a leaf is a contiguous range
+``[start, stop)`` of that leaf's flattened elements. A leaf with no elements
+gets an empty piece on rank 0, so every leaf has at least one piece.
+
+The step
+--------
+Each rank updates only its pieces, with the same fused primitive as the
+unsharded optimizer applied to 1-D slices (``param.reshape(-1)[start:stop]``,
+and the state piece of shape ``(stop - start,)``). The update is element-wise,
+so the result is bit-identical to the whole-leaf update. The updated pieces are
+then all-gathered in *buckets*: per parameter dtype (``all_gather`` moves one
+dtype), each rank's pieces of that dtype concatenated in leaf order form its
+local vector :math:`L_r`; bucket :math:`k` carries elements
+``[k B, (k + 1) B)`` of every :math:`L_r` (:math:`B` = ``bucket_bytes`` over
+the item size), padded to the same width on every rank. Concatenating the
+ranks' :math:`L_r` in rank order gives back the dtype's leaves in order, since
+ownership ranges are contiguous and increasing. A step thus runs
+``sum over dtypes of ceil(max_r |L_r| / B)`` gathers (usually one per dtype),
+plus one gather of 17 bytes per rank that makes the ranks agree to proceed (see
+:func:`agree`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence
+
+import mlx.core as mx
+
+# Keys of the per-rank checkpoint (RMSprop.sharded_state_dict) that are not
+# state entries.
+SHARD_KEY = "__shard__"
+PIECE_SUFFIX = "." + SHARD_KEY
+SCALAR_ENTRIES = ("step", "learning_rate")
+
+# The agreement: a digest of what must agree, then (on failure) messages.
+_FINGERPRINT = 16
+_MESSAGE = 1024
+
+
+class ShardedStepError(ValueError):
+    """A sharded step failed on at least one rank; raised on EVERY rank.
+
+    Raised with the same message on every rank of the group, before any
+    parameter, state entry, learning rate or step counter changed, so that no
+    rank waits forever in a collective the failing one never reaches.
+
+    Attributes:
+        rank_errors (dict[int, str]): The error each failing rank saw, by rank.
+    """
+
+    def __init__(self, message: str, rank_errors: dict[int, str]):
+        super().__init__(message)
+        self.rank_errors = rank_errors
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One gradient leaf in the flat layout."""
+
+    keys: tuple  # the keys from the tree's root to the leaf
+    path: str  # the keys joined by "." (as tree_flatten names it)
+    shape: tuple[int, ...]
+    dtype: mx.Dtype
+    offset: int  # first element in the flat vector of all leaves
+    size: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The elements ``[start, stop)`` of leaf ``leaf``'s flattened elements,
+    owned by ``rank``; ``local`` is where they start in that rank's vector of
+    its pieces of the leaf's dtype."""
+
+    leaf: int
+    rank: int
+    start: int
+    stop: int
+    local: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class Bucket:
+    """Gather ``k`` of a dtype: local elements ``[lo, lo + width)`` of every rank."""
+
+    dtype: mx.Dtype
+    lo: int
+    width: int
+
+
+@dataclass
+class ShardPlan:
+    """The layout of a sharded step: which rank owns which pieces, and the buckets.
+
+    Built from the gradient tree only, so every rank computes the same plan.
+    """
+
+    leaves: list[Leaf]
+    ranks: int
+    rank: int
+    bucket_bytes: int
+    pieces: list[Piece] = field(default_factory=list)  # every rank's, in leaf order
+    buckets: list[Bucket] = field(default_factory=list)
+    local_sizes: dict[str, list[int]] = field(default_factory=dict)  # dtype -> per rank
+
+    @property
+    def total(self) -> int:
+        """E, the number of elements of all leaves."""
+        return sum(leaf.size for leaf in self.leaves)
+
+    @property
+    def share(self) -> int:
+        r"""S = ceil(E / N), the most elements a rank owns."""
+        return -(-self.total // self.ranks)
+
+    def own_pieces(self) -> list[Piece]:
+        """This rank's pieces, in leaf order."""
+        return [p for p in self.pieces if p.rank == self.rank]
+
+    def signature(self) -> tuple:
+        """What must agree between ranks (and between a state and the gradients)."""
+        return tuple((leaf.path, leaf.shape, str(leaf.dtype)) for leaf in self.leaves)
+
+
+def flatten(tree: Any, keys: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """Yield (keys, leaf) in the order of mlx.utils.tree_flatten: dicts in
+    insertion order, lists and tuples by index; anything else is a leaf."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from flatten(v, keys + (k,))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from flatten(v, keys + (i,))
+    else:
+        yield keys, tree
+
+
+def make_plan(gradients: Any, ranks: int, rank: int, bucket_bytes: int) -> ShardPlan:
+    """The plan for a gradient tree whose leaves are all arrays (checked before)."""
+    leaves = []
+    offset = 0
+    for keys, g in flatten(gradients):
+        size = int(g.size)
+        path = ".".join(str(k) for k in keys)
+        leaves.append(Leaf(keys, path, tuple(g.shape), g.dtype, offset, size))
+        offset += size
+    plan = ShardPlan(leaves, ranks, rank, bucket_bytes)
+    share = plan.share
+    local: dict[str, list[int]] = {}
+    dtypes: dict[str, mx.Dtype] = {}
+    for i, leaf in enumerate(leaves):
+        key = str(leaf.dtype)
+        dtypes.setdefault(key, leaf.dtype)
+        sizes = local.setdefault(key, [0] * ranks)
+        if leaf.size == 0:
+            owners = [(0, 0, 0)]
+        else:
+            first = leaf.offset // share
+            last = (leaf.offset + leaf.size - 1) // share
+            owners = [
+                (
+                    r,
+                    max(leaf.offset, r * share) - leaf.offset,
+                    min(leaf.offset + leaf.size, (r + 1) * share) - leaf.offset,
+                )
+                for r in range(first, last + 1)
+            ]
+        for r, start, stop in owners:
+            plan.pieces.append(Piece(i, r, start, stop, sizes[r]))
+            sizes[r] += stop - start
+    plan.local_sizes = local
+    for key, sizes in local.items():
+        dtype = dtypes[key]
+        width = max(1, bucket_bytes // dtype.size)
+        longest = max(sizes)
+        for lo in range(0, longest, width):
+            plan.buckets.append(Bucket(dtype, lo, min(width, longest - lo)))
+    return plan
+
+
+def gather_parameters(
+    plan: ShardPlan,
+    updated: dict[int, mx.array],
+    parameters: list[mx.array],
+    group: mx.distributed.Group,
+) -> list[mx.array]:
+    """All-gather the updated pieces bucket by bucket and return every leaf.
+
+    ``updated`` maps the index (in ``plan.pieces``) of each of this rank's
+    non-empty pieces to its updated 1-D elements; ``parameters`` are the
+    leaves before the step (a leaf without elements is returned as it was).
+    """
+    own = [(i, p) for i, p in enumerate(plan.pieces) if p.rank == plan.rank]
+    gathered: list[tuple[Bucket, mx.array]] = []
+    for bucket in plan.buckets:
+        hi = bucket.lo + bucket.width
+        parts = []
+        filled = 0
+        for i, p in own:
+            if plan.leaves[p.leaf].dtype != bucket.dtype or p.size == 0:
+                continue
+            a, b = max(p.local, bucket.lo), min(p.local + p.size, hi)
+            if a < b:
+                parts.append(updated[i][a - p.local : b - p.local])
+                filled += b - a
+        if filled < bucket.width:
+            parts.append(mx.zeros((bucket.width - filled,), bucket.dtype))
+        send = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        received = mx.distributed.all_gather(send, group=group)
+        # One at a time: what a send depends on differs between ranks (their
+        # own pieces, or only padding), so in one lazy graph the ranks could
+        # reach the collectives in different orders and deadlock.
+        mx.eval(received)
+        gathered.append((bucket, received))
+
+    out: list[list[mx.array]] = [[] for _ in plan.leaves]
+    for p in plan.pieces:  # in leaf order, and by rank within a leaf
+        if p.size == 0:
+            continue
+        for bucket, g in gathered:
+            if bucket.dtype != plan.leaves[p.leaf].dtype:
+                continue
+            a, b = max(p.local, bucket.lo), min(p.local + p.size, bucket.lo + bucket.width)
+            if a < b:
+                base = p.rank * bucket.width - bucket.lo
+                out[p.leaf].append(g[base + a : base + b])
+    leaves = []
+    for leaf, parts, param in zip(plan.leaves, out, parameters):
+        if not parts:
+            leaves.append(param)
+            continue
+        flat = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        leaves.append(flat.reshape(leaf.shape))
+    return leaves
+
+
+def fingerprint(*items: Any) -> bytes:
+    """A digest of what every rank must agree on (reprs of plain values)."""
+    return hashlib.blake2b(repr(items).encode(), digest_size=_FINGERPRINT).digest()
+
+
+def _gather_bytes(data: bytes, group: mx.distributed.Group) -> list[bytes]:
+    """Every rank's ``data`` (all of the same length), by rank."""
+    everyone = bytes(mx.distributed.all_gather(mx.array(list(data), dtype=mx.uint8), group=group).tolist())
+    return [everyone[i : i + len(data)] for i in range(0, len(everyone), len(data))]
+
+
+def agree(
+    group: mx.distributed.Group, error: Optional[BaseException], digest: bytes
+) -> None:
+    """Make every rank of ``group`` agree whether a step may proceed.
+
+    Each rank contributes a small record -- a failure flag and the digest of
+    what must agree (the gradient leaves, options, step, learning rate) -- to
+    one ``all_gather`` of a few bytes. When any flag is set, every rank
+    (knowing it from the same records) takes part in a second gather of the
+    error messages, so every rank raises the same :class:`ShardedStepError`;
+    when the digests differ, likewise. Otherwise all proceed: the healthy
+    step pays one tiny collective. Call it after every check that can differ
+    between ranks and before any other collective.
+    """
+    digest = digest[:_FINGERPRINT].ljust(_FINGERPRINT, b"\0")  # none when a check failed
+    records = _gather_bytes(bytes([1 if error is not None else 0]) + digest, group)
+    size = len(records)
+    failed = [r for r, rec in enumerate(records) if rec[0]]
+    if failed:
+        message = b""
+        if error is not None:
+            message = f"{type(error).__name__}: {error}".encode("utf-8", "replace")
+            message = message[: _MESSAGE - 2]
+        record = len(message).to_bytes(2, "little") + message
+        messages = _gather_bytes(record.ljust(_MESSAGE, b"\0"), group)
+        errors = {
+            r: messages[r][2 : 2 + int.from_bytes(messages[r][:2], "little")].decode("utf-8", "replace")
+            for r in failed
+        }
+        others = failed[1:]
+        more = f" (and on rank(s) {others})" if others else ""
+        raise ShardedStepError(
+            f"RMSprop (state sharded over {size} ranks): the step failed on rank "
+            f"{failed[0]}{more}: {errors[failed[0]]} -- nothing changed on any rank",
+            errors,
+        ) from error
+    digests = [rec[1:] for rec in records]
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise ShardedStepError(
+            f"RMSprop (state sharded over {size} ranks): rank(s) {differ} disagree "
+            "with rank 0 on the step (gradient leaves' paths, shapes or dtypes, the "
+            "optimizer's options, step count or learning rate differ) -- nothing "
+            "changed on any rank",
+            {r: "disagrees with rank 0" for r in differ},
+        )
+
+
+# ---- Checkpoints.
+
+
+def piece_record(leaf_index: int, leaf: Leaf, piece: Piece) -> mx.array:
+    """``[leaf index, start, stop, ndim, *shape]`` (int64) of a piece."""
+    return mx.array(
+        [leaf_index, piece.start, piece.stop, len(leaf.shape), *leaf.shape], dtype=mx.int64
+    )
+
+
+def assemble(per_rank: Sequence[dict[str, mx.array]]) -> dict:
+    """The full state tree from every rank's ``sharded_state_dict()``."""
+    if not per_rank:
+        raise ValueError("RMSprop.assemble_state: no per-rank state was given")
+    headers = []
+    for i, flat in enumerate(per_rank):
+        if not isinstance(flat, dict) or SHARD_KEY not in flat:
+            raise ValueError(
+                f"RMSprop.assemble_state: state {i} has no '{SHARD_KEY}' entry "
+                "(pass what RMSprop.sharded_state_dict() returned on each rank)"
+            )
+        rank, size, total = (int(x) for x in flat[SHARD_KEY].tolist()[:3])
+        headers.append((rank, size, total))
+    size = headers[0][1]
+    ranks = sorted(h[0] for h in headers)
+    if ranks != list(range(size)) or any(h[1] != size for h in headers):
+        raise ValueError(
+            f"RMSprop.assemble_state: expected the states of ranks 0..{size - 1} "
+            f"of one {size}-rank group, got ranks {ranks}"
+        )
+    if len({h[2] for h in headers}) != 1:
+        raise ValueError("RMSprop.assemble_state: the states come from different models")
+    first = per_rank[headers.index(min(headers))]
+    scalars = {}
+    for name in SCALAR_ENTRIES:
+        values = [flat.get(name) for flat in per_rank]
+        if values[0] is None:
+            continue
+        if any(v is None or not mx.array_equal(v, values[0]).item() for v in values):
+            raise ValueError(
+                f"RMSprop.assemble_state: the ranks' '{name}' differ (states of different steps?)"
+            )
+        scalars[name] = first[name]
+
+    # leaf index -> (path, shape, {name: [(start, stop, piece)]})
+    leaves: dict[int, tuple[str, tuple, dict]] = {}
+    for flat in per_rank:
+        entries_at: dict[str, dict[str, mx.array]] = {}
+        for key, value in flat.items():
+            if key in SCALAR_ENTRIES or key == SHARD_KEY or key.endswith(PIECE_SUFFIX):
+                continue
+            path, _, name = key.rpartition(".")
+            entries_at.setdefault(path, {})[name] = value
+        for key, rec in flat.items():
+            if not key.endswith(PIECE_SUFFIX):
+                continue
+            path = key[: -len(PIECE_SUFFIX)]
+            index, start, stop, ndim, *shape = (int(x) for x in rec.tolist())
+            shape = tuple(shape[:ndim])
+            entry = leaves.setdefault(index, (path, shape, {}))
+            if entry[0] != path or entry[1] != shape:
+                raise ValueError(
+                    f"RMSprop.assemble_state: leaf {index} is '{entry[0]}' {entry[1]} on "
+                    f"one rank and '{path}' {shape} on another"
+                )
+            for name, piece in entries_at.get(path, {}).items():
+                if piece.shape != (stop - start,):
+                    raise ValueError(
+                        f"RMSprop.assemble_state: '{path}.{name}' has shape {piece.shape}, "
+                        f"its range [{start}, {stop}) needs ({stop - start},)"
+                    )
+                entry[2].setdefault(name, []).append((start, stop, piece))
+    if sorted(leaves) != list(range(len(leaves))):
+        raise ValueError("RMSprop.assemble_state: some leaves have no piece on any rank")
+    items: list[tuple[str, mx.array]] = list(scalars.items())
+    for index in sorted(leaves):
+        path, shape, entries = leaves[index]
+        numel = math.prod(shape)
+        for name, pieces in entries.items():
+            pieces.sort(key=lambda t: t[0])
+            covered = 0
+            for start, stop, _ in pieces:
+                if start != covered:
+                    break
+                covered = stop
+            if covered != numel:
+                raise ValueError(
+                    f"RMSprop.assemble_state: the pieces of '{path}.{name}' do not cover "
+                    f"its {numel} elements exactly (a rank's state is missing?)"
+                )
+            parts = [p for s, e, p in pieces if e > s]
+            if not parts:
+                full = pieces[0][2]
+            elif len(parts) == 1:
+                full = parts[0]
+            else:
+                full = mx.concatenate(parts)
+            items.append((f"{path}.{name}", full.reshape(shape)))
+    from mlx.utils import tree_unflatten
+
+    return tree_unflatten(items)

@@ -1,0 +1,47 @@
+"""The model the launched tests train: shared by the worker ranks and the test.
+
+Leaves of mixed sizes and dtypes, so that with 2 and 3 ranks leaves are split
+between ranks, one leaf (``scale``) is smaller than the number of ranks, and
+the gather runs one bucket per dtype (float32, float16, bfloat16) -- several
+per dtype with a small ``shard_bucket_bytes``.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+SHAPES = {
+    "layers": [
+        {"weight": ((13, 9), mx.float32), "bias": ((9,), mx.float32)},
+        {"weight": ((9, 4), mx.float32), "bias": ((4,), mx.float32)},
+    ],
+    "scale": ((1,), mx.float32),
+    "embed": ((6, 5), mx.float16),
+    "norm": ((7,), mx.bfloat16),
+}
+
+
+def _tree(seed: int, scale: float) -> dict:
+    key = mx.random.key(seed)
+
+    def make(spec):
+        nonlocal key
+        if isinstance(spec, dict):
+            return {k: make(v) for k, v in spec.items()}
+        if isinstance(spec, list):
+            return [make(v) for v in spec]
+        shape, dtype = spec
+        key, sub = mx.random.split(key)
+        return (scale * mx.random.normal(shape, key=sub)).astype(dtype)
+
+    return make(SHAPES)
+
+
+def initial_parameters() -> dict:
+    """The parameters before the first step (the same on every rank)."""
+    return _tree(7, 1.0)
+
+
+def gradients_at(step: int, rank: int) -> dict:
+    """Rank ``rank``'s gradients at ``step`` (deterministic)."""
+    return _tree(1000 + 131 * step + rank, 0.1)
