@@ -45,3 +45,12 @@ def initial_parameters() -> dict:
 def gradients_at(step: int, rank: int) -> dict:
     """Rank ``rank``'s gradients at ``step`` (deterministic)."""
     return _tree(1000 + 131 * step + rank, 0.1)
+
+
+def same_bits(x: mx.array, y: mx.array) -> bool:
+    """Bit for bit, NaN included (centered variance in float16 can go
+    negative, and sharded and unsharded must give the same NaN bits)."""
+    if x.dtype in (mx.float16, mx.bfloat16, mx.float32):
+        as_int = {2: mx.uint16, 4: mx.uint32}[x.dtype.size]
+        x, y = x.view(as_int), y.view(as_int)
+    return mx.array_equal(x, y).item()

@@ -26,15 +26,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 import mlx_fused_rmsprop as fused
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from distributed_cases import gradients_at, initial_parameters  # noqa: E402
-
-
-def same_bits(x: mx.array, y: mx.array) -> bool:
-    """Bit for bit (NaN included)."""
-    if x.dtype in (mx.float16, mx.bfloat16, mx.float32):
-        as_int = {2: mx.uint16, 4: mx.uint32}[x.dtype.size]
-        x, y = x.view(as_int), y.view(as_int)
-    return mx.array_equal(x, y).item()
+from distributed_cases import gradients_at, initial_parameters, same_bits  # noqa: E402
 
 
 def equal_trees(a, b) -> bool:

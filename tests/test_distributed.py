@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 import mlx_fused_rmsprop as fused
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from distributed_cases import gradients_at, initial_parameters  # noqa: E402
+from distributed_cases import gradients_at, initial_parameters, same_bits  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "distributed_worker.py"
@@ -118,14 +118,6 @@ def rank_parameters(out: Path, n: int, case: int = 0, kind: str = "rank") -> lis
         tree_unflatten(list(mx.load(str(out / f"{case}-{kind}{r}.safetensors")).items()))
         for r in range(n)
     ]
-
-
-def same_bits(x: mx.array, y: mx.array) -> bool:
-    """Bit for bit (NaN included: centered variance in float16 can go negative)."""
-    if x.dtype in (mx.float16, mx.bfloat16, mx.float32):
-        as_int = {2: mx.uint16, 4: mx.uint32}[x.dtype.size]
-        x, y = x.view(as_int), y.view(as_int)
-    return mx.array_equal(x, y).item()
 
 
 def assert_trees_equal(a, b) -> None:

@@ -68,6 +68,20 @@ def test_a_broken_mlx_install_is_named_with_its_fix():
     assert message.endswith("Fix: pip install 'mlx==0.32.4'")
 
 
+def import_after(prelude: str) -> str:
+    """A fresh interpreter runs ``prelude``, then imports the package and
+    prints its ImportError, if any, after ``IMPORT ERROR:``; its stdout."""
+    out = run_python(
+        prelude
+        + "try:\n"
+        "    import mlx_fused_rmsprop\n"
+        "except ImportError as e:\n"
+        "    print('IMPORT ERROR:', e)\n"
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_a_broken_mlx_import_fails_with_that_message():
     """The package's own import, with `import mlx.core` failing (a stand-in
     finder raises what the dynamic loader would), raises the message above,
@@ -79,16 +93,11 @@ def test_a_broken_mlx_import_fails_with_that_message():
         "        if name == 'mlx.core':\n"
         "            raise ImportError('core.so: undefined symbol: _ZN3mlx4core')\n"
         "sys.meta_path.insert(0, Broken())\n"
-        "try:\n"
-        "    import mlx_fused_rmsprop\n"
-        "except ImportError as e:\n"
-        "    print('IMPORT ERROR:', e)\n"
     )
-    out = run_python(code)
-    assert out.returncode == 0, out.stderr
-    assert "`import mlx.core` fails (ImportError: core.so: undefined symbol" in out.stdout
-    assert f"Installed: mlx {mx.__version__}" in out.stdout
-    assert f"Fix: pip install '{mlx_fused_rmsprop._mlx_requirement(_build_info.MLX_VERSION)}'" in out.stdout
+    out = import_after(code)
+    assert "`import mlx.core` fails (ImportError: core.so: undefined symbol" in out
+    assert f"Installed: mlx {mx.__version__}" in out
+    assert f"Fix: pip install '{mlx_fused_rmsprop._mlx_requirement(_build_info.MLX_VERSION)}'" in out
 
 
 def test_import_fails_cleanly_when_built_for_another_mlx():
@@ -97,17 +106,12 @@ def test_import_fails_cleanly_when_built_for_another_mlx():
         "fake = types.ModuleType('mlx_fused_rmsprop._build_info')\n"
         "fake.MLX_VERSION = '0.1.0'; fake.HAS_METAL = False\n"
         "sys.modules['mlx_fused_rmsprop._build_info'] = fake\n"
-        "try:\n"
-        "    import mlx_fused_rmsprop\n"
-        "except ImportError as e:\n"
-        "    print('IMPORT ERROR:', e)\n"
     )
-    out = run_python(code)
-    assert out.returncode == 0, out.stderr
-    assert "IMPORT ERROR: mlx_fused_rmsprop 0.1.0 was built against mlx 0.1.0" in out.stdout
-    assert f"mlx {mx.__version__} is installed" in out.stdout
+    out = import_after(code)
+    assert "IMPORT ERROR: mlx_fused_rmsprop 0.1.0 was built against mlx 0.1.0" in out
+    assert f"mlx {mx.__version__} is installed" in out
     extra = "" if platform.system() == "Darwin" else "[cpu]"
-    assert f"Fix: pip install 'mlx{extra}==0.1.0'" in out.stdout
+    assert f"Fix: pip install 'mlx{extra}==0.1.0'" in out
 
 
 def test_imports_with_no_library_path_variables():
