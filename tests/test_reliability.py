@@ -59,6 +59,7 @@ def bad_step_cases():
     yield "integer_grad_and_param", None, r"parameter dtype int32"
     yield "missing_state", lambda g, s: s["layers"][2]["weight"].pop("v"), r"no entry"
     yield "misshaped_state", lambda g, s: s["layers"][2]["weight"].update(v=mx.zeros((3, 6))), r"state 'v' shape"
+    yield "state_not_an_array", lambda g, s: s["layers"][2]["weight"].update(v="not an array"), r"state 'v' is str"
     yield "nan_lr_is_fine_but_string_is_not", lambda g, s: set_leaf(g, FIFTH, "not an array"), r"gradient is str"
 
 
@@ -82,7 +83,7 @@ def test_bad_fifth_leaf_changes_nothing_then_training_continues(case):
 
     if name == "integer_grad_and_param":
         set_leaf(params, FIFTH, params_before["layers"][2]["weight"])
-    if name in ("missing_state", "misshaped_state"):
+    if name in ("missing_state", "misshaped_state", "state_not_an_array"):
         opt.state["layers"][2]["weight"] = {"v": state_before["layers"][2]["weight"]["v"]}
     assert_same_tree(opt.state, state_before)  # step counter, lr and every v
     assert_same_tree(params, params_before)
@@ -170,10 +171,12 @@ def load_into_fresh(net, flat_state):
         (lambda s: s.update({"head.weight.v": mx.zeros((2, 2))}), r"unexpected entry 'head'"),
         (lambda s: s.update({"layers.0.bias.v": mx.zeros((3,))}), r"entry 'layers\.0\.bias\.v' is \(3,\)"),
         (lambda s: s.update({"norm.weight.v": s["norm.weight.v"].astype(mx.float16)}), r"'norm\.weight\.v' is \(16,\) mlx.core.float16"),
+        (lambda s: s.update({"layers.0.bias.v": 0.5}), r"entry 'layers\.0\.bias\.v' is float, but the parameter is \(\d+,\)"),
         (lambda s: s.pop("step"), r"no entry 'step'"),
         (lambda s: s.pop("learning_rate"), r"no entry 'learning_rate'"),
     ],
-    ids=["missing", "extra_key", "extra_path", "misshaped", "wrong_dtype", "no_step", "no_lr"],
+    ids=["missing", "extra_key", "extra_path", "misshaped", "wrong_dtype", "not_an_array", "no_step",
+         "no_lr"],
 )
 def test_bad_checkpoints_name_the_entry(edit, message):
     net, flat = saved_state()

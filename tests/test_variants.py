@@ -226,6 +226,7 @@ PRESET_ARGS = {
         {"momentum": 0.9, "nesterov": True}, {"nesterov": True},
         {"centered": True, "momentum": 0.8, "nesterov": True}, {"bias_correction": True},
         {"bias_correction": True, "initial_scale": 1.0, "centered": True, "momentum": 0.9},
+        {"eps": 1e-3}, {"decay": 0.95, "eps": 0.1, "eps_in_sqrt": False},
     ],
     "keras": [
         {}, {"momentum": 0.9}, {"centered": True}, {"weight_decay": 0.1},
@@ -320,6 +321,63 @@ def test_float32_state_for_bfloat16_parameters():
         for name in o.state_names():
             check_close(name, as_f64(opt.state["w"][name]), want_state[name], bounds[name],
                         mx.float32, F32_TOL)
+
+
+def test_float32_state_dtype_leaves_float32_and_float64_state_in_their_own_dtype():
+    """state_dtype=mx.float32 concerns float16 / bfloat16 parameters only:
+    float32 and float64 parameters keep state of their own dtype and train
+    bit for bit like an optimizer without the option."""
+    w0, grads = sequence(5, steps=4)
+    o = models.Options(momentum=0.9, centered=True)
+    for dtype in (mx.float32, mx.float64):
+        zero = mx.zeros((1,), dtype)
+        wide = RMSprop(0.01, **kwargs(o), state_dtype=mx.float32)
+        plain = RMSprop(0.01, **kwargs(o))
+        assert wide.state_dtype_of(zero) == dtype
+        params_wide = params_plain = {"w": mx.array(w0).astype(dtype)}
+        for g in grads:
+            grad = {"w": mx.array(g).astype(dtype)}
+            params_wide = wide.apply_gradients(grad, params_wide)
+            params_plain = plain.apply_gradients(grad, params_plain)
+            mx.eval(params_wide, params_plain, wide.state, plain.state)
+        assert {a.dtype for a in wide.state["w"].values()} == {dtype}
+        bits_equal_trees(params_wide, params_plain)
+        bits_equal_trees(wide.state, plain.state)
+
+
+def test_a_checkpoint_of_float32_state_for_bfloat16_parameters_loads_and_continues(tmp_path):
+    """An optimizer with state_dtype=mx.float32 saves float32 state beside
+    bfloat16 parameters; a fresh one with the same option loads it (the
+    state's dtype is the option's, not the parameter's) and continues bit
+    for bit, while one without the option names the entry it rejects."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    def make(**extra):
+        return RMSprop(0.01, momentum=0.9, centered=True, **extra)
+
+    params = {k: (v.astype(mx.bfloat16) if isinstance(v, mx.array) else [v[0].astype(mx.bfloat16)])
+              for k, v in two_leaves().items()}
+    opt = make(state_dtype=mx.float32)
+    for k in range(2):
+        params = opt.apply_gradients(grads_of(params, k), params)
+    mx.eval(params, opt.state)
+    assert opt.state["a"]["v"].dtype == mx.float32
+    path = str(tmp_path / "state.safetensors")
+    mx.save_safetensors(path, dict(tree_flatten(opt.state)))
+    fresh = make(state_dtype=mx.float32)
+    fresh.state = tree_unflatten(list(mx.load(path).items()))
+    resumed = params
+    for k in range(2, 4):
+        params = opt.apply_gradients(grads_of(params, k), params)
+        resumed = fresh.apply_gradients(grads_of(resumed, k), resumed)
+    mx.eval(params, resumed, opt.state, fresh.state)
+    bits_equal_trees(resumed, params)
+    bits_equal_trees(fresh.state, opt.state)
+    narrow = make()
+    narrow.state = tree_unflatten(list(mx.load(path).items()))
+    with pytest.raises(ValueError, match=r"entry '(a|b\.0)\.v' is \([0-9, ]+\) mlx.core.float32, "
+                       r"but the parameter is \([0-9, ]+\) mlx.core.bfloat16$"):
+        narrow.apply_gradients(grads_of(params, 0), params)
 
 
 # ---- mx.compile, checkpoints, all-or-nothing steps.
