@@ -563,8 +563,9 @@ MUTANTS = [
       "The last part no longer takes 'the rest'.",
       SPLIT_SMALL,
       equivalent="per_part = ceil(units / parts) rounded up, and the pool never has fewer "
-                 "than parts - 1 workers (both come from split_threads()), so parts * per_part "
-                 ">= units and the last part reaches units anyway"),
+                 "than parts - 1 workers (it is sized for the larger of the two bounds' "
+                 "split_threads(), parts for one of them), so parts * per_part >= units and "
+                 "the last part reaches units anyway"),
     m("split_align_dropped", PARALLEL,
       "per_part = (per_part + align - 1) / align * align;", "per_part = per_part;",
       "Part boundaries are no longer multiples of 256 elements / 64 tile rows.",
