@@ -413,6 +413,32 @@ def bits_equal_trees(x, y):
             assert a == b, k
 
 
+@pytest.mark.parametrize("options", [{}, {"momentum": 0.9, "centered": True, "bias_correction": True}],
+                         ids=["plain", "bias_corrected"])
+def test_leaves_of_every_dtype_in_one_step_each_step_as_alone(options):
+    """One step over float32, float64, float16 and bfloat16 leaves shares the
+    step's scalars per compute type (float for float32 and the halves,
+    double for float64): each leaf comes out bit for bit as when it is the
+    only leaf of the tree."""
+    rng = np.random.default_rng(3)
+    dtypes = {"f32": mx.float32, "f64": mx.float64, "f16": mx.float16, "bf16": mx.bfloat16,
+              "f64b": mx.float64, "f32b": mx.float32}
+    params = {k: mx.array(rng.standard_normal((6, 5))).astype(d) for k, d in dtypes.items()}
+    grads = [{k: mx.array(rng.standard_normal((6, 5))).astype(d) for k, d in dtypes.items()}
+             for _ in range(3)]
+    together = RMSprop(0.05, **options)
+    alone = {k: RMSprop(0.05, **options) for k in dtypes}
+    p_together, p_alone = params, {k: {k: v} for k, v in params.items()}
+    for g in grads:
+        p_together = together.apply_gradients(g, p_together)
+        for k in dtypes:
+            p_alone[k] = alone[k].apply_gradients({k: g[k]}, p_alone[k])
+        mx.eval(p_together, p_alone, together.state, [o.state for o in alone.values()])
+    for k in dtypes:
+        bits_equal_trees({k: p_together[k]}, p_alone[k])
+        bits_equal_trees(together.state[k], alone[k].state[k])
+
+
 def test_compile_with_a_schedule_and_bias_correction_does_not_retrace():
     """The learning rate and the step count are array inputs of the
     primitive: under mx.compile a schedule and the bias correction's 1 -

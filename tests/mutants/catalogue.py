@@ -1694,6 +1694,20 @@ MUTANTS = [
       "return {all.first(walked), all.subspan(walked)};", "return {all.first(walked), all.subspan(2)};",
       "The step's scalars start at v: the learning rate is read from v's first element.",
       [FLOAT32_STEPS, VARIANTS_ONE_STEP]),
+    m("split_inputs_state_count_momentum_at_zero", OP_H,
+      "return 1 + (centered ? 1 : 0) + (momentum > 0.0 ? 1 : 0);",
+      "return 1 + (centered ? 1 : 0) + (momentum >= 0.0 ? 1 : 0);",
+      "Every options count a momentum buffer: the plain update is checked against two "
+      "state arrays and its lr is taken for one.",
+      [FLOAT32_STEPS, BAD_INPUTS]),
+    m("step_scalars_one_cache", OP,
+      "auto& cached = compute == mx::float64 ? float64_ : float32_;",
+      "auto& cached = float32_;",
+      "One step's scalars are built once for whichever leaf comes first: float64 leaves "
+      "beside float32 / 16-bit ones read a float lr (and bias correction) as double, or "
+      "the others a double one as float.",
+      ["tests/test_variants.py::test_leaves_of_every_dtype_in_one_step_each_step_as_alone",
+       VARIANTS]),
     # The step-pattern roofline of the benchmark (csrc/roofline.{h,cpp}).
     m("roofline_bytes_moved_reads_only", ROOFLINE_H,
       "return 5 * bytes_per_array();", "return 3 * bytes_per_array();",
