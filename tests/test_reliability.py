@@ -169,13 +169,15 @@ def load_into_fresh(net, flat_state):
         (lambda s: s.pop("layers.1.weight.v"), r"no entry 'layers\.1\.weight\.v'"),
         (lambda s: s.update({"layers.0.weight.m": s["layers.0.weight.v"]}), r"unexpected entry 'layers\.0\.weight\.m'"),
         (lambda s: s.update({"head.weight.v": mx.zeros((2, 2))}), r"unexpected entry 'head'"),
+        (lambda s: s.update({"layers.2.weight.v": mx.zeros((2, 2))}), r"unexpected entry 'layers\.2' \(no parameter there\)"),
         (lambda s: s.update({"layers.0.bias.v": mx.zeros((3,))}), r"entry 'layers\.0\.bias\.v' is \(3,\)"),
         (lambda s: s.update({"norm.weight.v": s["norm.weight.v"].astype(mx.float16)}), r"'norm\.weight\.v' is \(16,\) mlx.core.float16"),
         (lambda s: s.update({"layers.0.bias.v": 0.5}), r"entry 'layers\.0\.bias\.v' is float, but the parameter is \(\d+,\)"),
         (lambda s: s.pop("step"), r"no entry 'step'"),
         (lambda s: s.pop("learning_rate"), r"no entry 'learning_rate'"),
     ],
-    ids=["missing", "extra_key", "extra_path", "misshaped", "wrong_dtype", "not_an_array", "no_step",
+    ids=["missing", "extra_key", "extra_path", "extra_list_element", "misshaped", "wrong_dtype",
+         "not_an_array", "no_step",
          "no_lr"],
 )
 def test_bad_checkpoints_name_the_entry(edit, message):
@@ -188,6 +190,25 @@ def test_bad_checkpoints_name_the_entry(edit, message):
     with pytest.raises(ValueError, match=message):
         opt.update(net, grads)
     assert_same_tree(net.parameters(), before)
+
+
+@pytest.mark.parametrize("extra", ["head", "layers"], ids=["dict_key", "list_element"])
+def test_a_loaded_state_with_a_gradient_that_has_no_parameter_names_the_gradient(extra):
+    """After a checkpoint is loaded, a gradient with no parameter (a new dict
+    key, or a gradient list longer than the model's) is reported as such,
+    naming its path, not as a state entry the checkpoint lacks."""
+    net, flat = saved_state()
+    opt = load_into_fresh(net, flat)
+    params = net.parameters()
+    grads = tree_map(lambda p: mx.ones_like(p), params)
+    if extra == "head":
+        grads["head"] = mx.ones((3,))
+        where = "head"
+    else:
+        grads["layers"] = grads["layers"] + [{"bias": mx.ones((2,))}]
+        where = r"layers\.2\.bias"
+    with pytest.raises(ValueError, match=rf"^RMSprop: leaf '{where}': no parameter for this gradient$"):
+        opt.apply_gradients(grads, params)
 
 
 def test_a_fresh_state_with_only_scalars_initializes_like_mlx():

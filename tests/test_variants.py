@@ -439,6 +439,22 @@ def test_leaves_of_every_dtype_in_one_step_each_step_as_alone(options):
         bits_equal_trees(together.state[k], alone[k].state[k])
 
 
+def test_apply_single_through_mlx_s_own_apply_gradients_steps_like_ours():
+    """mlx.optimizers.Optimizer.apply_gradients (init, step + 1, then
+    apply_single per leaf) run on our optimizer gives the bits of our native
+    step, bias correction included: apply_single passes the step count."""
+    import mlx.optimizers as optim
+
+    ours, base = heavy(), heavy()
+    p_ours = p_base = two_leaves()
+    for k in range(3):
+        p_ours = ours.apply_gradients(grads_of(p_ours, k), p_ours)
+        p_base = optim.Optimizer.apply_gradients(base, grads_of(p_base, k), p_base)
+        mx.eval(p_ours, p_base, ours.state, base.state)
+    bits_equal_trees(p_base, p_ours)
+    bits_equal_trees(base.state, ours.state)
+
+
 def test_compile_with_a_schedule_and_bias_correction_does_not_retrace():
     """The learning rate and the step count are array inputs of the
     primitive: under mx.compile a schedule and the bias correction's 1 -
