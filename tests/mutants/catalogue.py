@@ -1596,7 +1596,7 @@ MUTANTS = [
     m("tile_cols_not_clamped", TRANSPOSE,
       "int64_t nc = std::min(kTileCols, cols - c0);", "int64_t nc = std::min(kTileCols, cols);",
       "The last tile of a row runs past the row (cols not a multiple of 64).",
-      [CPU_LAYOUTS, "-k", "grad_transposed", ISA_BITS]),
+      [CPU_LAYOUTS, "-k", "grad_transposed"]),
     m("tile_run_reads_wrong_tile_row", TRANSPOSE,
       "run(tile + r * kTileCols, (r0 + r) * cols + c0, nc);",
       "run(tile + r, (r0 + r) * cols + c0, nc);",
@@ -1607,7 +1607,7 @@ MUTANTS = [
       "for (int64_t r0 = 0; r0 < row_end; r0 += kTileRows) {",
       "Each part of a split transposed leaf also updates every row before its own "
       "(in place: a second step on them).",
-      [SPLIT_SMALL, CPU_LAYOUTS, "-k", "grad_transposed"]),
+      [SPLIT_SMALL]),
     # The one native walk per step (csrc/optimizer_step.cpp).
     m("step_dict_state_is_param", STEP,
       "walk(child, dict_child(param, key), dict_child(state, key));",
