@@ -157,6 +157,19 @@ def test_named_tests_exist(mutant):
             assert re.search(rf"def {re.escape(name)}\(", (ROOT / file).read_text()), arg
 
 
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m["id"])
+def test_a_k_expression_does_not_deselect_named_tests(mutant):
+    """pytest applies -k to every test it collects: a selecting -k beside
+    several named tests would silently drop the ones it does not match (only
+    an exclusion, -k "not ...", may go with several)."""
+    args = mutant["tests"]
+    if "-k" not in args:
+        return
+    expr = args[args.index("-k") + 1]
+    named = [a for i, a in enumerate(args) if not a.startswith("-") and args[i - 1] != "-k"]
+    assert expr.startswith("not ") or len(named) == 1, (expr, named)
+
+
 @pytest.mark.parametrize("file,prefix", REQUIRED)
 def test_every_part_of_the_code_has_mutants(file, prefix):
     assert any(m["file"] == file and m["id"].startswith(prefix) for m in MUTANTS), (file, prefix)

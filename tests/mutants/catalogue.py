@@ -1329,7 +1329,7 @@ MUTANTS = [
     m("preset_optax_eps_dropped", OPTIMIZER,
       "            eps=eps,\n            momentum=mu,\n", "            momentum=mu,\n",
       "from_optax ignores eps (always 1e-8).",
-      [PRESETS, "-k", "optax", FRAMEWORKS]),
+      [PRESETS, "-k", "optax"]),
     m("preset_optax_nesterov_without_momentum", OPTIMIZER,
       "nesterov=nesterov and mu > 0.0,", "nesterov=nesterov,",
       "from_optax(nesterov=True) without momentum raises instead of ignoring nesterov as optax does.",
