@@ -53,17 +53,32 @@ def sh(cmd, **kw) -> subprocess.CompletedProcess:
 
 
 def copy_repository(src: Path) -> None:
-    """The repository's files into src (keeping a previous run's build/)."""
-    files = sh(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
-               check=True).stdout.split("\0")
+    """The repository's files into src, keeping a previous run's build/.
+
+    A file whose bytes changed gets a fresh modification time (shutil.copy,
+    not copy2): the build must see every change. Copying a file's old time
+    over a newer one would hide it -- e.g. after an interrupted run, whose
+    objects were compiled from a mutant, the restored file would look older
+    than those objects and the mutant would stay in the build."""
+    files = {name for name in sh(["git", "ls-files", "-co", "--exclude-standard", "-z"],
+                                 cwd=REPO, check=True).stdout.split("\0")
+             if name and (REPO / name).is_file()}
     if src.exists():
-        for child in src.iterdir():
-            if child.name != "build":
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    for name in filter(None, files):
-        if (REPO / name).is_file():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, src / name)
+        for path in sorted(src.rglob("*"), reverse=True):
+            name = path.relative_to(src).as_posix()
+            if name == "build" or name.startswith("build/"):
+                continue
+            if path.is_symlink() or path.is_file():
+                if name not in files:
+                    path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+    for name in sorted(files):
+        source, target = REPO / name, src / name
+        if target.is_file() and target.read_bytes() == source.read_bytes():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
 
 
 def requirements(src: Path) -> list[str]:
