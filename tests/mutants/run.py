@@ -17,10 +17,11 @@ it, rebuilds the extension, runs its tests, and restores the file.
 Too slow for CI: with --opt=-O1 on 2 shared cores a C++ mutant takes ~10 s
 (rmsprop.cpp) to ~45 s (the CPU loops) and ~90 s when the shared math header
 changes (everything rebuilds), each with its tests; a Python one a few
-seconds. The 318 mutants took ~1.5 hours on an idle 2-core machine before
-issue 11 and about 4 under the load of other jobs (several --only runs in two
---scratch folders at once share the work out). tests/test_mutant_catalogue.py
-checks the catalogue itself in CI.
+seconds. The 254 mutants before issue 11 took ~1.5 hours on an idle 2-core
+machine; the 318 of issue 11's code, under other jobs' load, ~3 hours of
+mutant time (several --only runs in separate --scratch folders at once share
+the work out). tests/test_mutant_catalogue.py checks the catalogue itself in
+CI.
 Exits non-zero when a behaviour-changing mutant survived, did not build, or
 no longer applies, or when a mutant marked equivalent was killed.
 """
