@@ -192,6 +192,18 @@ def test_the_step_pattern_limit_reads_three_buffers_and_writes_two(threads):
         assert v == (words * (3 + k * g)) & mask
 
 
+def test_the_step_pattern_limit_rounds_a_ragged_size_up_to_whole_words():
+    """Buffers of whole 64-bit words: a size that is not a multiple of 8
+    bytes gets one more word (every byte asked for is moved), at least one."""
+    assert _ext.StepPatternRoofline(8 * 1000 + 3).bytes_moved == 5 * 8 * 1001
+    assert _ext.StepPatternRoofline(8 * 1000).bytes_moved == 5 * 8 * 1000
+    assert _ext.StepPatternRoofline(1).bytes_moved == 5 * 8
+    limit = _ext.StepPatternRoofline(8 * 10 + 1)
+    limit.run(1)
+    g = 0x0101010101010101
+    assert limit.sums() == (11 * (2 ^ g), 11 * (3 + g))
+
+
 def test_report_targets_read_the_cases_they_name():
     """A hand-made result: each issue-11 target reads its own case."""
     def leaf(dtype, fraction):

@@ -420,6 +420,28 @@ def test_threads_follow_what_bounds_the_leaf():
     assert _ext._cpu_bound(g, w, v.astype(mx.float32)) == "compute"
 
 
+_PARTS_SCRIPT = r"""
+import json
+from mlx_fused_rmsprop import _ext
+sizes = (0, 1, 999, 1000, 1999, 2000, 2999, 3000, 3999, 4000, 10**6)
+print(json.dumps({b: [_ext._split_parts(n, b) for n in sizes] for b in ("memory", "compute")}))
+"""
+
+
+def test_a_leaf_is_split_by_its_size_up_to_the_threads_of_its_bound():
+    """A thread per MLX_FUSED_RMSPROP_MIN_ELEMENTS_PER_THREAD elements, at
+    least one and at most the threads of the leaf's bound: small leaves are
+    not split (a worker's wake-up costs more than it saves)."""
+    env = {**os.environ, "MLX_FUSED_RMSPROP_MIN_ELEMENTS_PER_THREAD": "1000",
+           "MLX_FUSED_RMSPROP_NUM_THREADS": "3"}
+    res = subprocess.run([sys.executable, "-c", _PARTS_SCRIPT], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    parts = json.loads(res.stdout.strip().splitlines()[-1])
+    want = [1, 1, 1, 1, 1, 2, 2, 3, 3, 3, 3]
+    assert parts == {"memory": want, "compute": want}
+
+
 _THREADS_SCRIPT = r"""
 import json
 from mlx_fused_rmsprop import _ext

@@ -254,6 +254,34 @@ def test_edge_hyperparameters_mlx_accepts_are_accepted(kwargs):
     assert_trees_bit_equal(ours, ref)
 
 
+@pytest.mark.parametrize("name", ["momentum", "weight_decay", "initial_scale"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -0.5], ids=["inf", "nan", "negative"])
+def test_non_finite_or_negative_variant_options_raise_at_construction(name, value):
+    """momentum, weight_decay and initial_scale must be finite and >= 0: the
+    constructor says so by name, before any step (the fused op would reject
+    them only at the first step)."""
+    with pytest.raises(ValueError, match=f"RMSprop {name} should be a finite number >= 0"):
+        RMSprop(0.1, **{name: value})
+
+
+def test_hyperparameters_set_between_steps_take_effect_like_mlx():
+    """opt.alpha and opt.eps set after construction (as on
+    mlx.optimizers.RMSprop, whose apply_single reads them every step) change
+    the next fused step: the parameters and state stay bit-equal to mlx's."""
+    params = {"w": mx.linspace(-1, 1, 40).reshape(5, 8)}
+    ours, ref = RMSprop(0.05), optim.RMSprop(0.05)
+    p_ours = p_ref = params
+    for k, (alpha, eps) in enumerate([(0.99, 1e-8), (0.5, 1e-8), (0.5, 0.25), (0.9, 1e-3)]):
+        for opt in (ours, ref):
+            opt.alpha, opt.eps = alpha, eps
+        grads = {"w": mx.sin(p_ref["w"] * (k + 2))}
+        p_ours = ours.apply_gradients(grads, p_ours)
+        p_ref = ref.apply_gradients(grads, p_ref)
+        mx.eval(p_ours, p_ref, ours.state, ref.state)
+        assert_trees_bit_equal(p_ours, p_ref)
+        assert_trees_bit_equal(ours.state, ref.state)
+
+
 def test_assigning_a_fresh_state_to_a_stepped_optimizer_initializes_it_like_mlx():
     """opt.state = {step, learning_rate} after training: the next step
     creates the state again, as mlx.optimizers does."""
@@ -323,6 +351,88 @@ def test_failed_step_changes_nothing_and_training_continues():
     ref = optim.RMSprop(0.1)
     ref_params = ref.apply_gradients(grads, {"a": mx.ones((3,)), "b": mx.ones((2,))})
     assert_trees_bit_equal(opt.apply_gradients(grads, params), ref.apply_gradients(grads, ref_params))
+
+
+def test_tuples_in_the_tree_come_back_as_tuples_like_mlx():
+    """The native step rebuilds the returned tree in the gradients' shape:
+    tuples stay tuples and lists lists, as mlx.optimizers returns them."""
+    params = {"t": (mx.ones((3,)), mx.zeros((2,))), "l": [mx.ones((2,)), (mx.full((4,), 2.0),)]}
+    grads = tree_map(lambda p: p * 0.5 + 1, params)
+    ours = RMSprop(0.1).apply_gradients(grads, params)
+    ref = optim.RMSprop(0.1).apply_gradients(grads, params)
+    assert type(ours["t"]) is tuple and type(ours["l"]) is list and type(ours["l"][1]) is tuple
+    assert [type(x) for x in ours["l"]] == [type(x) for x in ref["l"]]
+    assert type(ref["t"]) is tuple
+    assert_trees_bit_equal(ours, ref)
+
+
+def test_check_gradients_names_the_leaf_and_changes_nothing():
+    """check_gradients raises like apply_gradients would (naming the leaf)
+    and changes nothing: before the first step it checks the leaves as
+    init() will set them up, after it the state entries themselves."""
+    params = {"a": mx.ones((3,)), "b": [mx.zeros((2, 2))]}
+    grads = tree_map(lambda p: p * 0.5 + 1, params)
+    opt = RMSprop(0.1)
+    opt.check_gradients(grads, params)  # a fresh optimizer: no state yet, and none made
+    assert set(opt.state) <= {"step", "learning_rate"}
+    with pytest.raises(ValueError, match=r"leaf 'c'.*no parameter"):
+        opt.check_gradients({**grads, "c": mx.ones((1,))}, params)
+    params = opt.apply_gradients(grads, params)
+    mx.eval(params, opt.state)
+    opt.check_gradients(grads, params)
+    v = opt.state["b"][0].pop("v")
+    with pytest.raises(ValueError, match=r"leaf 'b\.0': the optimizer state has no entry"):
+        opt.check_gradients(grads, params)
+    opt.state["b"][0]["v"] = v.astype(mx.float16)
+    with pytest.raises(ValueError, match=r"leaf 'b\.0'.*state 'v' dtype float16"):
+        opt.check_gradients(grads, params)
+    assert opt.step.item() == 1
+
+
+@pytest.mark.parametrize(
+    "name,value,message",
+    [("alpha", -0.5, "alpha must be a finite number >= 0"),
+     ("eps", 0.0, "eps must be a finite number > 0"),
+     ("alpha", float("nan"), "alpha must be a finite number >= 0"),
+     ("momentum", float("inf"), "momentum must be a finite number >= 0"),
+     ("weight_decay", -1.0, "weight_decay must be a finite number >= 0")],
+    ids=["alpha<0", "eps=0", "alpha=nan", "momentum=inf", "weight_decay<0"],
+)
+def test_options_set_after_construction_are_checked_before_the_step(name, value, message):
+    """Hyperparameters assigned after construction are checked by the step
+    (and by check_gradients) before anything changes."""
+    params = {"w": mx.linspace(-1, 1, 12)}
+    grads = {"w": mx.cos(params["w"])}
+    opt = RMSprop(0.1)
+    params = opt.apply_gradients(grads, params)
+    mx.eval(params, opt.state)
+    before = (opt.step.item(), mx.array(opt.state["w"]["v"]), mx.array(params["w"]))
+    setattr(opt, name, value)
+    with pytest.raises(ValueError, match=message):
+        opt.check_gradients(grads, params)
+    with pytest.raises(ValueError, match=message):
+        opt.apply_gradients(grads, params)
+    assert opt.step.item() == before[0]
+    assert bit_equal(opt.state["w"]["v"], before[1]) and bit_equal(params["w"], before[2])
+
+
+@pytest.mark.parametrize(
+    "lr,message",
+    [(mx.array([0.1, 0.2]), r"learning rate must be a scalar, got shape \(2\)"),
+     (mx.array(0.1 + 0.0j), r"learning rate must be real, got complex64")],
+    ids=["vector", "complex"],
+)
+def test_a_learning_rate_that_is_not_a_real_scalar_raises_before_the_step(lr, message):
+    params = {"w": mx.linspace(-1, 1, 12)}
+    grads = {"w": mx.cos(params["w"])}
+    opt = RMSprop(0.1)
+    params = opt.apply_gradients(grads, params)
+    mx.eval(params, opt.state)
+    v = mx.array(opt.state["w"]["v"])
+    opt.learning_rate = lr
+    with pytest.raises(ValueError, match=message):
+        opt.apply_gradients(grads, params)
+    assert opt.step.item() == 1 and bit_equal(opt.state["w"]["v"], v)
 
 
 def test_op_level_errors_are_value_errors():

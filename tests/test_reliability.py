@@ -59,6 +59,7 @@ def bad_step_cases():
     yield "integer_grad_and_param", None, r"parameter dtype int32"
     yield "missing_state", lambda g, s: s["layers"][2]["weight"].pop("v"), r"no entry"
     yield "misshaped_state", lambda g, s: s["layers"][2]["weight"].update(v=mx.zeros((3, 6))), r"state 'v' shape"
+    yield "state_not_an_array", lambda g, s: s["layers"][2]["weight"].update(v="not an array"), r"state 'v' is str"
     yield "nan_lr_is_fine_but_string_is_not", lambda g, s: set_leaf(g, FIFTH, "not an array"), r"gradient is str"
 
 
@@ -82,7 +83,7 @@ def test_bad_fifth_leaf_changes_nothing_then_training_continues(case):
 
     if name == "integer_grad_and_param":
         set_leaf(params, FIFTH, params_before["layers"][2]["weight"])
-    if name in ("missing_state", "misshaped_state"):
+    if name in ("missing_state", "misshaped_state", "state_not_an_array"):
         opt.state["layers"][2]["weight"] = {"v": state_before["layers"][2]["weight"]["v"]}
     assert_same_tree(opt.state, state_before)  # step counter, lr and every v
     assert_same_tree(params, params_before)
@@ -168,12 +169,16 @@ def load_into_fresh(net, flat_state):
         (lambda s: s.pop("layers.1.weight.v"), r"no entry 'layers\.1\.weight\.v'"),
         (lambda s: s.update({"layers.0.weight.m": s["layers.0.weight.v"]}), r"unexpected entry 'layers\.0\.weight\.m'"),
         (lambda s: s.update({"head.weight.v": mx.zeros((2, 2))}), r"unexpected entry 'head'"),
+        (lambda s: s.update({"layers.2.weight.v": mx.zeros((2, 2))}), r"unexpected entry 'layers\.2' \(no parameter there\)"),
         (lambda s: s.update({"layers.0.bias.v": mx.zeros((3,))}), r"entry 'layers\.0\.bias\.v' is \(3,\)"),
         (lambda s: s.update({"norm.weight.v": s["norm.weight.v"].astype(mx.float16)}), r"'norm\.weight\.v' is \(16,\) mlx.core.float16"),
+        (lambda s: s.update({"layers.0.bias.v": 0.5}), r"entry 'layers\.0\.bias\.v' is float, but the parameter is \(\d+,\)"),
         (lambda s: s.pop("step"), r"no entry 'step'"),
         (lambda s: s.pop("learning_rate"), r"no entry 'learning_rate'"),
     ],
-    ids=["missing", "extra_key", "extra_path", "misshaped", "wrong_dtype", "no_step", "no_lr"],
+    ids=["missing", "extra_key", "extra_path", "extra_list_element", "misshaped", "wrong_dtype",
+         "not_an_array", "no_step",
+         "no_lr"],
 )
 def test_bad_checkpoints_name_the_entry(edit, message):
     net, flat = saved_state()
@@ -185,6 +190,25 @@ def test_bad_checkpoints_name_the_entry(edit, message):
     with pytest.raises(ValueError, match=message):
         opt.update(net, grads)
     assert_same_tree(net.parameters(), before)
+
+
+@pytest.mark.parametrize("extra", ["head", "layers"], ids=["dict_key", "list_element"])
+def test_a_loaded_state_with_a_gradient_that_has_no_parameter_names_the_gradient(extra):
+    """After a checkpoint is loaded, a gradient with no parameter (a new dict
+    key, or a gradient list longer than the model's) is reported as such,
+    naming its path, not as a state entry the checkpoint lacks."""
+    net, flat = saved_state()
+    opt = load_into_fresh(net, flat)
+    params = net.parameters()
+    grads = tree_map(lambda p: mx.ones_like(p), params)
+    if extra == "head":
+        grads["head"] = mx.ones((3,))
+        where = "head"
+    else:
+        grads["layers"] = grads["layers"] + [{"bias": mx.ones((2,))}]
+        where = r"layers\.2\.bias"
+    with pytest.raises(ValueError, match=rf"^RMSprop: leaf '{where}': no parameter for this gradient$"):
+        opt.apply_gradients(grads, params)
 
 
 def test_a_fresh_state_with_only_scalars_initializes_like_mlx():

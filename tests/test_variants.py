@@ -226,6 +226,7 @@ PRESET_ARGS = {
         {"momentum": 0.9, "nesterov": True}, {"nesterov": True},
         {"centered": True, "momentum": 0.8, "nesterov": True}, {"bias_correction": True},
         {"bias_correction": True, "initial_scale": 1.0, "centered": True, "momentum": 0.9},
+        {"eps": 1e-3}, {"decay": 0.95, "eps": 0.1, "eps_in_sqrt": False},
     ],
     "keras": [
         {}, {"momentum": 0.9}, {"centered": True}, {"weight_decay": 0.1},
@@ -322,6 +323,63 @@ def test_float32_state_for_bfloat16_parameters():
                         mx.float32, F32_TOL)
 
 
+def test_float32_state_dtype_leaves_float32_and_float64_state_in_their_own_dtype():
+    """state_dtype=mx.float32 concerns float16 / bfloat16 parameters only:
+    float32 and float64 parameters keep state of their own dtype and train
+    bit for bit like an optimizer without the option."""
+    w0, grads = sequence(5, steps=4)
+    o = models.Options(momentum=0.9, centered=True)
+    for dtype in (mx.float32, mx.float64):
+        zero = mx.zeros((1,), dtype)
+        wide = RMSprop(0.01, **kwargs(o), state_dtype=mx.float32)
+        plain = RMSprop(0.01, **kwargs(o))
+        assert wide.state_dtype_of(zero) == dtype
+        params_wide = params_plain = {"w": mx.array(w0).astype(dtype)}
+        for g in grads:
+            grad = {"w": mx.array(g).astype(dtype)}
+            params_wide = wide.apply_gradients(grad, params_wide)
+            params_plain = plain.apply_gradients(grad, params_plain)
+            mx.eval(params_wide, params_plain, wide.state, plain.state)
+        assert {a.dtype for a in wide.state["w"].values()} == {dtype}
+        bits_equal_trees(params_wide, params_plain)
+        bits_equal_trees(wide.state, plain.state)
+
+
+def test_a_checkpoint_of_float32_state_for_bfloat16_parameters_loads_and_continues(tmp_path):
+    """An optimizer with state_dtype=mx.float32 saves float32 state beside
+    bfloat16 parameters; a fresh one with the same option loads it (the
+    state's dtype is the option's, not the parameter's) and continues bit
+    for bit, while one without the option names the entry it rejects."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    def make(**extra):
+        return RMSprop(0.01, momentum=0.9, centered=True, **extra)
+
+    params = {k: (v.astype(mx.bfloat16) if isinstance(v, mx.array) else [v[0].astype(mx.bfloat16)])
+              for k, v in two_leaves().items()}
+    opt = make(state_dtype=mx.float32)
+    for k in range(2):
+        params = opt.apply_gradients(grads_of(params, k), params)
+    mx.eval(params, opt.state)
+    assert opt.state["a"]["v"].dtype == mx.float32
+    path = str(tmp_path / "state.safetensors")
+    mx.save_safetensors(path, dict(tree_flatten(opt.state)))
+    fresh = make(state_dtype=mx.float32)
+    fresh.state = tree_unflatten(list(mx.load(path).items()))
+    resumed = params
+    for k in range(2, 4):
+        params = opt.apply_gradients(grads_of(params, k), params)
+        resumed = fresh.apply_gradients(grads_of(resumed, k), resumed)
+    mx.eval(params, resumed, opt.state, fresh.state)
+    bits_equal_trees(resumed, params)
+    bits_equal_trees(fresh.state, opt.state)
+    narrow = make()
+    narrow.state = tree_unflatten(list(mx.load(path).items()))
+    with pytest.raises(ValueError, match=r"entry '(a|b\.0)\.v' is \([0-9, ]+\) mlx.core.float32, "
+                       r"but the parameter is \([0-9, ]+\) mlx.core.bfloat16$"):
+        narrow.apply_gradients(grads_of(params, 0), params)
+
+
 # ---- mx.compile, checkpoints, all-or-nothing steps.
 
 
@@ -353,6 +411,48 @@ def bits_equal_trees(x, y):
             assert a.dtype == b.dtype and mx.array_equal(a, b, equal_nan=True).item(), k
         else:
             assert a == b, k
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum": 0.9, "centered": True, "bias_correction": True}],
+                         ids=["plain", "bias_corrected"])
+def test_leaves_of_every_dtype_in_one_step_each_step_as_alone(options):
+    """One step over float32, float64, float16 and bfloat16 leaves shares the
+    step's scalars per compute type (float for float32 and the halves,
+    double for float64): each leaf comes out bit for bit as when it is the
+    only leaf of the tree."""
+    rng = np.random.default_rng(3)
+    dtypes = {"f32": mx.float32, "f64": mx.float64, "f16": mx.float16, "bf16": mx.bfloat16,
+              "f64b": mx.float64, "f32b": mx.float32}
+    params = {k: mx.array(rng.standard_normal((6, 5))).astype(d) for k, d in dtypes.items()}
+    grads = [{k: mx.array(rng.standard_normal((6, 5))).astype(d) for k, d in dtypes.items()}
+             for _ in range(3)]
+    together = RMSprop(0.05, **options)
+    alone = {k: RMSprop(0.05, **options) for k in dtypes}
+    p_together, p_alone = params, {k: {k: v} for k, v in params.items()}
+    for g in grads:
+        p_together = together.apply_gradients(g, p_together)
+        for k in dtypes:
+            p_alone[k] = alone[k].apply_gradients({k: g[k]}, p_alone[k])
+        mx.eval(p_together, p_alone, together.state, [o.state for o in alone.values()])
+    for k in dtypes:
+        bits_equal_trees({k: p_together[k]}, p_alone[k])
+        bits_equal_trees(together.state[k], alone[k].state[k])
+
+
+def test_apply_single_through_mlx_s_own_apply_gradients_steps_like_ours():
+    """mlx.optimizers.Optimizer.apply_gradients (init, step + 1, then
+    apply_single per leaf) run on our optimizer gives the bits of our native
+    step, bias correction included: apply_single passes the step count."""
+    import mlx.optimizers as optim
+
+    ours, base = heavy(), heavy()
+    p_ours = p_base = two_leaves()
+    for k in range(3):
+        p_ours = ours.apply_gradients(grads_of(p_ours, k), p_ours)
+        p_base = optim.Optimizer.apply_gradients(base, grads_of(p_base, k), p_base)
+        mx.eval(p_ours, p_base, ours.state, base.state)
+    bits_equal_trees(p_base, p_ours)
+    bits_equal_trees(base.state, ours.state)
 
 
 def test_compile_with_a_schedule_and_bias_correction_does_not_retrace():
