@@ -466,10 +466,7 @@ class RMSprop(Optimizer):
         options = self._prepare(gradients, parameters)
         if not self._initialized:
             self.init(gradients)
-        # As Optimizer.apply_gradients, but nothing is written before every
-        # leaf has passed: schedules at the current step, then the new step.
-        scheduled = {name: fn(self.step) for name, fn in self._schedulers.items()}
-        step = self.step + 1
+        scheduled, step = self._next_step()
         updated = _optimizer_step(
             gradients,
             parameters,
@@ -480,9 +477,21 @@ class RMSprop(Optimizer):
             self.state_dtype,
             True,
         )
+        self._commit_step(scheduled, step)
+        return updated
+
+    def _next_step(self) -> tuple[dict, Any]:
+        """The coming step's scheduled hyperparameters and step count. As
+        Optimizer.apply_gradients: schedules at the current step, then the new
+        step; nothing is written until :meth:`_commit_step`, once every leaf
+        has passed."""
+        scheduled = {name: fn(self.step) for name, fn in self._schedulers.items()}
+        return scheduled, self.step + 1
+
+    def _commit_step(self, scheduled: dict, step: Any) -> None:
+        """Record a step that ran: its scheduled values and its count."""
         self._state.update(scheduled)
         self._state["step"] = step
-        return updated
 
     def check_gradients(self, gradients: dict, parameters: dict) -> None:
         """Raise, naming the leaf, unless one step over ``gradients`` can run.
@@ -625,7 +634,7 @@ class RMSprop(Optimizer):
             mx.eval(gradients)
             options, plan, state, pieces = self._check_sharded(gradients, parameters)
             mx.eval(_leaf_params(plan, parameters))
-            scheduled = {name: fn(self.step) for name, fn in self._schedulers.items()}
+            scheduled, step = self._next_step()
             lr = scheduled.get("learning_rate", self._state.get("learning_rate"))
             digest = _sharding.fingerprint(
                 plan.signature(), repr(options), str(self.state_dtype),
@@ -638,15 +647,13 @@ class RMSprop(Optimizer):
         if state is not None:
             self._install_sharded(plan, state)
         grads, params, states, index = pieces
-        step = self.step + 1
         updated = _ext.optimizer_step(
             grads, params, states, lr, step, options, self.state_dtype, True
         )
         leaves = _sharding.gather_parameters(
             plan, dict(zip(index, updated)), _leaf_params(plan, parameters), group
         )
-        self._state.update(scheduled)
-        self._state["step"] = step
+        self._commit_step(scheduled, step)
         it = iter(leaves)
         return tree_map(lambda _: next(it), gradients)
 

@@ -39,6 +39,7 @@ STEP = "csrc/optimizer_step.cpp"
 ROOFLINE = "csrc/roofline.cpp"
 ROOFLINE_H = "csrc/roofline.h"
 BINDINGS = "csrc/bindings.cpp"
+SHARDING = "python/mlx_fused_rmsprop/_sharding.py"
 
 # Test selections, fastest first within each.
 NUMERICS = "tests/test_numerics.py"
@@ -91,6 +92,7 @@ GPU_STUB = "tests/test_package.py::test_gpu_stream_without_metal_raises_clearly"
 ISA_BITS = "tests/test_cpu_isa.py"
 THREADS = "tests/test_cpu_kernel.py::test_threads_follow_what_bounds_the_leaf"
 THREADS_HERE = "tests/test_cpu_kernel.py::test_this_process_splits_by_the_policy_or_the_override"
+DISTRIBUTED = ["tests/test_distributed.py", "-k", "not example"]
 ROOFLINE_TEST = "tests/test_bench.py::test_the_step_pattern_limit_reads_three_buffers_and_writes_two"
 FAILED_STEP = ["tests/test_optimizer.py::test_failed_step_changes_nothing_and_training_continues",
                "tests/test_reliability.py::test_bad_fifth_leaf_changes_nothing_then_training_continues"]
@@ -1683,13 +1685,13 @@ MUTANTS = [
       "naming the leaf.",
       [FAILED_STEP[1], OPTIMIZER_TESTS]),
     m("step_counter_before_the_walk", OPTIMIZER,
-      "        step = self.step + 1\n        updated = _ext.optimizer_step(",
-      "        step = self.step + 1\n        self._state[\"step\"] = step\n"
-      "        updated = _ext.optimizer_step(",
+      "        scheduled, step = self._next_step()\n        updated = _optimizer_step(",
+      "        scheduled, step = self._next_step()\n        self._state[\"step\"] = step\n"
+      "        updated = _optimizer_step(",
       "A step that fails on a bad leaf still advances the step counter.",
       FAILED_STEP + [RELIABILITY]),
     m("step_counter_not_advanced", OPTIMIZER,
-      "        step = self.step + 1\n", "        step = self.step\n",
+      "        return scheduled, self.step + 1\n", "        return scheduled, self.step\n",
       "The step counter never advances (and bias correction divides by 1 - alpha^0 = 0).",
       [OPTIMIZER_TESTS, VARIANTS_MANY_STEPS, RELIABILITY]),
     m("step_schedule_of_the_next_step", OPTIMIZER,
@@ -1716,6 +1718,33 @@ MUTANTS = [
       "the others a double one as float.",
       ["tests/test_variants.py::test_leaves_of_every_dtype_in_one_step_each_step_as_alone",
        VARIANTS]),
+    # Sharded state over mx.distributed ranks (python/mlx_fused_rmsprop/_sharding.py
+    # and the optimizer's sharded step); killed by ranks the tests launch.
+    m("shard_share_floor", SHARDING,
+      "return -(-self.total // self.ranks)", "return self.total // self.ranks",
+      "Each rank owns floor(E / N) elements: the last elements belong to no rank and "
+      "never change.",
+      DISTRIBUTED),
+    m("shard_gather_base_ignores_bucket", SHARDING,
+      "base = p.rank * bucket.width - bucket.lo", "base = p.rank * bucket.width",
+      "With several buckets per dtype, every bucket after the first reads its pieces "
+      "from the wrong place of the gathered buffer.",
+      DISTRIBUTED),
+    m("shard_digests_not_compared", SHARDING,
+      "differ = [r for r, d in enumerate(digests) if d != digests[0]]", "differ = []",
+      "Ranks that disagree on the step (another learning rate, other leaves) run it "
+      "anyway.",
+      DISTRIBUTED),
+    m("shard_params_not_evaluated_first", OPTIMIZER,
+      "            mx.eval(_leaf_params(plan, parameters))\n", "            pass\n",
+      "Parameters still pending on a collective are evaluated inside the gathers, "
+      "where ranks reach the collectives in different orders.",
+      DISTRIBUTED),
+    m("shard_assemble_gap_accepted", SHARDING,
+      "                if start != covered:\n                    break\n",
+      "                if start < covered:\n                    break\n",
+      "Assembling per-rank states accepts a gap between pieces (a rank's state missing).",
+      DISTRIBUTED),
     # The step-pattern roofline of the benchmark (csrc/roofline.{h,cpp}).
     m("roofline_bytes_moved_reads_only", ROOFLINE_H,
       "return 5 * bytes_per_array();", "return 3 * bytes_per_array();",
