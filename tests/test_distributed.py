@@ -451,6 +451,13 @@ def test_assemble_state_rejects_incomplete_sets():
     b = {"__shard__": mx.array([1, 2, 4], mx.int64), "step": mx.array(1)}
     with pytest.raises(ValueError, match="do not cover"):
         fused.RMSprop.assemble_state([a, b])
+    # A gap inside an entry: of three ranks, the middle one's piece is missing.
+    ends = [{"__shard__": mx.array([r, 3, 6], mx.int64), "step": mx.array(1),
+             "x.v": mx.zeros((2,)), "x.__shard__": mx.array([0, 2 * r, 2 * r + 2, 1, 6], mx.int64)}
+            for r in (0, 2)]
+    middle = {"__shard__": mx.array([1, 3, 6], mx.int64), "step": mx.array(1)}
+    with pytest.raises(ValueError, match="do not cover"):
+        fused.RMSprop.assemble_state([ends[0], middle, ends[1]])
     b_other_step = {**b, "x.v": mx.zeros((2,)), "x.__shard__": mx.array([0, 2, 4, 1, 4], mx.int64),
                     "step": mx.array(2)}
     with pytest.raises(ValueError, match="'step' differ"):
