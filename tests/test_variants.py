@@ -350,7 +350,7 @@ def test_a_checkpoint_of_float32_state_for_bfloat16_parameters_loads_and_continu
     bfloat16 parameters; a fresh one with the same option loads it (the
     state's dtype is the option's, not the parameter's) and continues bit
     for bit, while one without the option names the entry it rejects."""
-    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx.utils import tree_unflatten
 
     def make(**extra):
         return RMSprop(0.01, momentum=0.9, centered=True, **extra)
@@ -362,17 +362,7 @@ def test_a_checkpoint_of_float32_state_for_bfloat16_parameters_loads_and_continu
         params = opt.apply_gradients(grads_of(params, k), params)
     mx.eval(params, opt.state)
     assert opt.state["a"]["v"].dtype == mx.float32
-    path = str(tmp_path / "state.safetensors")
-    mx.save_safetensors(path, dict(tree_flatten(opt.state)))
-    fresh = make(state_dtype=mx.float32)
-    fresh.state = tree_unflatten(list(mx.load(path).items()))
-    resumed = params
-    for k in range(2, 4):
-        params = opt.apply_gradients(grads_of(params, k), params)
-        resumed = fresh.apply_gradients(grads_of(resumed, k), resumed)
-    mx.eval(params, resumed, opt.state, fresh.state)
-    bits_equal_trees(resumed, params)
-    bits_equal_trees(fresh.state, opt.state)
+    path, params = resume_from_checkpoint(opt, make(state_dtype=mx.float32), params, range(2, 4), tmp_path)
     narrow = make()
     narrow.state = tree_unflatten(list(mx.load(path).items()))
     with pytest.raises(ValueError, match=r"entry '(a|b\.0)\.v' is \([0-9, ]+\) mlx.core.float32, "
@@ -398,6 +388,25 @@ def two_leaves(seed=0):
 
 def grads_of(params, k):
     return {"a": mx.sin(params["a"] * (k + 1)), "b": [mx.cos(params["b"][0] * (k + 2))]}
+
+
+def resume_from_checkpoint(opt, fresh, params, steps, tmp_path):
+    """Save ``opt``'s state with safetensors, load it into ``fresh`` and run
+    both over ``steps`` from ``params``: parameters and state must end bit
+    for bit alike. Returns the checkpoint's path and the final parameters."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    path = str(tmp_path / "state.safetensors")
+    mx.save_safetensors(path, dict(tree_flatten(opt.state)))
+    fresh.state = tree_unflatten(list(mx.load(path).items()))
+    resumed = params
+    for k in steps:
+        params = opt.apply_gradients(grads_of(params, k), params)
+        resumed = fresh.apply_gradients(grads_of(resumed, k), resumed)
+    mx.eval(params, resumed, opt.state, fresh.state)
+    bits_equal_trees(resumed, params)
+    bits_equal_trees(fresh.state, opt.state)
+    return path, params
 
 
 def bits_equal_trees(x, y):
@@ -490,24 +499,13 @@ def test_compile_with_a_schedule_and_bias_correction_does_not_retrace():
 def test_checkpoint_round_trip_with_every_state_entry(tmp_path, make):
     """A state with v, mean and momentum_buffer saved with safetensors and
     loaded into a fresh optimizer continues bit for bit."""
-    from mlx.utils import tree_flatten, tree_unflatten
-
     params, opt = two_leaves(), make()
     for k in range(3):
         params = opt.apply_gradients(grads_of(params, k), params)
     mx.eval(params, opt.state)
-    path = str(tmp_path / "state.safetensors")
-    mx.save_safetensors(path, dict(tree_flatten(opt.state)))
     fresh = make()
-    fresh.state = tree_unflatten(list(mx.load(path).items()))
+    resume_from_checkpoint(opt, fresh, params, range(3, 6), tmp_path)
     assert set(fresh.state["a"]) == set(opt.state_names)
-    resumed = params
-    for k in range(3, 6):
-        params = opt.apply_gradients(grads_of(params, k), params)
-        resumed = fresh.apply_gradients(grads_of(resumed, k), resumed)
-    mx.eval(params, resumed, opt.state, fresh.state)
-    bits_equal_trees(resumed, params)
-    bits_equal_trees(fresh.state, opt.state)
 
 
 def test_a_checkpoint_without_the_variants_state_is_named():
