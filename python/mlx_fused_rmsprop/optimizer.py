@@ -12,6 +12,7 @@ from mlx.utils import tree_map
 
 from . import _ext
 from . import _sharding
+from ._sharding import SCALAR_ENTRIES as _SCALAR_ENTRIES  # the state entries that are not per leaf
 from ._sharding import ShardedStepError
 
 
@@ -776,8 +777,6 @@ def _first_difference(a: "_sharding.ShardPlan", b: "_sharding.ShardPlan") -> str
             return f"'{x[0]}' {x[1]} {x[2]} where the state has '{y[0]}' {y[1]} {y[2]}"
     return f"{len(sa)} leaves where the state has {len(sb)}"
 
-
-_SCALAR_ENTRIES = ("step", "learning_rate")
 
 
 def _check_assigned_state(
