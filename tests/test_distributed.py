@@ -409,6 +409,18 @@ def test_bad_leaf_in_singleton_group_raises_sharded_error_and_changes_nothing(gr
         opt.check_gradients(grads, params)
 
 
+def test_an_integer_leaf_names_the_fix_sharded_as_unsharded(group):
+    """A trainable integer array (a counter on the model) gets the same
+    advice sharded as unsharded: the freeze call that keeps it out."""
+    params = {"w": mx.ones((4,)), "counter": mx.array([3], mx.int32)}
+    grads = {"w": mx.ones((4,)), "counter": mx.array([1], mx.int32)}
+    fix = r"model\.freeze\(keys=\['counter'\], recurse=False\)"
+    with pytest.raises(fused.ShardedStepError, match=fix):
+        fused.RMSprop(1e-2, shard_group=group).apply_gradients(grads, params)
+    with pytest.raises(ValueError, match=fix):
+        fused.RMSprop(1e-2).apply_gradients(grads, params)
+
+
 def test_changed_leaves_after_init_are_rejected(group):
     opt = fused.RMSprop(1e-2, shard_group=group)
     params = initial_parameters()

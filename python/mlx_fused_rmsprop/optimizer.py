@@ -401,7 +401,7 @@ class RMSprop(Optimizer):
             super().init(parameters)
             return
         options = self._make_options()
-        _ext.optimizer_step(
+        _optimizer_step(
             parameters, parameters, {}, None, None, options, self.state_dtype,
             False, allow_missing_state=True,
         )
@@ -666,7 +666,7 @@ class RMSprop(Optimizer):
         state is still to be created or sliced from a loaded full state.
         """
         options = self._make_options()
-        _ext.optimizer_step(
+        _optimizer_step(
             gradients, parameters, {}, None, None, options, self.state_dtype,
             False, allow_missing_state=True,
         )
