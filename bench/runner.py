@@ -179,11 +179,7 @@ def run_leaf(n: int, dtype_name: str, settings: dict, progress: Progress) -> dic
     for impl, summ in result["impls"].items():
         summ["fraction_of_copy"] = summ["gbps"] / result["roofline_gbps"]
         summ["fraction_of_limit"] = summ["gbps"] / result["limit_gbps"]
-    fused = result["impls"]["fused"]["median_s"]
-    result["speedup"] = {
-        impl: summ["median_s"] / fused
-        for impl, summ in result["impls"].items() if impl != "fused"
-    }
+    result["speedup"] = _speedups(result["impls"])
     del steps, keep, grads, copier, limit
     _free()
     return result
@@ -223,15 +219,17 @@ def run_model(name: str, settings: dict, progress: Progress) -> dict:
         "rounds": rounds,
         "impls": {impl: summarize(s) for impl, s in samples.items()},
     }
-    fused = result["impls"]["fused"]["median_s"]
-    result["speedup"] = {
-        impl: summ["median_s"] / fused
-        for impl, summ in result["impls"].items() if impl != "fused"
-    }
+    result["speedup"] = _speedups(result["impls"])
     result["phases"] = cases.step_phases(cases.build_model(name, quick), grads, rounds)
     del steps, keep, grads
     _free()
     return result
+
+
+def _speedups(impls: dict) -> dict:
+    """Each other implementation's median time over the fused one's."""
+    fused = impls["fused"]["median_s"]
+    return {impl: summ["median_s"] / fused for impl, summ in impls.items() if impl != "fused"}
 
 
 def run_many(count: int, n: int, settings: dict, progress: Progress) -> dict:
@@ -255,11 +253,7 @@ def run_many(count: int, n: int, settings: dict, progress: Progress) -> dict:
         "rounds": rounds,
         "impls": {impl: summarize(s) for impl, s in samples.items()},
     }
-    fused = result["impls"]["fused"]["median_s"]
-    result["speedup"] = {
-        impl: summ["median_s"] / fused
-        for impl, summ in result["impls"].items() if impl != "fused"
-    }
+    result["speedup"] = _speedups(result["impls"])
     result["phases"] = phases = cases.step_phases(cases.ManyLeaves(count, n), grads, rounds)
     # What the speed-up could be if this package's own per-leaf time
     # (apply_gradients) were zero: mlx's model.update and eval remain.
@@ -296,11 +290,7 @@ def run_heavy(n: int, dtype_name: str, settings: dict, progress: Progress) -> di
     }
     for summ in result["impls"].values():
         summ["gbps"] = nbytes / summ["median_s"] / 1e9
-    fused = result["impls"]["fused"]["median_s"]
-    result["speedup"] = {
-        impl: summ["median_s"] / fused
-        for impl, summ in result["impls"].items() if impl != "fused"
-    }
+    result["speedup"] = _speedups(result["impls"])
     del steps, keep, grads
     _free()
     return result
