@@ -12,7 +12,11 @@
 #include "mlx/transforms.h"
 #include "mlx/version.h"
 
+#include "cpu/quant_rank.h"
+#include "grad_norm.h"
 #include "optimizer_step.h"
+#include "quant_map.h"
+#include "quantize_state.h"
 #include "rmsprop.h"
 #include "rmsprop_cpu.h"
 #include "rmsprop_metal_library.h"
@@ -58,8 +62,33 @@ std::string repr(const mlx_fused_rmsprop::RMSpropOptions& o) {
       << ", eps_in_sqrt=" << flag(o.eps_in_sqrt)
       << ", bias_correction=" << flag(o.bias_correction)
       << ", maximize=" << flag(o.maximize)
-      << ", lr_inside_momentum=" << flag(o.lr_inside_momentum) << ")";
+      << ", lr_inside_momentum=" << flag(o.lr_inside_momentum)
+      << ", rounding=" << o.rounding << ", guarded=" << flag(o.guarded)
+      << ", state_bits=" << o.state_bits << ", min_8bit_size=" << o.min_8bit_size << ")";
   return out.str();
+}
+
+// The step's values from the bindings' arguments.
+mlx_fused_rmsprop::StepValues step_values(
+    const LearningRate& lr,
+    const std::optional<StepCount>& step,
+    const std::optional<mx::array>& clip,
+    const std::optional<mx::array>& skip,
+    const std::optional<mx::array>& seed) {
+  return {as_array(lr), as_step(step), clip, skip, seed};
+}
+
+// A single leaf of the op bindings: its state list and config.
+mlx_fused_rmsprop::LeafArrays leaf_arrays(
+    const mx::array& grad,
+    const mx::array& param,
+    const std::vector<mx::array>& state,
+    const mlx_fused_rmsprop::RMSpropOptions& options,
+    bool quantized,
+    uint32_t leaf,
+    int64_t element_offset) {
+  return {grad, param, state,
+          mlx_fused_rmsprop::leaf_config(options, param.dtype(), quantized, leaf, element_offset)};
 }
 
 mlx_fused_rmsprop::CpuBound parse_bound(const std::string& bound) {
@@ -148,11 +177,15 @@ NB_MODULE(_ext, m) {
              bool eps_in_sqrt,
              bool bias_correction,
              bool maximize,
-             bool lr_inside_momentum) {
+             bool lr_inside_momentum,
+             unsigned int rounding,
+             bool guarded,
+             int state_bits,
+             int64_t min_8bit_size) {
             new (o) RMSpropOptions{
                 alpha, eps, momentum, weight_decay, centered, nesterov,
                 decoupled_weight_decay, eps_in_sqrt, bias_correction, maximize,
-                lr_inside_momentum};
+                lr_inside_momentum, rounding, guarded, state_bits, min_8bit_size};
           },
           nb::kw_only(),
           "alpha"_a = 0.99,
@@ -165,7 +198,11 @@ NB_MODULE(_ext, m) {
           "eps_in_sqrt"_a = false,
           "bias_correction"_a = false,
           "maximize"_a = false,
-          "lr_inside_momentum"_a = false)
+          "lr_inside_momentum"_a = false,
+          "rounding"_a = RMSPROP_ROUND_NEAREST,
+          "guarded"_a = false,
+          "state_bits"_a = 0,
+          "min_8bit_size"_a = 4096)
       .def_rw("alpha", &RMSpropOptions::alpha)
       .def_rw("eps", &RMSpropOptions::eps)
       .def_rw("momentum", &RMSpropOptions::momentum)
@@ -177,6 +214,17 @@ NB_MODULE(_ext, m) {
       .def_rw("bias_correction", &RMSpropOptions::bias_correction)
       .def_rw("maximize", &RMSpropOptions::maximize)
       .def_rw("lr_inside_momentum", &RMSpropOptions::lr_inside_momentum)
+      .def_rw("rounding", &RMSpropOptions::rounding)
+      .def_rw("guarded", &RMSpropOptions::guarded)
+      .def_rw("state_bits", &RMSpropOptions::state_bits)
+      .def_rw("min_8bit_size", &RMSpropOptions::min_8bit_size)
+      .def(
+          "quantizes",
+          &RMSpropOptions::quantizes,
+          "size"_a,
+          "dtype"_a,
+          "Whether a leaf of `size` elements of `dtype` keeps 8-bit state "
+          "(state_bits == 8, size >= min_8bit_size, not float64).")
       .def(
           "is_plain",
           &RMSpropOptions::is_plain,
@@ -190,8 +238,24 @@ NB_MODULE(_ext, m) {
           &RMSpropOptions::state_names,
           "The state arrays these options keep, in order: 'v', then 'mean' "
           "(centered), then 'momentum_buffer' (momentum > 0).")
+      .def(
+          "entry_names",
+          [](const RMSpropOptions& o, bool quantized, const mx::Dtype& dtype) {
+            return mlx_fused_rmsprop::leaf_entry_names(
+                o, mlx_fused_rmsprop::leaf_config(o, dtype, quantized));
+          },
+          "quantized"_a,
+          "dtype"_a,
+          "The state entries of a leaf of `dtype` (8-bit or not): the state, "
+          "'compensation' with Kahan summation of a 16-bit leaf, then the "
+          "8-bit state's '<name>_scale' entries.")
       .def(nb::self == nb::self)
       .def("__repr__", &repr);
+
+  m.attr("ROUND_NEAREST") = RMSPROP_ROUND_NEAREST;
+  m.attr("ROUND_STOCHASTIC") = RMSPROP_ROUND_STOCHASTIC;
+  m.attr("ROUND_KAHAN") = RMSPROP_ROUND_KAHAN;
+  m.attr("BLOCK") = RMSPROP_BLOCK;
 
   m.def(
       "rmsprop_step",
@@ -201,9 +265,16 @@ NB_MODULE(_ext, m) {
          const LearningRate& lr,
          const std::optional<StepCount>& step,
          const RMSpropOptions& options,
-         mx::StreamOrDevice stream) {
+         mx::StreamOrDevice stream,
+         bool quantized,
+         uint32_t leaf,
+         int64_t element_offset,
+         const std::optional<mx::array>& clip,
+         const std::optional<mx::array>& skip,
+         const std::optional<mx::array>& seed) {
         return mlx_fused_rmsprop::rmsprop_step(
-            grad, param, state, as_array(lr), as_step(step), options, stream);
+            leaf_arrays(grad, param, state, options, quantized, leaf, element_offset),
+            step_values(lr, step, clip, skip, seed), options, stream);
       },
       "grad"_a,
       "param"_a,
@@ -212,10 +283,20 @@ NB_MODULE(_ext, m) {
       "step"_a.none(),
       "options"_a,
       "stream"_a = nb::none(),
+      nb::kw_only(),
+      "quantized"_a = false,
+      "leaf"_a = 0,
+      "element_offset"_a = 0,
+      "clip"_a = nb::none(),
+      "skip"_a = nb::none(),
+      "seed"_a = nb::none(),
       "One fused step of any RMSprop variant for a single leaf: ONE primitive "
-      "whose outputs are [param', *state'], the state in "
-      "options.state_names() order. `step` (the 1-based step count) is needed "
-      "for the bias correction only.");
+      "whose outputs are [param', *state'], the state entries in "
+      "options.entry_names() order (8-bit when `quantized`). `step` (the "
+      "1-based step count) is needed for the bias correction and stochastic "
+      "rounding, `seed` for the latter (with the leaf's `leaf` number and "
+      "its `element_offset` in a larger leaf); `clip` (a 0-d clip factor) "
+      "and `skip` (0-d, nonzero: change nothing) need options.guarded.");
 
   m.def(
       "optimizer_step",
@@ -227,14 +308,25 @@ NB_MODULE(_ext, m) {
          const RMSpropOptions& options,
          std::optional<mx::Dtype> half_state_dtype,
          bool build,
-         bool allow_missing_state) {
-        std::optional<mx::array> lr_array;
+         bool allow_missing_state,
+         const std::optional<mx::array>& clip,
+         const std::optional<mx::array>& skip,
+         const std::optional<mx::array>& seed,
+         const std::optional<std::vector<std::pair<uint32_t, int64_t>>>& places) {
+        std::optional<mlx_fused_rmsprop::StepValues> values;
         if (lr) {
-          lr_array = as_array(*lr);
+          values = step_values(*lr, step, clip, skip, seed);
+        }
+        std::optional<std::vector<mlx_fused_rmsprop::LeafPlace>> leaf_places;
+        if (places) {
+          leaf_places.emplace();
+          for (const auto& [leaf, offset] : *places) {
+            leaf_places->push_back({leaf, offset});
+          }
         }
         return mlx_fused_rmsprop::optimizer_step(
-            gradients, parameters, state, lr_array, as_step(step), options,
-            half_state_dtype, build, allow_missing_state);
+            gradients, parameters, state, values, options, half_state_dtype, build,
+            allow_missing_state, leaf_places);
       },
       "gradients"_a,
       "parameters"_a,
@@ -245,11 +337,42 @@ NB_MODULE(_ext, m) {
       "half_state_dtype"_a.none(),
       "build"_a,
       "allow_missing_state"_a = false,
+      nb::kw_only(),
+      "clip"_a = nb::none(),
+      "skip"_a = nb::none(),
+      "seed"_a = nb::none(),
+      "places"_a = nb::none(),
       "One optimizer step over a tree (RMSprop.apply_gradients): check every "
       "leaf, naming the first bad one's path; with build, build every leaf's "
       "primitive, write the new state into the state dicts and return the new "
       "parameters shaped like gradients. Nothing changes unless every leaf "
-      "passes.");
+      "passes. `places` gives each gradient leaf (a list of pieces, sharded) "
+      "its whole leaf's number and element offset for stochastic rounding.");
+
+  m.def(
+      "tree_squared_norm",
+      &mlx_fused_rmsprop::tree_squared_norm,
+      "gradients"_a,
+      "The sum of the squares of every gradient leaf in tree_flatten order, "
+      "as mlx.optimizers.clip_grad_norm sums them (float32; float64 with "
+      "float64 leaves), one fused read-only pass per leaf on the CPU.");
+
+  m.def(
+      "squared_norm",
+      [](const mx::array& g, mx::StreamOrDevice stream) {
+        return mlx_fused_rmsprop::squared_norm(g, stream);
+      },
+      "g"_a,
+      "stream"_a = nb::none(),
+      "sum(g * g) of one gradient (float16 / bfloat16 widened to float32).");
+
+  m.def(
+      "_fused_squared_norm",
+      [](mx::StreamOrDevice stream) {
+        return mlx_fused_rmsprop::fused_squared_norm(mx::to_stream(stream));
+      },
+      "stream"_a = nb::none(),
+      "For tests: whether squared_norm runs the fused pass on this stream.");
 
   m.def(
       "check_rmsprop_inputs",
@@ -259,10 +382,14 @@ NB_MODULE(_ext, m) {
          const LearningRate& lr,
          const std::optional<StepCount>& step,
          const RMSpropOptions& options,
-         mx::StreamOrDevice stream) {
+         mx::StreamOrDevice stream,
+         bool quantized,
+         const std::optional<mx::array>& clip,
+         const std::optional<mx::array>& skip,
+         const std::optional<mx::array>& seed) {
         mlx_fused_rmsprop::check_rmsprop_inputs(
-            grad, param, state, as_array(lr), as_step(step), options,
-            mx::to_stream(stream));
+            leaf_arrays(grad, param, state, options, quantized, 0, 0),
+            step_values(lr, step, clip, skip, seed), options, mx::to_stream(stream));
       },
       "grad"_a,
       "param"_a,
@@ -271,7 +398,93 @@ NB_MODULE(_ext, m) {
       "step"_a.none(),
       "options"_a,
       "stream"_a = nb::none(),
+      nb::kw_only(),
+      "quantized"_a = false,
+      "clip"_a = nb::none(),
+      "skip"_a = nb::none(),
+      "seed"_a = nb::none(),
       "Raise ValueError unless the arguments form a valid rmsprop_step call.");
+
+  m.def(
+      "quantize_state",
+      [](const mx::array& x, bool is_v) {
+        auto out = mlx_fused_rmsprop::quantize_state(x, is_v);
+        return nb::make_tuple(out[0], out[1]);
+      },
+      "x"_a,
+      "is_v"_a,
+      "(codes, scales) of a full-precision state entry in the 8-bit layout "
+      "(the unsigned map for v, the signed one otherwise), as the kernels "
+      "requantize; runs on the CPU stream.");
+
+  m.def(
+      "dequantize_state",
+      &mlx_fused_rmsprop::dequantize_state,
+      "codes"_a,
+      "scales"_a,
+      "is_v"_a,
+      "The float32 values of an 8-bit state entry, map[code] * scale, as the "
+      "kernels dequantize; runs on the CPU stream.");
+
+  m.def(
+      "dynamic_map",
+      [](bool is_signed) {
+        const auto& map = mlx_fused_rmsprop::dynamic_map(is_signed);
+        nb::dict out;
+        out["values"] = std::vector<float>(std::begin(map.value), std::end(map.value));
+        out["bounds"] = std::vector<float>(std::begin(map.bound), std::end(map.bound));
+        out["zero_code"] = map.zero_code;
+        out["negative_codes"] = map.negative_codes;
+        return out;
+      },
+      "signed"_a,
+      "The 8-bit state's dynamic quantization map as the kernels read it: "
+      "'values' (256, sorted), 'bounds' (the float32 midpoints between "
+      "consecutive magnitudes from the zero code up, +inf padded), "
+      "'zero_code', 'negative_codes'.");
+
+  m.def(
+      "_rank_search_mismatches",
+      [](bool is_signed, int random_values) {
+        // The CPU's table search against the shader's binary search, at
+        // every bound and bucket edge (+-2 ulps) and at random values.
+        const auto& map = mlx_fused_rmsprop::dynamic_map(is_signed);
+        const auto& table = mlx_fused_rmsprop::rank_table(!is_signed);
+        using T = mlx_fused_rmsprop::QuantRankTable;
+        int64_t mismatches = 0;
+        auto check = [&](uint32_t bits) {
+          if (bits > 0x3F800000u) {
+            return;
+          }
+          float a = std::bit_cast<float>(bits);
+          mismatches += mlx_fused_rmsprop::fast_magnitude_rank(a, table) !=
+              rmsprop_magnitude_rank(a, &map);
+        };
+        auto around = [&](uint32_t bits) {
+          for (int d = -2; d <= 2; ++d) {
+            check(bits + static_cast<uint32_t>(d));
+          }
+        };
+        for (int k = 0; k < 255; ++k) {
+          if (map.bound[k] <= 1.0f) {
+            around(std::bit_cast<uint32_t>(map.bound[k]));
+          }
+        }
+        for (uint32_t b = 0; b < T::kBuckets; ++b) {
+          around(T::kBase + (b << T::kShift));
+        }
+        around(0u);
+        uint32_t x = 12345u;
+        for (int i = 0; i < random_values; ++i) {
+          x = x * 1664525u + 1013904223u;
+          check(x % 0x3F800001u);
+        }
+        return mismatches;
+      },
+      "signed"_a,
+      "random_values"_a = 1000000,
+      "For tests: how often the CPU's rank-table search differs from the "
+      "binary search of kernels/rmsprop_math.h.");
 
   m.def(
       "_dispatch_layout",
@@ -303,7 +516,7 @@ NB_MODULE(_ext, m) {
         auto arrays = nb::cast<std::vector<mx::array>>(args);
         mx::eval(arrays); // layouts are known once evaluated
         return mlx_fused_rmsprop::cpu_walk_name(
-            mlx_fused_rmsprop::choose_cpu_dispatch(arrays).walk);
+            mlx_fused_rmsprop::choose_cpu_dispatch(arrays, {}).walk);
       },
       nb::sig(
           "def _cpu_walk(grad: mlx.core.array, param: mlx.core.array, "
@@ -318,7 +531,7 @@ NB_MODULE(_ext, m) {
         auto arrays = nb::cast<std::vector<mx::array>>(args);
         mx::eval(arrays);
         return mlx_fused_rmsprop::cpu_bound_name(
-            mlx_fused_rmsprop::choose_cpu_dispatch(arrays).bound);
+            mlx_fused_rmsprop::choose_cpu_dispatch(arrays, {}).bound);
       },
       nb::sig(
           "def _cpu_bound(grad: mlx.core.array, param: mlx.core.array, "

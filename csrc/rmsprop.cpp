@@ -37,6 +37,45 @@ std::vector<std::string> RMSpropOptions::state_names() const {
   return names;
 }
 
+bool is_half(mx::Dtype dtype) {
+  return dtype == mx::float16 || dtype == mx::bfloat16;
+}
+
+LeafConfig leaf_config(
+    const RMSpropOptions& options,
+    mx::Dtype dtype,
+    bool quantized,
+    uint32_t leaf,
+    int64_t element_offset) {
+  LeafConfig config;
+  config.quantized = quantized;
+  config.rounding = is_half(dtype) ? options.rounding : RMSPROP_ROUND_NEAREST;
+  config.leaf = leaf;
+  config.element_offset = element_offset;
+  return config;
+}
+
+std::vector<std::string> leaf_entry_names(
+    const RMSpropOptions& options,
+    const LeafConfig& config) {
+  auto names = options.state_names();
+  const size_t state = names.size();
+  if (config.compensated()) {
+    names.push_back("compensation");
+  }
+  if (config.quantized) {
+    for (size_t i = 0; i < state; ++i) {
+      names.push_back(names[i] + "_scale");
+    }
+  }
+  return names;
+}
+
+EntryCounts entry_counts(const RMSpropOptions& options, const LeafConfig& config) {
+  size_t state = options.state_count();
+  return {state, config.compensated() ? 1u : 0u, config.quantized ? state : 0u};
+}
+
 namespace {
 
 // Messages name the op: rmsprop_update (the plain step: only alpha and eps
@@ -94,6 +133,19 @@ void check_options(const RMSpropOptions& o) {
       "weight_decay",
       o.weight_decay,
       ">= 0");
+  if (o.state_bits != 0 && o.state_bits != 8) {
+    fail(o, [&](std::ostream& m) {
+      m << "state_bits must be 8 (or None), got " << o.state_bits << ".";
+    });
+  }
+  if (o.min_8bit_size < 0) {
+    fail(o, [&](std::ostream& m) {
+      m << "min_8bit_size must be an int >= 0, got " << o.min_8bit_size << ".";
+    });
+  }
+  if (o.rounding > RMSPROP_ROUND_KAHAN) {
+    fail(o, [&](std::ostream& m) { m << "unknown rounding mode " << o.rounding << "."; });
+  }
   if (o.nesterov && !(o.momentum > 0.0)) {
     fail(o, [&](std::ostream& m) {
       m << "nesterov needs momentum > 0, got momentum=" << o.momentum << ".";
@@ -101,27 +153,41 @@ void check_options(const RMSpropOptions& o) {
   }
 }
 
-void check_step_scalars(
-    const mx::array& lr,
-    const std::optional<mx::array>& step,
-    const RMSpropOptions& options) {
-  check_scalar(lr, "learning rate", options);
-  if (options.bias_correction) {
-    if (!step) {
-      fail(options, [](std::ostream& m) {
-        m << "bias_correction needs the step count (step=...).";
-      });
+void check_step_values(
+    const StepValues& values,
+    const RMSpropOptions& options,
+    bool stochastic) {
+  check_scalar(values.lr, "learning rate", options);
+  auto needs = [&](const std::optional<mx::array>& value, bool needed,
+                   const char* what, const char* why) {
+    if (!needed) {
+      return;
     }
-    check_scalar(*step, "step", options);
+    if (!value) {
+      fail(options, [&](std::ostream& m) { m << why; });
+    }
+    check_scalar(*value, what, options);
+  };
+  needs(values.step, options.bias_correction, "step",
+        "bias_correction needs the step count (step=...).");
+  needs(values.step, stochastic, "step",
+        "stochastic rounding needs the step count (step=...).");
+  needs(values.seed, stochastic, "seed", "stochastic rounding needs a seed (seed=...).");
+  if (values.clip) {
+    check_scalar(*values.clip, "clip factor", options);
+  }
+  if (values.skip) {
+    check_scalar(*values.skip, "skip flag", options);
   }
 }
 
 void check_leaf(
-    const mx::array& grad,
-    const mx::array& param,
-    const std::vector<mx::array>& state,
+    const LeafArrays& leaf,
     const RMSpropOptions& options,
     const mx::Stream& stream) {
+  const auto& grad = leaf.grad;
+  const auto& param = leaf.param;
+  const auto& state = leaf.state;
   const bool on_gpu = stream.device == mx::Device::gpu;
   if (!is_supported_dtype(param.dtype(), on_gpu)) {
     fail(options, [&](std::ostream& m) {
@@ -131,9 +197,10 @@ void check_leaf(
         << (on_gpu ? "" : " (and float64 on the CPU)") << ".";
     });
   }
-  if (state.size() != options.state_count()) {
+  const auto names = leaf_entry_names(options, leaf.config);
+  const auto counts = entry_counts(options, leaf.config);
+  if (state.size() != names.size()) {
     fail(options, [&](std::ostream& m) {
-      auto names = options.state_names();
       m << "expected " << names.size() << " state array"
         << (names.size() == 1 ? "" : "s") << " (";
       for (size_t i = 0; i < names.size(); ++i) {
@@ -142,13 +209,20 @@ void check_leaf(
       m << ") for these options, got " << state.size() << ".";
     });
   }
+  if (leaf.config.compensated() && !is_half(param.dtype())) {
+    fail(options, [&](std::ostream& m) {
+      m << "Kahan compensation is kept for float16 and bfloat16 parameters only, "
+        << "not " << param.dtype() << ".";
+    });
+  }
   // grad and the state must be laid over param element for element.
-  auto check_shape = [&](const mx::array& a, auto&& what) {
-    if (a.shape() != param.shape()) {
+  auto check_shape = [&](const mx::array& a, const mx::Shape& shape, auto&& what) {
+    if (a.shape() != shape) {
       fail(options, [&](std::ostream& m) {
         what(m);
-        m << " shape " << a.shape() << " does not match parameter shape "
-          << param.shape() << ".";
+        m << " shape " << a.shape() << " does not match "
+          << (&shape == &param.shape() ? "parameter shape " : "the expected shape ")
+          << shape << ".";
       });
     }
   };
@@ -158,80 +232,129 @@ void check_leaf(
         << param.dtype() << ".";
     });
   }
-  check_shape(grad, [](std::ostream& m) { m << "gradient"; });
-  // The state has param's dtype (as in mlx), or float32 beside float16 and
-  // bfloat16 parameters (state_dtype=float32); all of it the same.
-  const bool half_param =
-      param.dtype() == mx::float16 || param.dtype() == mx::bfloat16;
-  for (size_t i = 0; i < state.size(); ++i) {
-    const auto& s = state[i];
-    auto what = [&](std::ostream& m) {
-      m << "state '" << options.state_names()[i] << "'";
-    };
-    bool allowed =
-        s.dtype() == param.dtype() || (half_param && s.dtype() == mx::float32);
-    if (!allowed || s.dtype() != state[0].dtype()) {
+  check_shape(grad, param.shape(), [](std::ostream& m) { m << "gradient"; });
+  auto entry = [&](size_t i) {
+    return [&names, i](std::ostream& m) { m << "state '" << names[i] << "'"; };
+  };
+  auto require_dtype = [&](size_t i, mx::Dtype want, const char* rule) {
+    if (state[i].dtype() != want) {
       fail(options, [&](std::ostream& m) {
-        what(m);
-        m << " dtype " << s.dtype() << " does not match parameter dtype "
-          << param.dtype();
-        if (half_param) {
-          m << " (nor float32, the other state dtype for " << param.dtype()
-            << " parameters)";
-        }
-        if (s.dtype() != state[0].dtype() && allowed) {
-          m << " the way state '" << options.state_names()[0] << "' ("
-            << state[0].dtype() << ") does";
-        }
-        m << ".";
+        entry(i)(m);
+        m << " dtype " << state[i].dtype() << " is not " << want << " (" << rule << ").";
       });
     }
-    check_shape(s, what);
+  };
+  if (leaf.config.quantized) {
+    // 8-bit: codes of param's shape, a float32 scale per block.
+    const mx::Shape blocks{static_cast<int>(quantized_blocks(param.size()))};
+    for (size_t i = 0; i < counts.state; ++i) {
+      require_dtype(i, mx::uint8, "8-bit state keeps uint8 codes");
+      check_shape(state[i], param.shape(), entry(i));
+    }
+    for (size_t i = 0; i < counts.scales; ++i) {
+      size_t at = counts.state + counts.compensation + i;
+      require_dtype(at, mx::float32, "one float32 scale per block");
+      check_shape(state[at], blocks, entry(at));
+    }
+  } else {
+    // The state has param's dtype (as in mlx), or float32 beside float16 and
+    // bfloat16 parameters (state_dtype=float32); all of it the same.
+    const bool half_param = is_half(param.dtype());
+    for (size_t i = 0; i < counts.state; ++i) {
+      const auto& s = state[i];
+      bool allowed =
+          s.dtype() == param.dtype() || (half_param && s.dtype() == mx::float32);
+      if (!allowed || s.dtype() != state[0].dtype()) {
+        fail(options, [&](std::ostream& m) {
+          entry(i)(m);
+          m << " dtype " << s.dtype() << " does not match parameter dtype "
+            << param.dtype();
+          if (half_param) {
+            m << " (nor float32, the other state dtype for " << param.dtype()
+              << " parameters)";
+          }
+          if (s.dtype() != state[0].dtype() && allowed) {
+            m << " the way state '" << names[0] << "' (" << state[0].dtype()
+              << ") does";
+          }
+          m << ".";
+        });
+      }
+      check_shape(s, param.shape(), entry(i));
+    }
+  }
+  if (counts.compensation) {
+    size_t at = counts.state;
+    if (state[at].dtype() != param.dtype()) {
+      fail(options, [&](std::ostream& m) {
+        entry(at)(m);
+        m << " dtype " << state[at].dtype() << " does not match parameter dtype "
+          << param.dtype() << ".";
+      });
+    }
+    check_shape(state[at], param.shape(), entry(at));
   }
 }
 
 void check_rmsprop_inputs(
-    const mx::array& grad,
-    const mx::array& param,
-    const std::vector<mx::array>& state,
-    const mx::array& lr,
-    const std::optional<mx::array>& step,
+    const LeafArrays& leaf,
+    const StepValues& values,
     const RMSpropOptions& options,
     const mx::Stream& stream) {
-  check_leaf(grad, param, state, options, stream);
-  check_step_scalars(lr, step, options);
+  check_leaf(leaf, options, stream);
+  check_step_values(values, options, leaf.config.stochastic());
   check_options(options);
 }
 
 StepScalars::StepScalars(
-    const mx::array& lr,
-    const std::optional<mx::array>& step,
+    StepValues values,
     const RMSpropOptions& options,
     mx::Stream stream)
-    : lr_(lr), step_(step), options_(options), stream_(stream) {}
+    : values_(std::move(values)), options_(options), stream_(stream) {}
 
-const std::vector<mx::array>& StepScalars::inputs(mx::Dtype compute) {
+const mx::array& StepScalars::packed(mx::Dtype compute) {
   auto& cached = compute == mx::float64 ? float64_ : float32_;
-  if (!cached.empty()) {
-    return cached;
+  if (cached) {
+    return *cached;
   }
   // The kernels read the step's scalars in their compute type: double for
   // float64 leaves, float otherwise (half leaves compute in float32). Metal
-  // has no float64: a float64 lr (0-d, so the hop is free) is reshaped and
-  // converted on the CPU, whatever stream the update runs on.
+  // has no float64: a float64 scalar (0-d, so the hop is free) is reshaped
+  // and converted on the CPU, whatever stream the update runs on.
   auto cpu = mx::default_stream(mx::Device::cpu);
-  auto on = lr_.dtype() == mx::float64 && compute != mx::float64 ? cpu : stream_;
-  auto lr = mx::reshape(lr_, {}, on);
-  cached.push_back(lr.dtype() == compute ? lr : mx::astype(lr, compute, on));
+  auto as_compute = [&](const mx::array& a) {
+    auto on = a.dtype() == mx::float64 && compute != mx::float64 ? cpu : stream_;
+    auto x = mx::reshape(a, {1}, on);
+    return x.dtype() == compute ? x : mx::astype(x, compute, on);
+  };
+  auto constant = [&](double value) { return mx::array({value}, {1}, compute); };
+  std::vector<mx::array> parts;
+  parts.push_back(as_compute(values_.lr));
   if (options_.bias_correction) {
     // 1 - alpha^t in double on the CPU from the step array (a new step is a
     // new input value, never a retrace), rounded once to the compute type.
-    auto t = mx::astype(mx::reshape(*step_, {}, cpu), mx::float64, cpu);
+    auto t = mx::astype(mx::reshape(*values_.step, {1}, cpu), mx::float64, cpu);
     auto power = mx::power(mx::array(options_.alpha, mx::float64), t, cpu);
     auto bc = mx::subtract(mx::array(1.0, mx::float64), power, cpu);
-    cached.push_back(compute == mx::float64 ? bc : mx::astype(bc, compute, cpu));
+    parts.push_back(compute == mx::float64 ? bc : mx::astype(bc, compute, cpu));
+  } else {
+    parts.push_back(constant(1.0));
   }
-  return cached;
+  parts.push_back(values_.clip ? as_compute(*values_.clip) : constant(1.0));
+  parts.push_back(values_.skip ? as_compute(*values_.skip) : constant(0.0));
+  cached = mx::concatenate(parts, 0, stream_);
+  return *cached;
+}
+
+const mx::array& StepScalars::rounding_key() {
+  if (!key_) {
+    // The hash takes 32-bit words: the seed and the step count (mod 2^32).
+    auto word = [&](const mx::array& a) {
+      return mx::astype(mx::reshape(a, {1}, stream_), mx::uint32, stream_);
+    };
+    key_ = mx::concatenate({word(*values_.seed), word(*values_.step)}, 0, stream_);
+  }
+  return *key_;
 }
 
 std::vector<mx::array> build_step(
@@ -240,42 +363,52 @@ std::vector<mx::array> build_step(
     const RMSpropOptions& options,
     mx::Stream stream) {
   auto compute = leaf.param.dtype() == mx::float64 ? mx::float64 : mx::float32;
-  const auto& step_inputs = scalars.inputs(compute);
   std::vector<mx::array> inputs;
-  inputs.reserve(2 + leaf.state.size() + step_inputs.size());
+  inputs.reserve(4 + leaf.state.size());
   inputs.push_back(leaf.grad);
   inputs.push_back(leaf.param);
   inputs.insert(inputs.end(), leaf.state.begin(), leaf.state.end());
-  inputs.insert(inputs.end(), step_inputs.begin(), step_inputs.end());
+  inputs.push_back(scalars.packed(compute));
+  if (leaf.config.stochastic()) {
+    inputs.push_back(scalars.rounding_key());
+  }
+  std::vector<mx::Shape> shapes{leaf.param.shape()};
   std::vector<mx::Dtype> dtypes{leaf.param.dtype()};
   for (const auto& a : leaf.state) {
+    shapes.push_back(a.shape());
     dtypes.push_back(a.dtype());
   }
   return mx::array::make_arrays(
-      std::vector<mx::Shape>(1 + leaf.state.size(), leaf.param.shape()),
+      std::move(shapes),
       dtypes,
-      std::make_shared<FusedRMSprop>(stream, options),
+      std::make_shared<FusedRMSprop>(stream, options, leaf.config),
       std::move(inputs));
 }
 
-StepInputs split_inputs(const std::vector<mx::array>& inputs, const RMSpropOptions& options) {
+StepInputs split_inputs(
+    const std::vector<mx::array>& inputs,
+    const RMSpropOptions& options,
+    const LeafConfig& config) {
   std::span<const mx::array> all(inputs);
-  const size_t walked = 2 + options.state_count();
-  return {all.first(walked), all.subspan(walked)};
+  const auto counts = entry_counts(options, config);
+  const size_t walked = counts.walked();
+  StepInputs out;
+  out.walked = all.first(walked);
+  out.scales = all.subspan(walked, counts.scales);
+  out.packed = &inputs[walked + counts.scales];
+  out.key = config.stochastic() ? &inputs[walked + counts.scales + 1] : nullptr;
+  return out;
 }
 
 std::vector<mx::array> rmsprop_step(
-    const mx::array& grad,
-    const mx::array& param,
-    const std::vector<mx::array>& state,
-    const mx::array& lr,
-    const std::optional<mx::array>& step,
+    const LeafArrays& leaf,
+    const StepValues& values,
     const RMSpropOptions& options,
     mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
-  check_rmsprop_inputs(grad, param, state, lr, step, options, stream);
-  StepScalars scalars(lr, step, options, stream);
-  return build_step(LeafArrays{grad, param, state}, scalars, options, stream);
+  check_rmsprop_inputs(leaf, values, options, stream);
+  StepScalars scalars(values, options, stream);
+  return build_step(leaf, scalars, options, stream);
 }
 
 std::vector<mx::array> rmsprop_update(
@@ -289,7 +422,8 @@ std::vector<mx::array> rmsprop_update(
   RMSpropOptions options;
   options.alpha = alpha;
   options.eps = eps;
-  return rmsprop_step(grad, param, {v}, lr, std::nullopt, options, s);
+  LeafArrays leaf{grad, param, {v}, leaf_config(options, param.dtype(), false)};
+  return rmsprop_step(leaf, StepValues{lr}, options, s);
 }
 
 bool is_dense(const mx::array& a) {
@@ -413,6 +547,35 @@ void release_sibling_inputs(
   }
 }
 
+void allocate_quantized_outputs(
+    std::span<const mx::array> walked,
+    std::span<const mx::array> scales,
+    std::span<mx::array> outputs,
+    bool compensated) {
+  const auto& param = walked[1];
+  const bool like_param = is_dense(param);
+  const size_t walked_outputs = walked.size() - 1;
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    auto& out = outputs[i];
+    const bool is_scale = i >= walked_outputs;
+    const auto& in = is_scale ? scales[i - walked_outputs] : walked[1 + i];
+    // param' and the compensation follow param's layout; the codes and the
+    // scales are row-major.
+    const bool param_shaped = i == 0 || (compensated && i == walked_outputs - 1);
+    bool fits = param_shaped ? like_param && laid_like(in, param)
+                             : in.flags().row_contiguous;
+    if (fits && mx::is_donatable(in, out)) {
+      out.copy_shared_buffer(in);
+    } else if (param_shaped && like_param) {
+      out.set_data(
+          mx::allocator::malloc(out.nbytes()), param.data_size(), param.strides(),
+          param.flags());
+    } else {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    }
+  }
+}
+
 void allocate_outputs(
     std::span<const mx::array> walked,
     std::span<mx::array> outputs,
@@ -473,12 +636,18 @@ std::pair<std::vector<mx::array>, std::vector<int>> FusedRMSprop::vmap(
 
 bool FusedRMSprop::is_equivalent(const mx::Primitive& other) const {
   auto* o = dynamic_cast<const FusedRMSprop*>(&other);
-  return o != nullptr && options_ == o->options_;
+  return o != nullptr && options_ == o->options_ && config_ == o->config_;
 }
 
 std::vector<mx::Shape> FusedRMSprop::output_shapes(
     const std::vector<mx::array>& inputs) {
-  return std::vector<mx::Shape>(1 + options_.state_count(), inputs[1].shape());
+  // param, then every state entry, each shaped like its input.
+  const size_t entries = entry_counts(options_, config_).entries();
+  std::vector<mx::Shape> shapes;
+  for (size_t i = 1; i <= 1 + entries; ++i) {
+    shapes.push_back(inputs[i].shape());
+  }
+  return shapes;
 }
 
 } // namespace mlx_fused_rmsprop

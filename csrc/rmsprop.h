@@ -34,6 +34,23 @@ struct RMSpropOptions {
   bool bias_correction = false; // v (and the mean) / (1 - alpha^t)
   bool maximize = false;
   bool lr_inside_momentum = false; // the buffer accumulates lr * g / d
+  // How float16 / bfloat16 parameters are rounded (RMSPROP_ROUND_*); other
+  // dtypes are stored as computed whatever this says.
+  unsigned int rounding = RMSPROP_ROUND_NEAREST;
+  // The step's scalars carry a clip factor or a skip flag (global-norm
+  // clipping, skipping non-finite steps): the leaves run the variant
+  // kernels, which read them.
+  bool guarded = false;
+  // 8 for 8-bit block-wise state on leaves of at least min_8bit_size
+  // elements (float64 leaves excepted), else 0. The optimizer's policy
+  // (quantizes()); a leaf's primitive is told by its LeafConfig.
+  int state_bits = 0;
+  int64_t min_8bit_size = 4096;
+
+  /** Whether a leaf of `size` elements of `dtype` keeps 8-bit state. */
+  bool quantizes(int64_t size, mx::Dtype dtype) const {
+    return state_bits == 8 && size >= min_8bit_size && dtype != mx::float64;
+  }
 
   /** RMSPROP_OPTION_* bits of the options that take effect. */
   unsigned int flags() const {
@@ -55,7 +72,7 @@ struct RMSpropOptions {
   }
   /** No option takes effect: mlx.optimizers.RMSprop's update. */
   bool is_plain() const {
-    return flags() == 0u;
+    return flags() == 0u && rounding == RMSPROP_ROUND_NEAREST && !guarded;
   }
   /** Names of the state arrays, in the primitive's order: v, then mean
    * (centered), then momentum_buffer (momentum > 0). */
@@ -68,72 +85,135 @@ struct RMSpropOptions {
 };
 
 /**
- * Raise std::invalid_argument (ValueError in Python) unless the arguments
- * form a valid fused step on `stream`: grad of param's shape and dtype (a
- * floating dtype the device supports), one state array per
- * options.state_names() of param's shape, all of one dtype (param's, or
- * float32 for float16 / bfloat16 parameters), a single-element real lr, a
- * single-element real step when options.bias_correction, and valid options
- * (alpha >= 0, eps > 0, momentum >= 0, weight_decay >= 0, all finite;
- * nesterov needs momentum > 0).
+ * How one leaf's update is laid out beyond the options: whether its state is
+ * 8-bit (every state entry uint8 codes of the parameter's shape, plus one
+ * float32 scale per RMSPROP_BLOCK elements), how its parameter is rounded,
+ * and where its elements sit in the whole leaf for stochastic rounding.
  */
-void check_rmsprop_inputs(
-    const mx::array& grad,
-    const mx::array& param,
-    const std::vector<mx::array>& state,
-    const mx::array& lr,
-    const std::optional<mx::array>& step,
-    const RMSpropOptions& options,
-    const mx::Stream& stream);
+struct LeafConfig {
+  bool quantized = false;
+  unsigned int rounding = RMSPROP_ROUND_NEAREST; // as this leaf's dtype allows
+  uint32_t leaf = 0; // the leaf's position in the tree (tree_flatten order)
+  int64_t element_offset = 0; // element 0's index in the whole leaf (a shard's piece)
 
-/** The parts of check_rmsprop_inputs: one leaf's arrays, the step's
- * scalars (lr, step) and the options; each message is built on failure only. */
-void check_leaf(
-    const mx::array& grad,
-    const mx::array& param,
-    const std::vector<mx::array>& state,
-    const RMSpropOptions& options,
-    const mx::Stream& stream);
-void check_step_scalars(
-    const mx::array& lr,
-    const std::optional<mx::array>& step,
-    const RMSpropOptions& options);
-void check_options(const RMSpropOptions& options);
-
-/**
- * The scalar inputs one step gives every leaf's primitive, built once per
- * compute type and shared: lr as a 0-d array of the compute type, then, with
- * bias correction, 1 - alpha^t (computed in double on the CPU from `step`).
- */
-class StepScalars {
- public:
-  StepScalars(
-      const mx::array& lr,
-      const std::optional<mx::array>& step,
-      const RMSpropOptions& options,
-      mx::Stream stream);
-  const std::vector<mx::array>& inputs(mx::Dtype compute);
-
- private:
-  mx::array lr_;
-  std::optional<mx::array> step_;
-  RMSpropOptions options_;
-  mx::Stream stream_;
-  std::vector<mx::array> float32_;
-  std::vector<mx::array> float64_;
+  bool compensated() const {
+    return rounding == RMSPROP_ROUND_KAHAN;
+  }
+  bool stochastic() const {
+    return rounding == RMSPROP_ROUND_STOCHASTIC;
+  }
+  bool operator==(const LeafConfig&) const = default;
 };
 
-class FusedRMSprop;
+/** True for float16 and bfloat16, the dtypes the rounding options touch. */
+bool is_half(mx::Dtype dtype);
 
-/** A leaf of a step: its gradient, parameter and state arrays. */
+/** The leaf's config for a parameter of `dtype`: options.rounding for 16-bit
+ * parameters, round to nearest (stored as computed) for the others. */
+LeafConfig leaf_config(
+    const RMSpropOptions& options,
+    mx::Dtype dtype,
+    bool quantized,
+    uint32_t leaf = 0,
+    int64_t element_offset = 0);
+
+/** Blocks of a quantized entry of `size` elements: ceil(size / RMSPROP_BLOCK). */
+inline int64_t quantized_blocks(int64_t size) {
+  return (size + RMSPROP_BLOCK - 1) / RMSPROP_BLOCK;
+}
+
+/**
+ * Names of a leaf's state entries, in the primitive's order: the state
+ * (options.state_names()), then "compensation" (Kahan), then with 8-bit
+ * state "<name>_scale" for each state name.
+ */
+std::vector<std::string> leaf_entry_names(
+    const RMSpropOptions& options,
+    const LeafConfig& config);
+
+/** A leaf of a step: its gradient, its parameter, its state entries in
+ * leaf_entry_names() order (the state, [compensation], [the scales]) and
+ * its config. */
 struct LeafArrays {
   mx::array grad;
   mx::array param;
   std::vector<mx::array> state;
+  LeafConfig config;
 };
 
+/**
+ * What one step gives every leaf, as arrays (a new value is a new input, never
+ * a retrace under mx.compile): the learning rate; the 1-based step count (read
+ * for the bias correction and stochastic rounding); the clip factor and the
+ * skip flag (a non-finite gradient somewhere: change nothing), when the step
+ * has guards; the stochastic rounding seed.
+ */
+struct StepValues {
+  mx::array lr;
+  std::optional<mx::array> step;
+  std::optional<mx::array> clip;
+  std::optional<mx::array> skip;
+  std::optional<mx::array> seed;
+};
+
+/**
+ * Raise std::invalid_argument (ValueError in Python) unless the arguments
+ * form a valid fused step on `stream`: grad of param's shape and dtype (a
+ * floating dtype the device supports); the state entries of
+ * leaf_entry_names(): each state entry of param's shape, all of one dtype
+ * (param's, or float32 for float16 / bfloat16 parameters; uint8 codes when
+ * quantized, each with a float32 scale of quantized_blocks(size) elements),
+ * the compensation of param's shape and dtype; single-element real scalars
+ * (lr; step with bias correction or stochastic rounding; seed with
+ * stochastic rounding; clip and skip when the options are guarded); and
+ * valid options (alpha >= 0, eps > 0, momentum >= 0, weight_decay >= 0, all
+ * finite; nesterov needs momentum > 0).
+ */
+void check_rmsprop_inputs(
+    const LeafArrays& leaf,
+    const StepValues& values,
+    const RMSpropOptions& options,
+    const mx::Stream& stream);
+
+/** The parts of check_rmsprop_inputs: one leaf's arrays, the step's values
+ * (for leaves of these configs) and the options; each message is built on
+ * failure only. */
+void check_leaf(
+    const LeafArrays& leaf,
+    const RMSpropOptions& options,
+    const mx::Stream& stream);
+void check_step_values(
+    const StepValues& values,
+    const RMSpropOptions& options,
+    bool stochastic);
+void check_options(const RMSpropOptions& options);
+
+/**
+ * The scalar inputs one step gives every leaf's primitive, built once and
+ * shared: per compute type the RMSPROP_STEP_SCALARS values (lr, the bias
+ * correction 1 - alpha^t computed in double on the CPU from the step, the
+ * clip factor, the skip flag as 1 or 0; kernels/rmsprop_math.h) as one
+ * array, and for stochastic rounding the key {seed, step} as two uint32.
+ */
+class StepScalars {
+ public:
+  StepScalars(StepValues values, const RMSpropOptions& options, mx::Stream stream);
+  const mx::array& packed(mx::Dtype compute);
+  const mx::array& rounding_key();
+
+ private:
+  StepValues values_;
+  RMSpropOptions options_;
+  mx::Stream stream_;
+  std::optional<mx::array> float32_;
+  std::optional<mx::array> float64_;
+  std::optional<mx::array> key_;
+};
+
+class FusedRMSprop;
+
 /** The primitive updating `leaf` (checked by the caller) and its outputs:
- * param', state'... */
+ * param', then each state entry' in leaf.state's order. */
 std::vector<mx::array> build_step(
     const LeafArrays& leaf,
     StepScalars& scalars,
@@ -142,17 +222,14 @@ std::vector<mx::array> build_step(
 
 /**
  * One RMSprop step of a single leaf as ONE primitive with an output per
- * array updated: {param', v', [mean'], [momentum_buffer']} (the state in
- * options.state_names() order). `lr` and `step` (the 1-based step count, used
- * for the bias correction only) are input arrays, so a schedule or a new step
- * never retraces under mx.compile; the options are fixed properties.
+ * array updated: {param', *entries'} (the state entries in
+ * leaf_entry_names() order). The step's values are input arrays, so a
+ * schedule or a new step never retraces under mx.compile; the options and
+ * the leaf's config are fixed properties.
  */
 std::vector<mx::array> rmsprop_step(
-    const mx::array& grad,
-    const mx::array& param,
-    const std::vector<mx::array>& state,
-    const mx::array& lr,
-    const std::optional<mx::array>& step,
+    const LeafArrays& leaf,
+    const StepValues& values,
     const RMSpropOptions& options,
     mx::StreamOrDevice s = {});
 
@@ -197,12 +274,14 @@ RMSpropVariantConstants<C> make_variant_constants(const RMSpropOptions& o) {
 }
 
 /** Whether a leaf runs the plain kernels (mlx.optimizers.RMSprop's math with
- * the state in the parameter's dtype) rather than the variant ones. */
+ * the state in the parameter's dtype) rather than the variant or quantized
+ * ones. */
 inline bool runs_plain_kernels(
     const RMSpropOptions& options,
+    const LeafConfig& config,
     mx::Dtype param_dtype,
     mx::Dtype state_dtype) {
-  return options.is_plain() && state_dtype == param_dtype;
+  return options.is_plain() && !config.quantized && state_dtype == param_dtype;
 }
 
 /** True when `a` covers exactly size() consecutive elements (no gaps, no
@@ -214,15 +293,37 @@ bool is_dense(const mx::array& a);
 bool laid_like(const mx::array& a, const mx::array& param);
 
 /**
- * The primitive's inputs: the walked arrays -- grad, param, then the state
- * (options.state_count() arrays) -- then the step's scalars (lr, then the
- * bias correction). Its outputs: param', then the state', in that order.
+ * The primitive's inputs, in order: the walked arrays (param-shaped: grad,
+ * param, the state entries -- float, or uint8 codes when quantized --, then
+ * the compensation with Kahan summation); the scales of the quantized
+ * entries (1-D float32, one per block); the packed step scalars
+ * (StepScalars::packed); the rounding key with stochastic rounding. Its
+ * outputs: param', each walked state array', then the scales'.
  */
 struct StepInputs {
   std::span<const mx::array> walked;
-  std::span<const mx::array> scalars;
+  std::span<const mx::array> scales;
+  const mx::array* packed;
+  const mx::array* key; // null without stochastic rounding
 };
-StepInputs split_inputs(const std::vector<mx::array>& inputs, const RMSpropOptions& options);
+StepInputs split_inputs(
+    const std::vector<mx::array>& inputs,
+    const RMSpropOptions& options,
+    const LeafConfig& config);
+
+/** How many state entries of each kind one leaf has. */
+struct EntryCounts {
+  size_t state; // v, mean, momentum_buffer as the options keep them
+  size_t compensation; // 0 or 1
+  size_t scales; // 0, or state when quantized
+  size_t walked() const {
+    return 2 + state + compensation;
+  }
+  size_t entries() const {
+    return state + compensation + scales;
+  }
+};
+EntryCounts entry_counts(const RMSpropOptions& options, const LeafConfig& config);
 
 /**
  * True when the walked arrays (grad, param, state...) can be walked as one
@@ -296,10 +397,22 @@ void allocate_outputs(
     std::span<mx::array> outputs,
     bool like_param);
 
+/**
+ * The outputs of a quantized leaf (param', the codes', [compensation'], the
+ * scales'): param' and the compensation' in param's layout when param is
+ * dense (else row-major), the codes' and scales' row-major; each takes its
+ * input's buffer when that is laid out so and donatable.
+ */
+void allocate_quantized_outputs(
+    std::span<const mx::array> walked,
+    std::span<const mx::array> scales,
+    std::span<mx::array> outputs,
+    bool compensated);
+
 class FusedRMSprop : public mx::Primitive {
  public:
-  FusedRMSprop(mx::Stream stream, RMSpropOptions options)
-      : mx::Primitive(stream), options_(options) {}
+  FusedRMSprop(mx::Stream stream, RMSpropOptions options, LeafConfig config)
+      : mx::Primitive(stream), options_(options), config_(config) {}
 
   // Inputs and outputs: see StepInputs.
   void eval_cpu(
@@ -333,9 +446,13 @@ class FusedRMSprop : public mx::Primitive {
   const RMSpropOptions& options() const {
     return options_;
   }
+  const LeafConfig& config() const {
+    return config_;
+  }
 
  private:
   RMSpropOptions options_;
+  LeafConfig config_;
 };
 
 } // namespace mlx_fused_rmsprop

@@ -23,6 +23,8 @@ enum class CpuWalk {
               // the tiled walk (the weight gradient of every nn.Linear)
   strided_like_param, // param dense: outputs in param's layout
   strided, // anything else: fresh row-contiguous outputs
+  quantized_flat, // 8-bit state; every array row-contiguous
+  quantized_general, // 8-bit state; each block gathered through the layouts
 };
 
 // What limits a leaf's loop, which decides how many threads it gets.
@@ -38,9 +40,13 @@ struct CpuDispatch {
   CollapsedLayout layout; // empty for the flat walk
 };
 
-// The walk for a leaf's walked arrays (grad, param, state...; evaluated, so
-// their layouts are known).
-CpuDispatch choose_cpu_dispatch(std::span<const mx::array> arrays);
+// The walk for a leaf's walked arrays (grad, param, state...,
+// [compensation]; evaluated, so their layouts are known), its config and
+// (8-bit state) its scales.
+CpuDispatch choose_cpu_dispatch(
+    std::span<const mx::array> arrays,
+    const LeafConfig& config,
+    std::span<const mx::array> scales = {});
 
 std::string cpu_walk_name(CpuWalk walk);
 std::string cpu_bound_name(CpuBound bound);

@@ -24,8 +24,13 @@
 #define RMSPROP_SQRT(x) metal::precise::sqrt(x)
 #define RMSPROP_DIVIDE(a, b) metal::precise::divide((a), (b))
 #define RMSPROP_INLINE inline
+typedef uint rmsprop_u32;
+#define RMSPROP_FLOAT_BITS(x) as_type<uint>(x)
+#define RMSPROP_BITS_FLOAT(u) as_type<float>(u)
 #else
+#include <bit>
 #include <cmath>
+#include <cstdint>
 // Always inlined on the CPU: the SIMD builds (csrc/cpu/simd.h) instantiate
 // these with vector types inside functions compiled for AVX2 / AVX-512, and
 // an out-of-line copy compiled for the baseline target would pass those
@@ -40,6 +45,9 @@ RMSPROP_INLINE T rmsprop_sqrt(T x) {
 }
 #define RMSPROP_SQRT(x) rmsprop_sqrt(x)
 #define RMSPROP_DIVIDE(a, b) ((a) / (b))
+typedef uint32_t rmsprop_u32;
+#define RMSPROP_FLOAT_BITS(x) std::bit_cast<uint32_t>(static_cast<float>(x))
+#define RMSPROP_BITS_FLOAT(u) std::bit_cast<float>(static_cast<uint32_t>(u))
 #endif
 
 // Scalars of one step, already rounded to the compute type C by the host.
@@ -77,6 +85,8 @@ RMSPROP_INLINE RMSpropResult<C> rmsprop_element(
 //
 // With these options, per element (t is the step, 1 on the first):
 //
+//   g  = c * g                                clip factor c of the step's
+//                                             global norm (1 without clipping)
 //   g  = -g                                   maximize
 //   g  = g + wd * w                           coupled weight decay (torch)
 //   w  = w - (lr * wd) * w                    decoupled weight decay (Keras, AdamW)
@@ -129,7 +139,10 @@ struct RMSpropVariantStep {
   C one_minus_alpha;
   C eps_inside; // eps under the square root, else 0
   C eps_outside; // eps after it, else 0
-  C grad_sign; // -1 to maximize, else 1
+  // The gradient's factor: -1 to maximize, else 1, times the step's clip
+  // factor (1 without clipping). A sign flip is exact, so g * (-c) is
+  // -(g * c): the clipped gradient of mlx.optimizers.clip_grad_norm, negated.
+  C grad_scale;
   C weight_decay;
   C momentum;
   C lr_inside; // lr when it enters the momentum buffer, else 1
@@ -146,6 +159,7 @@ template <typename C>
 inline RMSpropVariantStep<C> rmsprop_variant_step(
     C lr,
     C bias_correction,
+    C clip,
     RMSpropVariantConstants<C> c) {
   RMSpropVariantStep<C> k;
   bool eps_in_sqrt = (c.flags & RMSPROP_OPTION_EPS_IN_SQRT) != 0u;
@@ -155,7 +169,7 @@ inline RMSpropVariantStep<C> rmsprop_variant_step(
   k.one_minus_alpha = c.one_minus_alpha;
   k.eps_inside = eps_in_sqrt ? c.eps : C(0);
   k.eps_outside = eps_in_sqrt ? C(0) : c.eps;
-  k.grad_sign = (c.flags & RMSPROP_OPTION_MAXIMIZE) != 0u ? C(-1) : C(1);
+  k.grad_scale = (c.flags & RMSPROP_OPTION_MAXIMIZE) != 0u ? -clip : clip;
   k.weight_decay = c.weight_decay;
   k.momentum = c.momentum;
   k.lr_inside = lr_inside ? lr : C(1);
@@ -185,7 +199,7 @@ inline RMSpropVariantResult<C> rmsprop_variant_element(
     C buffer,
     RMSpropVariantStep<C> k) {
   RMSpropVariantResult<C> out;
-  C g = grad * k.grad_sign;
+  C g = grad * k.grad_scale;
   C g_decayed = g + (k.weight_decay * param);
   g = k.coupled != C(0) ? g_decayed : g;
   C w_decayed = param - ((k.lr * k.weight_decay) * param);
@@ -209,6 +223,257 @@ inline RMSpropVariantResult<C> rmsprop_variant_element(
     out.param = w - RMSPROP_DIVIDE(k.lr * g, d);
   }
   return out;
+}
+
+// ---- The step's scalars, as every variant kernel reads them: one array of
+// RMSPROP_STEP_SCALARS values in the compute type (a single input, however
+// many options are on), built once per step and shared by every leaf.
+#define RMSPROP_STEP_LR 0
+#define RMSPROP_STEP_BIAS_CORRECTION 1 // 1 - alpha^t, or 1
+#define RMSPROP_STEP_CLIP 2 // min(max_norm / (norm + 1e-6), 1), or 1
+#define RMSPROP_STEP_SKIP 3 // 1: a non-finite gradient, change nothing; else 0
+#define RMSPROP_STEP_SCALARS 4
+
+// ---- Rounding a float32 result into a 16-bit parameter.
+//
+// Round to nearest (the default) throws away an update smaller than half the
+// parameter's spacing, every step. Two cures, for float16 / bfloat16
+// parameters only (float32 and float64 results are stored as computed):
+//
+// Stochastic rounding: round x up (away from zero) to the next 16-bit value
+// with probability (|x| - |lo|) / spacing, else down to lo: unbiased, so many
+// small updates add up on average. Implemented by adding uniform random bits
+// below the kept bits of x's magnitude and truncating. The random bits are a
+// pure function of (seed, step, leaf, index of the element in the leaf,
+// row-major) -- rmsprop_random_bits(rmsprop_rounding_key(seed, step, leaf),
+// index) --, never of threads, tiles, SIMD lanes or the backend.
+//
+// Kahan-compensated summation: a state entry c (the parameter's dtype) keeps
+// what rounding dropped, and adds it back the next step; with u the float32
+// update of the stored parameter w (w - u is the float32 result):
+//   c1 = c - u;  w' = round(w + c1);  c' = round(c1 - (w' - w))
+// w' - w is exact (two nearby 16-bit values), so c' is what the parameter
+// still owes (up to c's own rounding).
+
+#define RMSPROP_ROUND_NEAREST 0u
+#define RMSPROP_ROUND_STOCHASTIC 1u
+#define RMSPROP_ROUND_KAHAN 2u
+
+// One round of xxHash32: mixes a word into the running state h.
+RMSPROP_INLINE rmsprop_u32 rmsprop_hash_round(rmsprop_u32 h, rmsprop_u32 word) {
+  h += word * 0xC2B2AE3Du;
+  h = (h << 17) | (h >> 15);
+  return h * 0x27D4EB2Fu;
+}
+
+// MurmurHash3's 32-bit finalizer: a bijection that avalanches every bit.
+RMSPROP_INLINE rmsprop_u32 rmsprop_hash_finish(rmsprop_u32 h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// The key of one leaf's stochastic rounding at one step: seed, step count
+// (mod 2^32) and leaf number fully mixed, once per leaf and step.
+RMSPROP_INLINE rmsprop_u32 rmsprop_rounding_key(
+    rmsprop_u32 seed,
+    rmsprop_u32 step,
+    rmsprop_u32 leaf) {
+  rmsprop_u32 h = seed + 0x165667B1u;
+  h = rmsprop_hash_round(h, step);
+  h = rmsprop_hash_round(h, leaf);
+  return rmsprop_hash_finish(h);
+}
+
+// 32 uniform random bits for the element at `index` (row-major, within the
+// whole leaf; its low and high 32-bit words) under a leaf's key: the
+// finalizer of key + index * (an odd constant), so within one leaf and step
+// no two elements below 2^32 get the same bits.
+RMSPROP_INLINE rmsprop_u32 rmsprop_random_bits(
+    rmsprop_u32 key,
+    rmsprop_u32 index_lo,
+    rmsprop_u32 index_hi) {
+  rmsprop_u32 h = (key ^ (index_hi * 0x27D4EB2Fu)) + index_lo * 0x9E3779B1u;
+  return rmsprop_hash_finish(h);
+}
+
+// x rounded stochastically to a bfloat16 value (returned as the float32 that
+// holds it exactly, so the store's round-to-nearest keeps it). bfloat16 is
+// the top 16 bits of a float32: add 16 random bits to the lower 16 and drop
+// them. A carry rounds the magnitude up (into the next binade, or past the
+// largest finite value to infinity); Inf stays Inf; NaN stays NaN.
+RMSPROP_INLINE float rmsprop_stochastic_bfloat16(float x, rmsprop_u32 random) {
+  rmsprop_u32 bits = RMSPROP_FLOAT_BITS(x);
+  rmsprop_u32 rounded = (bits + (random >> 16)) & 0xFFFF0000u;
+  bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  return nan ? x : RMSPROP_BITS_FLOAT(rounded);
+}
+
+// x rounded stochastically to a float16 value (as the float32 holding it).
+// float16 keeps 10 fraction bits from 2^-14 up (13 of float32's 23 are
+// dropped), fewer below (its subnormals are multiples of 2^-24: 13 + (-14 -
+// E) dropped at exponent E), none from 2^16 (beyond 65504 every value
+// rounds to infinity, as round to nearest does past 65520; between 65504
+// and 65536 up to infinity with the probability of the carry). Below 2^-24
+// the result is 0 or 2^-24 with probability |x| / 2^-24. NaN stays NaN.
+RMSPROP_INLINE float rmsprop_stochastic_float16(float x, rmsprop_u32 random) {
+  rmsprop_u32 bits = RMSPROP_FLOAT_BITS(x);
+  rmsprop_u32 sign = bits & 0x80000000u;
+  rmsprop_u32 magnitude = bits & 0x7FFFFFFFu;
+  int exponent = int(magnitude >> 23) - 127;
+  // Dropped bits: 13 for normal halves, up to 23 for subnormal ones.
+  int dropped = exponent >= -14 ? 13 : -1 - exponent;
+  dropped = dropped > 23 ? 23 : dropped;
+  rmsprop_u32 mask = (1u << dropped) - 1u;
+  rmsprop_u32 rounded = (magnitude + (random >> (32 - dropped))) & ~mask;
+  // Below 2^-24: compare |x| / 2^-24 with a uniform [0, 1) of 24 bits (both
+  // exact in float32).
+  float fraction = RMSPROP_BITS_FLOAT(magnitude) * 16777216.0f;
+  float uniform = float(random >> 8) * (1.0f / 16777216.0f);
+  rmsprop_u32 tiny = uniform < fraction ? 0x33800000u : 0u; // 2^-24 or 0
+  rounded = exponent < -24 ? tiny : rounded;
+  rounded = exponent >= 16 ? 0x7F800000u : rounded; // |x| >= 2^16, Inf
+  bool nan = magnitude > 0x7F800000u;
+  return nan ? x : RMSPROP_BITS_FLOAT(sign | rounded);
+}
+
+// Kahan-compensated store, first half: the value to round into the parameter
+// (w + c1) and the compensated change c1 = c - u = c + (updated - w).
+template <typename C>
+struct RMSpropKahan {
+  C target;
+  C change;
+};
+
+template <typename C>
+RMSPROP_INLINE RMSpropKahan<C> rmsprop_kahan(C w, C compensation, C updated) {
+  RMSpropKahan<C> k;
+  k.change = compensation + (updated - w);
+  k.target = w + k.change;
+  return k;
+}
+
+// Second half, once the target was rounded to the parameter's dtype (w_new,
+// read back as C): what the parameter still owes, the new compensation
+// (before its own rounding to the parameter's dtype).
+template <typename C>
+RMSPROP_INLINE C rmsprop_kahan_remainder(C w, C w_new, C change) {
+  return change - (w_new - w);
+}
+
+// What a leaf's kernel needs to round its parameter: the mode
+// (RMSPROP_ROUND_*) and, for stochastic rounding, the leaf's identity and the
+// index in the whole leaf of its element 0 (a shard's piece starts inside
+// the leaf), as 32-bit words.
+struct RMSpropLeafConstants {
+  unsigned int rounding;
+  unsigned int leaf;
+  unsigned int offset_lo;
+  unsigned int offset_hi;
+};
+
+// ---- 8-bit block-wise state (Dettmers et al., "8-bit Optimizers via
+// Block-wise Quantization").
+//
+// A state entry of a quantized leaf is one uint8 code per element plus one
+// float32 scale per block of RMSPROP_BLOCK consecutive elements (row-major
+// order of the leaf; the last block may be partial). An element's value is
+// map.value[code] * scale. Each step a block is dequantized, updated in
+// float32 (the parameter from this fresh float32 state), and requantized:
+//   scale = max |x| over the block (the new state's values), or NaN when any
+//           of them is NaN or +-Inf (the whole block then reads back as NaN:
+//           a non-finite state is never silently repaired);
+//   code  = the map value nearest q = x * (1 / scale) (the inverse rounded
+//           once per block), ties toward the smaller magnitude; every code
+//           is the map's zero when scale is 0 or NaN.
+// The maps are dynamic ("tree") quantization maps: decimal exponent levels,
+// each with linearly spaced fractions, plus 0 and 1 (csrc/quant_map.cpp
+// builds them on the host). v >= 0 uses the unsigned map (255 positive
+// values and 0); mean and momentum_buffer the signed one.
+
+#define RMSPROP_BLOCK 256
+
+// A map as the kernels read it. value[] is sorted; the codes from zero_code
+// up hold 0 and the positive values, the negative_codes codes below it the
+// negative values, their magnitudes mirroring the first positive ones.
+// bound[k] is the float32 midpoint between the k-th and (k+1)-th magnitude
+// from zero_code up (padded with +Inf), so the code of |q| is zero_code +
+// #{k : bound[k] < |q|}: nearest, ties toward the smaller magnitude.
+struct RMSpropQuantMap {
+  float value[256];
+  float bound[256];
+  unsigned int zero_code;
+  unsigned int negative_codes;
+};
+
+// #{k : bound[k] < a}, for a in [0, 1]: an 8-step branch-free binary search
+// (bound[255] is never read). MapPtr: a pointer to RMSpropQuantMap in any
+// address space.
+template <typename MapPtr>
+RMSPROP_INLINE unsigned int rmsprop_magnitude_rank(float a, MapPtr map) {
+  unsigned int rank = 0u;
+  for (unsigned int half = 128u; half > 0u; half >>= 1u) {
+    rank += map->bound[rank + half - 1u] < a ? half : 0u;
+  }
+  return rank;
+}
+
+// The code of q = x * inverse in a block of this scale; `rank` is
+// rmsprop_magnitude_rank(|q|) (passed in so the CPU can find it faster, bit
+// for bit the same). |q| may exceed 1 by an ulp of the rounded inverse: the
+// rank is then the top one, as for 1.
+template <typename MapPtr>
+RMSPROP_INLINE unsigned int rmsprop_code_from_rank(
+    float q,
+    unsigned int rank,
+    float scale,
+    MapPtr map) {
+  bool negative = (RMSPROP_FLOAT_BITS(q) >> 31) != 0u;
+  unsigned int below = rank < map->negative_codes ? rank : map->negative_codes;
+  unsigned int code = negative ? map->zero_code - below : map->zero_code + rank;
+  // !(scale > 0): an all-zero block, or a non-finite one (scale NaN).
+  return scale > 0.0f ? code : map->zero_code;
+}
+
+// 1 / scale, rounded once per block; a code approximates x * (1 / scale).
+RMSPROP_INLINE float rmsprop_inverse_scale(float scale) {
+  return RMSPROP_DIVIDE(1.0f, scale);
+}
+
+RMSPROP_INLINE float rmsprop_magnitude(float x) {
+  return RMSPROP_BITS_FLOAT(RMSPROP_FLOAT_BITS(x) & 0x7FFFFFFFu);
+}
+
+template <typename MapPtr>
+RMSPROP_INLINE unsigned int rmsprop_quantize(
+    float x,
+    float scale,
+    float inverse,
+    MapPtr map) {
+  float q = x * inverse;
+  return rmsprop_code_from_rank(
+      q, rmsprop_magnitude_rank(rmsprop_magnitude(q), map), scale, map);
+}
+
+template <typename MapPtr>
+RMSPROP_INLINE float rmsprop_dequantize(unsigned int code, float scale, MapPtr map) {
+  return map->value[code] * scale;
+}
+
+// What an element contributes to its block's scale: |x|, or +Inf when x is
+// not finite (NaN included, so the maximum never meets a NaN).
+RMSPROP_INLINE float rmsprop_scale_key(float x) {
+  rmsprop_u32 magnitude = RMSPROP_FLOAT_BITS(x) & 0x7FFFFFFFu;
+  return RMSPROP_BITS_FLOAT(magnitude >= 0x7F800000u ? 0x7F800000u : magnitude);
+}
+
+// The block's scale from the maximum key of its elements (0 for no element).
+RMSPROP_INLINE float rmsprop_block_scale(float max_key) {
+  return RMSPROP_FLOAT_BITS(max_key) == 0x7F800000u ? RMSPROP_BITS_FLOAT(0x7FC00000u)
+                                                     : max_key;
 }
 
 // ---- What the Metal kernels and their host (eval_gpu, the C++ harness) share.

@@ -80,10 +80,6 @@ RMSPROP_ALWAYS_INLINE void span_any(
   }
 }
 
-template <class F>
-constexpr bool kIsHalf =
-    std::is_same_v<F, Float16Format> || std::is_same_v<F, BFloat16Format>;
-
 #if RMSPROP_HAVE_AVX2_F16C
 // L elements at a time in SIMD registers (simd.h): loaded and converted in
 // registers, the same math on Vec<L>, converted back and stored; each

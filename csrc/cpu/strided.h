@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "../rmsprop.h"
+#include "isa.h"
 
 namespace mlx_fused_rmsprop {
 
@@ -48,5 +49,51 @@ void walk_rows(const CollapsedLayout& layout, const Fn& fn) {
     }
   }
 }
+
+// The offsets of one element in each of N arrays of `layout`, moving in
+// row-major order: start(i) places it on element i (one division per
+// dimension), next() moves to the following element (an odometer).
+template <size_t N>
+class LayoutCursor {
+ public:
+  explicit LayoutCursor(const CollapsedLayout& layout)
+      : layout_(layout), pos_(layout.shape.size(), 0) {}
+
+  void start(int64_t element) {
+    const int ndim = static_cast<int>(layout_.shape.size());
+    int64_t rest = element;
+    for (size_t a = 0; a < N; ++a) {
+      at[a] = 0;
+    }
+    for (int d = ndim - 1; d >= 0; --d) {
+      pos_[d] = rest % layout_.shape[d];
+      rest /= layout_.shape[d];
+      for (size_t a = 0; a < N; ++a) {
+        at[a] += pos_[d] * layout_.strides[a][d];
+      }
+    }
+  }
+
+  RMSPROP_ALWAYS_INLINE void next() {
+    for (int d = static_cast<int>(layout_.shape.size()) - 1; d >= 0; --d) {
+      for (size_t a = 0; a < N; ++a) {
+        at[a] += layout_.strides[a][d];
+      }
+      if (++pos_[d] < layout_.shape[d]) {
+        return;
+      }
+      for (size_t a = 0; a < N; ++a) {
+        at[a] -= layout_.strides[a][d] * layout_.shape[d];
+      }
+      pos_[d] = 0;
+    }
+  }
+
+  int64_t at[N] = {}; // the element's offset in each array
+
+ private:
+  const CollapsedLayout& layout_;
+  std::vector<int64_t> pos_;
+};
 
 } // namespace mlx_fused_rmsprop

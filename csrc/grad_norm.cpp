@@ -1,0 +1,110 @@
+// The fused squared norm of a gradient leaf (grad_norm.h).
+#include "grad_norm.h"
+
+#include <stdexcept>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+
+#include "cpu/formats.h"
+#include "cpu/strided.h"
+#include "rmsprop.h"
+
+namespace mlx_fused_rmsprop {
+
+namespace {
+
+bool is_floating(mx::Dtype dtype) {
+  return dtype == mx::float32 || dtype == mx::float64 || is_half(dtype);
+}
+
+// The dtype of the sum: float64 for float64 gradients, else float32.
+mx::Dtype sum_dtype(mx::Dtype dtype) {
+  return dtype == mx::float64 ? mx::float64 : mx::float32;
+}
+
+template <class F, typename Acc>
+Acc sum_squares(const mx::array& g) {
+  using S = typename F::Storage;
+  const S* data = reinterpret_cast<const S*>(g.data<void>());
+  Acc sum = Acc(0);
+  auto add = [&](S x) {
+    Acc v = static_cast<Acc>(F::load(x));
+    sum = sum + v * v;
+  };
+  // MLX's reduction on this build: one sequential sum (its SIMD width for
+  // float is 1 off Apple platforms), in memory order over a dense buffer, in
+  // row-major order over anything else (whose squares MLX first writes to a
+  // fresh row-contiguous array; a broadcast counts every element).
+  if (g.flags().contiguous && g.data_size() == g.size()) {
+    const int64_t n = static_cast<int64_t>(g.data_size());
+    for (int64_t i = 0; i < n; ++i) {
+      add(data[i]);
+    }
+  } else {
+    std::vector<mx::array> one{g, g};
+    auto layout = collapse_layout(one);
+    walk_rows<1>(layout, [&](const int64_t* at, const int64_t* step, int64_t n, int64_t) {
+      for (int64_t i = 0; i < n; ++i) {
+        add(data[at[0] + i * step[0]]);
+      }
+    });
+  }
+  return sum;
+}
+
+} // namespace
+
+bool fused_squared_norm(const mx::Stream& s) {
+#if defined(__APPLE__)
+  (void)s;
+  return false;
+#else
+  return s.device == mx::Device::cpu;
+#endif
+}
+
+mx::array squared_norm(const mx::array& g, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (!is_floating(g.dtype())) {
+    throw std::invalid_argument("[squared_norm] the gradient must be floating.");
+  }
+  if (fused_squared_norm(stream)) {
+    return mx::array(
+        {}, sum_dtype(g.dtype()), std::make_shared<SquaredSum>(stream), {g});
+  }
+  auto x = is_half(g.dtype()) ? mx::astype(g, mx::float32, stream) : g;
+  return mx::sum(mx::square(x, stream), false, stream);
+}
+
+void SquaredSum::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& g = inputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(g);
+  encoder.set_output_array(out);
+  encoder.dispatch([g = mx::array::unsafe_weak_copy(g), out = mx::array::unsafe_weak_copy(out)]() mutable {
+    switch (g.dtype()) {
+      case mx::float64:
+        *out.data<double>() = sum_squares<Float64Format, double>(g);
+        break;
+      case mx::float16:
+        *out.data<float>() = sum_squares<Float16Format, float>(g);
+        break;
+      case mx::bfloat16:
+        *out.data<float>() = sum_squares<BFloat16Format, float>(g);
+        break;
+      default:
+        *out.data<float>() = sum_squares<Float32Format, float>(g);
+        break;
+    }
+  });
+}
+
+void SquaredSum::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(
+      "[SquaredSum] runs on the CPU only; squared_norm uses MLX's ops on the GPU.");
+}
+
+} // namespace mlx_fused_rmsprop
