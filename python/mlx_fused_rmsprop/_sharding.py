@@ -43,12 +43,17 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 import mlx.core as mx
+from mlx.utils import tree_map, tree_unflatten
+
+from . import _ext
+from . import _guards
+from . import _state
+from ._state import SCALAR_ENTRIES
 
 # Keys of the per-rank checkpoint (RMSprop.sharded_state_dict) that are not
 # state entries.
 SHARD_KEY = "__shard__"
 PIECE_SUFFIX = "." + SHARD_KEY
-SCALAR_ENTRIES = ("step", "learning_rate")
 
 # The agreement: a digest of what must agree, then (on failure) messages.
 _FINGERPRINT = 16
@@ -156,8 +161,17 @@ def flatten(tree: Any, keys: tuple = ()) -> Iterator[tuple[tuple, Any]]:
         yield keys, tree
 
 
-def make_plan(gradients: Any, ranks: int, rank: int, bucket_bytes: int) -> ShardPlan:
-    """The plan for a gradient tree whose leaves are all arrays (checked before)."""
+def make_plan(
+    gradients: Any,
+    ranks: int,
+    rank: int,
+    bucket_bytes: int,
+    quantizes: Optional[Any] = None,
+) -> ShardPlan:
+    """The plan for a gradient tree whose leaves are all arrays (checked
+    before). ``quantizes(size, dtype)`` tells which leaves keep 8-bit state:
+    their pieces start and stop at multiples of the block (256 elements of
+    the leaf), so a block and its scale never span ranks."""
     leaves = []
     offset = 0
     for keys, g in flatten(gradients):
@@ -186,6 +200,14 @@ def make_plan(gradients: Any, ranks: int, rank: int, bucket_bytes: int) -> Shard
                 )
                 for r in range(first, last + 1)
             ]
+            if quantizes is not None and quantizes(leaf.size, leaf.dtype):
+                # Every split point moves up to the next block boundary (the
+                # same function for a piece's stop and the next one's start,
+                # so the pieces still tile the leaf); empty pieces go.
+                def up(x: int, size: int = leaf.size) -> int:
+                    return min(size, -(-x // _state.BLOCK) * _state.BLOCK)
+
+                owners = [(r, up(a), up(b)) for r, a, b in owners if up(a) < up(b)]
         for r, start, stop in owners:
             plan.pieces.append(Piece(i, r, start, stop, sizes[r]))
             sizes[r] += stop - start
@@ -267,21 +289,31 @@ def _gather_bytes(data: bytes, group: mx.distributed.Group) -> list[bytes]:
 
 
 def agree(
-    group: mx.distributed.Group, error: Optional[BaseException], digest: bytes
-) -> None:
-    """Make every rank of ``group`` agree whether a step may proceed.
+    group: mx.distributed.Group,
+    error: Optional[BaseException],
+    digest: bytes,
+    skip: bool = False,
+    gradients_digest: bytes = b"",
+) -> bool:
+    """Make every rank of ``group`` agree whether a step may proceed; returns
+    whether it is skipped (a non-finite gradient on any rank).
 
-    Each rank contributes a small record -- a failure flag and the digest of
-    what must agree (the gradient leaves, options, step, learning rate) -- to
-    one ``all_gather`` of a few bytes. When any flag is set, every rank
+    Each rank contributes a small record -- a failure flag, a skip flag, the
+    digest of what must agree (the gradient leaves, options, step, learning
+    rate) and one of its gradients' global norm (with the guards) -- to one
+    ``all_gather`` of a few bytes. When any failure flag is set, every rank
     (knowing it from the same records) takes part in a second gather of the
     error messages, so every rank raises the same :class:`ShardedStepError`;
-    when the digests differ, likewise. Otherwise all proceed: the healthy
-    step pays one tiny collective. Call it after every check that can differ
-    between ranks and before any other collective.
+    when the digests differ, likewise; when any rank skips, every rank
+    skips; when the norms differ (the ranks were not given the same, e.g.
+    averaged, gradients), every rank raises. Otherwise all proceed: the
+    healthy step pays one tiny collective. Call it after every check that
+    can differ between ranks and before any other collective.
     """
     digest = digest[:_FINGERPRINT].ljust(_FINGERPRINT, b"\0")  # none when a check failed
-    records = _gather_bytes(bytes([1 if error is not None else 0]) + digest, group)
+    gradients_digest = gradients_digest[:_FINGERPRINT].ljust(_FINGERPRINT, b"\0")
+    flags = bytes([1 if error is not None else 0, 1 if skip else 0])
+    records = _gather_bytes(flags + digest + gradients_digest, group)
     size = len(records)
     failed = [r for r, rec in enumerate(records) if rec[0]]
     if failed:
@@ -302,7 +334,7 @@ def agree(
             f"{failed[0]}{more}: {errors[failed[0]]} -- nothing changed on any rank",
             errors,
         ) from error
-    digests = [rec[1:] for rec in records]
+    digests = [rec[2 : 2 + _FINGERPRINT] for rec in records]
     differ = [r for r, d in enumerate(digests) if d != digests[0]]
     if differ:
         raise ShardedStepError(
@@ -312,6 +344,18 @@ def agree(
             "changed on any rank",
             {r: "disagrees with rank 0" for r in differ},
         )
+    if any(rec[1] for rec in records):
+        return True
+    norms = [rec[2 + _FINGERPRINT :] for rec in records]
+    differ = [r for r, d in enumerate(norms) if d != norms[0]]
+    if differ:
+        raise ShardedStepError(
+            f"RMSprop (state sharded over {size} ranks): rank(s) {differ} hold other "
+            "gradients than rank 0 (their global norms differ; average them first, "
+            "e.g. with mlx.nn.average_gradients) -- nothing changed on any rank",
+            {r: "other gradients than rank 0" for r in differ},
+        )
+    return False
 
 
 # ---- Checkpoints.
@@ -324,8 +368,9 @@ def piece_record(leaf_index: int, leaf: Leaf, piece: Piece) -> mx.array:
     )
 
 
-def assemble(per_rank: Sequence[dict[str, mx.array]]) -> dict:
-    """The full state tree from every rank's ``sharded_state_dict()``."""
+def assemble(per_rank: Sequence[dict[str, mx.array]], full_precision: bool = False) -> dict:
+    """The full state tree from every rank's ``sharded_state_dict()``; 8-bit
+    entries dequantized to float32 with ``full_precision``."""
     if not per_rank:
         raise ValueError("RMSprop.assemble_state: no per-rank state was given")
     headers = []
@@ -380,19 +425,25 @@ def assemble(per_rank: Sequence[dict[str, mx.array]]) -> dict:
                     f"one rank and '{path}' {shape} on another"
                 )
             for name, piece in entries_at.get(path, {}).items():
-                if piece.shape != (stop - start,):
+                # An 8-bit entry's scales cover the piece's blocks.
+                a, b = start, stop
+                if name.endswith(_state.SCALE_SUFFIX):
+                    a, b = start // _state.BLOCK, _state.blocks(stop)
+                if piece.shape != (b - a,):
                     raise ValueError(
                         f"RMSprop.assemble_state: '{path}.{name}' has shape {piece.shape}, "
-                        f"its range [{start}, {stop}) needs ({stop - start},)"
+                        f"its range [{a}, {b}) needs ({b - a},)"
                     )
-                entry[2].setdefault(name, []).append((start, stop, piece))
+                entry[2].setdefault(name, []).append((a, b, piece))
     if sorted(leaves) != list(range(len(leaves))):
         raise ValueError("RMSprop.assemble_state: some leaves have no piece on any rank")
     items: list[tuple[str, mx.array]] = list(scalars.items())
     for index in sorted(leaves):
         path, shape, entries = leaves[index]
-        numel = math.prod(shape)
+        leaf_items = []
         for name, pieces in entries.items():
+            scale = name.endswith(_state.SCALE_SUFFIX)
+            numel = _state.blocks(math.prod(shape)) if scale else math.prod(shape)
             pieces.sort(key=lambda t: t[0])
             covered = 0
             for start, stop, _ in pieces:
@@ -411,7 +462,286 @@ def assemble(per_rank: Sequence[dict[str, mx.array]]) -> dict:
                 full = parts[0]
             else:
                 full = mx.concatenate(parts)
-            items.append((f"{path}.{name}", full.reshape(shape)))
-    from mlx.utils import tree_unflatten
-
+            leaf_items.append((name, full if scale else full.reshape(shape)))
+        leaf_state = dict(leaf_items)
+        if full_precision:
+            leaf_state = _state.full_precision(leaf_state)
+        items.extend((f"{path}.{name}", value) for name, value in leaf_state.items())
     return tree_unflatten(items)
+
+
+# ---- The sharded optimizer: everything RMSprop does with shard_group.
+
+
+def check_sharding(group: Any, bucket_bytes: Any) -> None:
+    """Raise ValueError unless ``group`` and ``bucket_bytes`` can shard a state."""
+    if group is not None and not isinstance(group, mx.distributed.Group):
+        raise ValueError(
+            f"RMSprop shard_group should be None or an mlx.core.distributed.Group, "
+            f"{type(group).__name__} was provided instead"
+        )
+    if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) or bucket_bytes <= 0:
+        raise ValueError(
+            f"RMSprop shard_bucket_bytes should be an int > 0, "
+            f"{bucket_bytes} was provided instead"
+        )
+
+
+def _at(tree: Any, keys: tuple) -> Any:
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def _first_difference(a: ShardPlan, b: ShardPlan) -> str:
+    sa, sb = a.signature(), b.signature()
+    for x, y in zip(sa, sb):
+        if x != y:
+            return f"'{x[0]}' {x[1]} {x[2]} where the state has '{y[0]}' {y[1]} {y[2]}"
+    return f"{len(sa)} leaves where the state has {len(sb)}"
+
+
+def _piece_of(entry: mx.array, name: str, piece: Piece) -> mx.array:
+    """A piece's part of a full leaf's state entry: its elements, or for an
+    8-bit scale its blocks (pieces of 8-bit leaves start at a block)."""
+    if name.endswith(_state.SCALE_SUFFIX):
+        return entry[piece.start // _state.BLOCK : _state.blocks(piece.stop)]
+    return entry.reshape(-1)[piece.start : piece.stop]
+
+
+@dataclass
+class _Pieces:
+    """This rank's pieces of one step: what the fused update takes."""
+
+    grads: list = field(default_factory=list)
+    params: list = field(default_factory=list)
+    states: list = field(default_factory=list)
+    places: list = field(default_factory=list)  # (leaf, start) for stochastic rounding
+    index: list = field(default_factory=list)  # into plan.pieces
+
+
+class ShardedState:
+    """The state of one :class:`~mlx_fused_rmsprop.RMSprop` sharded over its
+    ``shard_group`` (see the class docstring): the plan, a loaded full state
+    waiting to be sliced, and every step's checks, agreement, update and
+    gather. The optimizer calls :meth:`step` once per step."""
+
+    def __init__(self, opt: Any):
+        self.opt = opt
+        self.group: mx.distributed.Group = opt.shard_group
+        self.plan: Optional[ShardPlan] = None
+        self.pending_full: Optional[dict] = None
+
+    # ---- The step.
+
+    def step(self, gradients: Any, parameters: Any) -> Any:
+        """One sharded step: check locally, agree, update own pieces, gather."""
+        opt = self.opt
+        error: Optional[BaseException] = None
+        digest = gradients_digest = b""
+        skip = False
+        # The collectives below must run in the same order on every rank, and
+        # the gradients usually hang on a pending one (the all_sum of
+        # nn.average_gradients), the parameters maybe too (a broadcast of the
+        # initial weights): run those first, on every rank alike -- a rank's
+        # gather depends only on its own pieces (or on none), so it would not.
+        try:
+            mx.eval(gradients)
+            options, plan, state, pieces = self.check(gradients, parameters)
+            mx.eval(self._leaf_params(plan, parameters))
+            scheduled, step = opt._next_step()
+            lr = scheduled.get("learning_rate", opt._state.get("learning_rate"))
+            # Every rank holds the (averaged) gradients: the norm needs no
+            # extra collective; the agreement checks that the ranks' norms
+            # match and makes a skip everyone's.
+            guards = opt._compute_guards(gradients)
+            if guards is not None:
+                mx.eval(guards.norm)
+                skip = guards.skip is not None and bool(guards.skip.item())
+                gradients_digest = fingerprint(float(guards.norm.item()))
+            digest = fingerprint(
+                plan.signature(), repr(options), str(opt.state_dtype),
+                opt.shard_bucket_bytes, int(opt.step), float(lr),
+            )
+        except Exception as e:  # every rank must hear of it: see agree()
+            error = e
+        skip = agree(self.group, error, digest, skip, gradients_digest)
+
+        if state is not None:
+            self._install(plan, state)
+        if skip:
+            # This rank's own flag may be False while another rank's is True.
+            guards.skip = mx.array(True)
+            opt._commit_step(scheduled, step, guards)
+            return self._param_tree(gradients, parameters)
+        updated = _ext.optimizer_step(
+            pieces.grads, pieces.params, pieces.states, lr, step, options,
+            opt._half_state_dtype(), True, **opt._step_values(guards),
+            places=pieces.places,
+        )
+        leaves = gather_parameters(
+            plan, dict(zip(pieces.index, updated)), self._leaf_params(plan, parameters),
+            self.group,
+        )
+        opt._commit_step(scheduled, step, guards)
+        it = iter(leaves)
+        return tree_map(lambda _: next(it), gradients)
+
+    def check(self, gradients: Any, parameters: Any) -> tuple:
+        """Every check of a sharded step on this rank; changes nothing.
+
+        Returns (options, plan, new state or None, this rank's pieces); the
+        new state is set when the state is still to be created or sliced
+        from a loaded full state.
+        """
+        opt = self.opt
+        options = opt._make_options()
+        from .optimizer import _optimizer_step  # the integer-leaf hint
+
+        _optimizer_step(
+            gradients, parameters, {}, None, None, options, opt._half_state_dtype(),
+            False, allow_missing_state=True,
+        )
+        if opt._initialized and self.plan is not None:
+            plan = self._make_plan(gradients, options)
+            if plan.signature() != self.plan.signature():
+                raise ValueError(
+                    "RMSprop: the gradients' leaves "
+                    f"({_first_difference(plan, self.plan)}) differ from the ones "
+                    "the sharded state was built for"
+                )
+            plan, state = self.plan, None
+        else:
+            plan, state = self._candidate(gradients, parameters, options)
+        tree = opt._state if state is None else state
+        pieces = _Pieces()
+        leaf_params = self._leaf_params(plan, parameters)
+        leaf_grads = [g for _, g in flatten(gradients)]
+        for i, piece in enumerate(plan.pieces):
+            if piece.rank != plan.rank or piece.size == 0:
+                continue
+            pieces.index.append(i)
+            pieces.grads.append(leaf_grads[piece.leaf].reshape(-1)[piece.start : piece.stop])
+            pieces.params.append(leaf_params[piece.leaf].reshape(-1)[piece.start : piece.stop])
+            pieces.states.append(_at(tree, plan.leaves[piece.leaf].keys))
+            pieces.places.append((piece.leaf, piece.start))
+        # Raises naming the piece's position; the state was made by this
+        # class, so this fires only if it was altered by hand.
+        _ext.optimizer_step(
+            pieces.grads, pieces.params, pieces.states, None, None, options,
+            opt._half_state_dtype(), False,
+        )
+        return options, plan, state, pieces
+
+    # ---- The state.
+
+    def init(self, parameters: Any) -> None:
+        """Lay the state out for ``parameters`` (see RMSprop.init)."""
+        from .optimizer import _optimizer_step
+
+        opt = self.opt
+        options = opt._make_options()
+        _optimizer_step(
+            parameters, parameters, {}, None, None, options, opt._half_state_dtype(),
+            False, allow_missing_state=True,
+        )
+        plan, state = self._candidate(parameters, parameters, options)
+        self._install(plan, state)
+
+    def load_full_state(self, state: dict) -> None:
+        """Take a full state's scalar entries now, slice the rest into this
+        rank's pieces at the next step (see RMSprop.load_full_state)."""
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"RMSprop: the optimizer state must be a dict, got {type(state).__name__}"
+            )
+        missing = [name for name in _state.REQUIRED_SCALARS if name not in state]
+        if missing:
+            raise ValueError(f"RMSprop: the optimizer state has no entry '{missing[0]}'")
+        opt = self.opt
+        scalars = {name: state[name] for name in SCALAR_ENTRIES if name in state}
+        opt._state = opt._converted(scalars, {}, opt._layout())
+        self.pending_full = state
+        self.plan = None
+        opt._initialized = False
+
+    def state_dict(self) -> dict[str, mx.array]:
+        """This rank's checkpoint (see RMSprop.sharded_state_dict)."""
+        if self.plan is None:
+            raise ValueError(
+                "RMSprop.sharded_state_dict: the sharded state does not exist yet "
+                "(take a step or call init(model.trainable_parameters()) first)"
+            )
+        plan = self.plan
+        opt = self.opt
+        out: dict[str, mx.array] = {}
+        for name in SCALAR_ENTRIES:
+            if name in opt._state:
+                out[name] = mx.array(opt._state[name])
+        out[SHARD_KEY] = mx.array([plan.rank, plan.ranks, plan.total], dtype=mx.int64)
+        for piece in plan.own_pieces():
+            leaf = plan.leaves[piece.leaf]
+            for name, value in _at(opt._state, leaf.keys).items():
+                out[f"{leaf.path}.{name}"] = value
+            out[leaf.path + PIECE_SUFFIX] = piece_record(piece.leaf, leaf, piece)
+        return out
+
+    def _make_plan(self, gradients: Any, options: Any) -> ShardPlan:
+        layout = self.opt._layout(options)
+        return make_plan(
+            gradients, self.group.size(), self.group.rank(), self.opt.shard_bucket_bytes,
+            layout.quantizes,
+        )
+
+    def _candidate(self, gradients: Any, parameters: Any, options: Any) -> tuple:
+        """The plan for ``gradients`` and this rank's new state tree (fresh, or
+        sliced from the loaded full state after converting and checking it);
+        changes nothing."""
+        opt = self.opt
+        layout = opt._layout(options)
+        plan = self._make_plan(gradients, options)
+        full = self.pending_full
+        has_entries = False
+        if full is not None:
+            leaves = {k: v for k, v in full.items() if k not in SCALAR_ENTRIES}
+            full = {**full, **_state.map_leaves(leaves, parameters, layout.convert)}
+            _state.check_assigned(full, gradients, parameters, layout, SCALAR_ENTRIES)
+            has_entries = any(
+                isinstance(v, mx.array)
+                for k, v in flatten(full)
+                if k[0] not in SCALAR_ENTRIES
+            )
+        own = {p.leaf: p for p in plan.own_pieces()}
+        nodes = []
+        for i, leaf in enumerate(plan.leaves):
+            piece = own.get(i)
+            node: dict = {}
+            if piece is not None:
+                if has_entries:
+                    for name, value in _at(full, leaf.keys).items():
+                        node[name] = _piece_of(value, name, piece)
+                else:
+                    layout.init(
+                        (piece.size,), leaf.dtype, node, layout.quantizes(leaf.size, leaf.dtype)
+                    )
+            nodes.append(node)
+        it = iter(nodes)
+        return plan, tree_map(lambda _: next(it), gradients)
+
+    def _install(self, plan: ShardPlan, tree: dict) -> None:
+        opt = self.opt
+        scalars = {k: opt._state[k] for k in SCALAR_ENTRIES if k in opt._state}
+        opt._state = {**scalars, **tree}
+        self.plan = plan
+        self.pending_full = None
+        opt._initialized = True
+        opt._layout_key = opt._layout_signature()
+
+    @staticmethod
+    def _leaf_params(plan: ShardPlan, parameters: Any) -> list:
+        return [_at(parameters, leaf.keys) for leaf in plan.leaves]
+
+    @staticmethod
+    def _param_tree(gradients: Any, parameters: Any) -> Any:
+        """The parameters at the gradients' leaves (a skipped step's result)."""
+        return tree_map(lambda _, p: p, gradients, parameters)

@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
-from mlx.utils import tree_map
 
 from . import _ext
+from . import _guards
 from . import _sharding
-from ._sharding import SCALAR_ENTRIES as _SCALAR_ENTRIES  # the state entries that are not per leaf
+from . import _state
 from ._sharding import ShardedStepError
 
 
 LearningRate = Union[float, Callable[[mx.array], mx.array]]
+
+# The options of this package (not of the library a preset ports), which
+# every preset also takes.
+PACKAGE_OPTIONS = (
+    "state_dtype",
+    "state_bits",
+    "min_8bit_size",
+    "stochastic_rounding",
+    "seed",
+    "kahan_summation",
+    "max_grad_norm",
+    "skip_nonfinite",
+)
 
 
 class RMSprop(Optimizer):
@@ -98,12 +111,80 @@ class RMSprop(Optimizer):
           parameter's dtype (as MLX); ``mx.float32`` keeps it in float32 for
           float16 / bfloat16 parameters, whose math then runs in float32 with
           the parameter rounded once per step. Default: ``None``
+        state_bits (int, optional): ``8`` keeps the state of every parameter
+          of at least ``min_8bit_size`` elements (float64 excepted) 8-bit:
+          uint8 codes plus one float32 scale per 256 elements, dynamic
+          quantization maps, updated in float32 and requantized in the same
+          fused pass (see *8-bit state* below); smaller parameters keep
+          float32 state. ``None`` keeps full precision. Default: ``None``
+        min_8bit_size (int, optional): The fewest elements a parameter has
+          for 8-bit state. Default: ``4096``
+        stochastic_rounding (bool, optional): Round float16 / bfloat16
+          parameters stochastically from the float32 result (unbiased, so
+          updates below the parameter's spacing add up on average); other
+          dtypes are unaffected. Default: ``False``
+        seed (int, optional): The seed of stochastic rounding's random bits
+          (``0 <= seed < 2**32``), kept in :attr:`state` as ``"seed"``;
+          ``None`` draws one from ``mx.random``. Default: ``None``
+        kahan_summation (bool, optional): Keep a ``compensation`` state entry
+          (the parameter's dtype) for float16 / bfloat16 parameters that adds
+          back what rounding dropped (see *Rounding* below); not with
+          ``stochastic_rounding``. Default: ``False``
+        max_grad_norm (float, optional): Clip the gradients' global L2 norm
+          to this (>= 0), as :func:`mlx.optimizers.clip_grad_norm` does,
+          inside the fused update (see *Guards* below). Default: ``None``
+        skip_nonfinite (bool, optional): When any gradient element is NaN or
+          infinite, change nothing (no parameter, no state entry, not the
+          step count). Default: ``False``
         shard_group (mlx.core.distributed.Group, optional): Shard the state
           over the ranks of this group (ZeRO stage 1, see *Sharded state*
           below); ``None`` keeps all of it on every process. Default: ``None``
         shard_bucket_bytes (int, optional): With ``shard_group``, the most
           bytes per rank one all-gather of updated parameters moves.
           Default: ``2**25`` (32 MiB)
+
+    **8-bit state.** Each state entry (``v``; ``mean`` and
+    ``momentum_buffer`` when kept) of a quantized parameter is uint8 codes of
+    the parameter's shape plus ``<name>_scale``, float32, one per block of
+    256 consecutive elements in row-major order (the last may be partial),
+    holding the block's absolute maximum. Per block and step, in the one
+    fused pass: dequantize (:math:`m[c] \cdot s`, the unsigned dynamic map
+    for ``v``, the signed one otherwise), update in float32, update the
+    parameter from that fresh float32 state, and requantize to the nearest
+    code of :math:`x / s'` (ties toward the smaller magnitude) with the new
+    absolute maximum :math:`s'` (NaN when a value is not finite: the block
+    then reads back as NaN). :meth:`full_precision_state` gives the state in
+    the plain float32 layout; assigning a full-precision state (e.g. an
+    :class:`mlx.optimizers.RMSprop` checkpoint) to an 8-bit optimizer's
+    :attr:`state` quantizes it, and an 8-bit state given to a full-precision
+    optimizer is dequantized, at the next step.
+
+    **Rounding.** float16 / bfloat16 parameters are computed in float32 and
+    rounded once; by default to nearest, which drops an update below half
+    the parameter's spacing every step. With ``stochastic_rounding`` they
+    round up with probability (distance to the value below) / spacing: the
+    random bits are a hash of (seed, step, the parameter's position in
+    ``tree_flatten`` order, the element's row-major index), the same on every
+    thread count, build and backend, sharded or not. With
+    ``kahan_summation``, with :math:`u` the float32 update of the stored
+    parameter :math:`w`:
+
+    .. math::
+
+        c_1 = c - u, \quad w' = \mathrm{round}(w + c_1), \quad
+        c' = \mathrm{round}(c_1 - (w' - w))
+
+    **Guards.** With ``max_grad_norm`` or ``skip_nonfinite`` every step first
+    computes the gradients' global norm :math:`\|g\|` exactly as
+    :func:`mlx.optimizers.clip_grad_norm` does (one read of the gradients,
+    no temporaries on the CPU), kept as ``opt.grad_norm``; clipping scales
+    every gradient by :math:`\min(m / (\|g\| + 10^{-6}), 1)` inside the
+    fused update (float32 results are bit-identical to ``clip_grad_norm``
+    followed by the update; float16 / bfloat16 gradients are scaled in
+    float32, not rounded to 16 bits first); a step whose squared norm is not
+    finite is skipped when ``skip_nonfinite``, counted in
+    ``opt.skipped_steps``. All of it is decided inside the graph: no host
+    sync, and it works under :func:`mlx.core.compile`.
 
     **Sharded state.** With ``shard_group`` (any ``mx.distributed.Group`` of
     :math:`N` ranks; or :meth:`sharded`, e.g. after a preset; feed every rank
@@ -112,8 +193,9 @@ class RMSprop(Optimizer):
     ``tree_flatten`` order are viewed as one flat vector of :math:`E`
     elements, and rank :math:`r` keeps state only for the elements
     :math:`[rS, \min((r+1)S, E))`, :math:`S = \lceil E/N \rceil`, whatever
-    the leaf sizes (a leaf may be split between ranks). Each step a rank
-    updates its own elements with the fused kernel (on 1-D slices of the
+    the leaf sizes (a leaf may be split between ranks; an 8-bit leaf only at
+    a multiple of 256 of its own elements, so no block spans ranks). Each
+    step a rank updates its own elements with the fused kernel (on 1-D slices of the
     leaves: the update is element-wise, so the bits are the unsharded
     optimizer's), then the updated parameters are all-gathered, a few
     buckets per step (one per parameter dtype unless a rank's share of it
@@ -121,10 +203,11 @@ class RMSprop(Optimizer):
     unsharded optimizer's on every rank; the per-parameter state per rank
     is :math:`\approx 1/N` of it.
 
-    On a sharded rank :attr:`state` holds ``"step"``, ``"learning_rate"``
-    and, at each parameter's path, the state of this rank's piece of it:
-    ``{"v": (stop - start,), ...}`` (1-D, the piece's elements of the
-    flattened state) or ``{}`` when the rank owns none of it. Checkpoints:
+    On a sharded rank :attr:`state` holds the scalar entries (``"step"``,
+    ``"learning_rate"``, ...) and, at each parameter's path, the state of
+    this rank's piece of it: ``{"v": (stop - start,), ...}`` (1-D, the
+    piece's elements of the flattened state; 8-bit: its codes and its
+    blocks' scales) or ``{}`` when the rank owns none of it. Checkpoints:
     :meth:`sharded_state_dict` (per rank) -> :meth:`assemble_state` (the
     full state, which this class unsharded and
     :class:`mlx.optimizers.RMSprop` load) -> :meth:`load_full_state` (into
@@ -158,6 +241,13 @@ class RMSprop(Optimizer):
         maximize: bool = False,
         lr_inside_momentum: bool = False,
         state_dtype: Optional[mx.Dtype] = None,
+        state_bits: Optional[int] = None,
+        min_8bit_size: int = 4096,
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
+        kahan_summation: bool = False,
+        max_grad_norm: Optional[float] = None,
+        skip_nonfinite: bool = False,
         shard_group: Optional[mx.distributed.Group] = None,
         shard_bucket_bytes: int = 2**25,
     ):
@@ -203,6 +293,10 @@ class RMSprop(Optimizer):
                 f"RMSprop state_dtype should be None (the parameter's dtype) or "
                 f"mlx.core.float32, {state_dtype} was provided instead"
             )
+        _check_memory_options(
+            state_bits, min_8bit_size, stochastic_rounding, seed, kahan_summation,
+            max_grad_norm, skip_nonfinite,
+        )
         self.momentum = momentum
         self.nesterov = nesterov
         self.centered = centered
@@ -214,16 +308,26 @@ class RMSprop(Optimizer):
         self.maximize = maximize
         self.lr_inside_momentum = lr_inside_momentum
         self.state_dtype = state_dtype
-        _check_sharding(shard_group, shard_bucket_bytes)
+        self.state_bits = state_bits
+        self.min_8bit_size = min_8bit_size
+        self.stochastic_rounding = stochastic_rounding
+        self.kahan_summation = kahan_summation
+        self.max_grad_norm = max_grad_norm
+        self.skip_nonfinite = skip_nonfinite
+        if stochastic_rounding:
+            # Drawn from mlx's generator (seeded by mx.random.seed) unless
+            # given; a state entry, so checkpoints resume bit-exactly.
+            self._state["seed"] = _draw_seed() if seed is None else mx.array(seed, mx.uint32)
+        if self._guarded:
+            self._state.update(_guards.initial_entries())
+        _sharding.check_sharding(shard_group, shard_bucket_bytes)
         self.shard_group = shard_group
         self.shard_bucket_bytes = shard_bucket_bytes
-        # Sharded: the plan the state was built for, and a loaded full state
-        # waiting for the first step (or init) to be sliced.
-        self._plan: Optional[_sharding.ShardPlan] = None
-        self._pending_full_state: Optional[dict] = None
+        self._shards: Optional[_sharding.ShardedState] = None
         self._options = self._make_options()
-        # Set when a state is assigned (e.g. loaded from a checkpoint): the
-        # next step first checks it against the parameters, entry by entry.
+        # The layout the state was last built or converted for, and whether
+        # an assigned state waits to be converted and checked.
+        self._layout_key = self._layout_signature()
         self._state_needs_check = False
 
     # ---- One-line ports from other libraries.
@@ -238,6 +342,7 @@ class RMSprop(Optimizer):
         momentum: float = 0,
         centered: bool = False,
         maximize: bool = False,
+        **options: Any,
     ) -> "RMSprop":
         r"""``torch.optim.RMSprop`` with its argument names and defaults.
 
@@ -252,7 +357,9 @@ class RMSprop(Optimizer):
 
         Weight decay is coupled (added to the gradient), eps is outside the
         square root and the learning rate multiplies the momentum buffer
-        from outside. ``lr`` may be a schedule of the step count.
+        from outside. ``lr`` may be a schedule of the step count. The
+        package's own options (``state_bits``, ``stochastic_rounding``,
+        ``max_grad_norm``, ...; see the class) pass through as keywords.
         Shard its state with :meth:`sharded`.
         """
         return cls(
@@ -263,6 +370,7 @@ class RMSprop(Optimizer):
             centered=centered,
             weight_decay=weight_decay,
             maximize=maximize,
+            **_package_options("from_torch", options),
         )
 
     @classmethod
@@ -277,6 +385,7 @@ class RMSprop(Optimizer):
         momentum: Optional[float] = None,
         nesterov: bool = False,
         bias_correction: bool = False,
+        **options: Any,
     ) -> "RMSprop":
         r"""``optax.rmsprop`` with its argument names and defaults.
 
@@ -290,8 +399,9 @@ class RMSprop(Optimizer):
 
         eps is inside the square root by default and the learning rate enters
         the momentum trace. As in optax, ``nesterov`` without ``momentum`` is
-        ignored. ``learning_rate`` may be a schedule of the step count.
-        Shard its state with :meth:`sharded`.
+        ignored. ``learning_rate`` may be a schedule of the step count. The
+        package's own options pass through as keywords. Shard its state with
+        :meth:`sharded`.
         """
         mu = 0.0 if momentum is None else momentum
         return cls(
@@ -305,6 +415,7 @@ class RMSprop(Optimizer):
             initial_scale=initial_scale,
             bias_correction=bias_correction,
             lr_inside_momentum=True,
+            **_package_options("from_optax", options),
         )
 
     @classmethod
@@ -316,6 +427,7 @@ class RMSprop(Optimizer):
         epsilon: float = 1e-7,
         centered: bool = False,
         weight_decay: Optional[float] = None,
+        **options: Any,
     ) -> "RMSprop":
         r"""``keras.optimizers.RMSprop`` with its argument names and defaults.
 
@@ -330,7 +442,8 @@ class RMSprop(Optimizer):
         Weight decay is decoupled (applied to the weights, scaled by the
         learning rate), eps is inside the square root and the learning rate
         enters the momentum buffer. ``learning_rate`` may be a schedule of the
-        step count. Shard its state with :meth:`sharded`.
+        step count. The package's own options pass through as keywords. Shard
+        its state with :meth:`sharded`.
         """
         return cls(
             learning_rate,
@@ -342,11 +455,25 @@ class RMSprop(Optimizer):
             decoupled_weight_decay=True,
             eps_in_sqrt=True,
             lr_inside_momentum=True,
+            **_package_options("from_keras", options),
         )
 
     # ---- The state.
 
+    @property
+    def _guarded(self) -> bool:
+        return self.max_grad_norm is not None or bool(self.skip_nonfinite)
+
     def _make_options(self) -> "_ext.RMSpropOptions":
+        if self.stochastic_rounding and self.kahan_summation:
+            raise ValueError(
+                "RMSprop: stochastic_rounding and kahan_summation exclude each other"
+            )
+        rounding = (
+            _ext.ROUND_STOCHASTIC if self.stochastic_rounding
+            else _ext.ROUND_KAHAN if self.kahan_summation
+            else _ext.ROUND_NEAREST
+        )
         return _ext.RMSpropOptions(
             alpha=self.alpha,
             eps=self.eps,
@@ -359,19 +486,59 @@ class RMSprop(Optimizer):
             bias_correction=self.bias_correction,
             maximize=self.maximize,
             lr_inside_momentum=self.lr_inside_momentum,
+            rounding=rounding,
+            guarded=self._guarded,
+            state_bits=self.state_bits or 0,
+            min_8bit_size=self.min_8bit_size,
         )
+
+    def _half_state_dtype(self) -> Optional[mx.Dtype]:
+        """The full-precision state's dtype beside float16 / bfloat16
+        parameters: float32 with 8-bit state (for the parameters too small
+        to quantize), else state_dtype (None: the parameter's)."""
+        return mx.float32 if self.state_bits == 8 else self.state_dtype
+
+    def _layout(self, options: Optional["_ext.RMSpropOptions"] = None) -> _state.Layout:
+        return _state.Layout(
+            options or self._options, self._half_state_dtype(), self.initial_scale
+        )
+
+    def _layout_signature(self) -> tuple:
+        """What decides the state's form: a change converts it at the next step."""
+        return (self.state_bits, self.min_8bit_size, self.kahan_summation, self.state_dtype)
 
     @property
     def state_names(self) -> tuple[str, ...]:
         """The state each parameter has: ``("v",)``, plus ``"mean"`` when
-        centered and ``"momentum_buffer"`` with momentum."""
+        centered and ``"momentum_buffer"`` with momentum (8-bit ones with a
+        ``<name>_scale`` beside, and ``"compensation"`` with Kahan summation
+        of a 16-bit parameter)."""
         return tuple(self._options.state_names())
 
     def state_dtype_of(self, parameter: mx.array) -> mx.Dtype:
-        """The dtype of a parameter's state."""
-        if self.state_dtype is not None and parameter.dtype in (mx.float16, mx.bfloat16):
-            return self.state_dtype
-        return parameter.dtype
+        """The dtype of a parameter's full-precision state (8-bit state is
+        uint8 codes whatever this says)."""
+        return self._layout().dtype_of(parameter.dtype)
+
+    @property
+    def scalar_entries(self) -> tuple[str, ...]:
+        """The state's entries that are not per parameter: ``"step"``,
+        ``"learning_rate"``, ``"seed"`` with stochastic rounding,
+        ``"grad_norm"`` and ``"skipped_steps"`` with the guards."""
+        return tuple(name for name in _state.SCALAR_ENTRIES if name in self._state)
+
+    @property
+    def grad_norm(self) -> Optional[mx.array]:
+        """The last step's global gradient norm before clipping (0-d float32;
+        0 before the first step), with ``max_grad_norm`` or
+        ``skip_nonfinite``; else None."""
+        return self._state.get(_guards.GRAD_NORM)
+
+    @property
+    def skipped_steps(self) -> Optional[mx.array]:
+        """How many steps ``skip_nonfinite`` skipped (0-d uint64); None
+        without it."""
+        return self._state.get(_guards.SKIPPED_STEPS)
 
     @property
     def state(self) -> dict:
@@ -399,52 +566,77 @@ class RMSprop(Optimizer):
         """
         if self.shard_group is None:
             super().init(parameters)
+            self._layout_key = self._layout_signature()
             return
-        options = self._make_options()
-        _optimizer_step(
-            parameters, parameters, {}, None, None, options, self.state_dtype,
-            False, allow_missing_state=True,
-        )
-        plan, state, _ = self._shard_candidate(parameters, parameters, options)
-        self._install_sharded(plan, state)
+        self._sharded_state().init(parameters)
 
     def state_nbytes(self) -> int:
         """The bytes of the per-parameter state this process holds (``v``,
-        ``mean``, ``momentum_buffer``; not the step or learning rate). With
-        ``shard_group``, about ``1/N`` of the unsharded optimizer's."""
+        ``mean``, ``momentum_buffer``, their 8-bit scales, ``compensation``;
+        not the scalar entries). With ``shard_group``, about ``1/N`` of the
+        unsharded optimizer's."""
         total = 0
         for keys, value in _sharding.flatten(self._state):
-            if keys and keys[0] in _SCALAR_ENTRIES and len(keys) == 1:
+            if len(keys) == 1 and keys[0] in _state.SCALAR_ENTRIES:
                 continue
             if isinstance(value, mx.array):
                 total += value.nbytes
         return total
 
+    def full_precision_state(self) -> dict:
+        """The whole state in the plain layout, float32: 8-bit entries
+        dequantized (their scales dropped), float16 / bfloat16 ones widened
+        (float64 stays; ``compensation`` keeps the parameter's dtype), the
+        scalar entries as they are -- what ``state_dtype=mx.float32`` would
+        hold, which this class (any options) and
+        :class:`mlx.optimizers.RMSprop` load. For a sharded optimizer,
+        assemble the ranks' states first (:meth:`assemble_state`)."""
+        if self.shard_group is not None:
+            raise ValueError(
+                "RMSprop.full_precision_state: this rank holds pieces of the state; "
+                "use RMSprop.assemble_state(per_rank_states, full_precision=True)"
+            )
+        def convert(tree: Any) -> Any:
+            if isinstance(tree, dict) and tree and all(isinstance(v, mx.array) for v in tree.values()):
+                return _state.full_precision(tree)
+            if isinstance(tree, dict):
+                return {k: convert(v) for k, v in tree.items()}
+            if isinstance(tree, (list, tuple)):
+                return type(tree)(convert(v) for v in tree)
+            return tree
+
+        scalars = {k: v for k, v in self._state.items() if k in _state.SCALAR_ENTRIES}
+        rest = {k: v for k, v in self._state.items() if k not in _state.SCALAR_ENTRIES}
+        return {**scalars, **convert(rest)}
+
     def init_single(self, parameter: mx.array, state: dict) -> None:
         """Initialize optimizer state"""
-        dtype = self.state_dtype_of(parameter)
-        if self.initial_scale == 0.0 and dtype == parameter.dtype:
-            state["v"] = mx.zeros_like(parameter)
-        else:
-            state["v"] = mx.full(parameter.shape, self.initial_scale, dtype)
-        for name in self.state_names[1:]:
-            state[name] = mx.zeros(parameter.shape, dtype)
+        self._layout().init(parameter.shape, parameter.dtype, state)
 
     def apply_single(
         self, gradient: mx.array, parameter: mx.array, state: dict
     ) -> mx.array:
         """Performs the RMSprop parameter update with one fused primitive and
-        stores the new state (:math:`v`, and the mean and momentum buffer when
-        the options keep them) in the optimizer state.
+        stores the new state (every entry of the parameter's state) in the
+        optimizer state. The guards need the whole tree: with
+        ``max_grad_norm`` / ``skip_nonfinite`` use :meth:`apply_gradients`.
         """
-        names = self.state_names
+        if self._guarded:
+            raise ValueError(
+                "RMSprop.apply_single: max_grad_norm and skip_nonfinite need every "
+                "gradient at once; use apply_gradients (or update)"
+            )
+        quantized = _state.is_quantized(state)
+        names = self._layout().entry_names(quantized, parameter.dtype)
         outputs = _ext.rmsprop_step(
             gradient,
             parameter,
             [state[name] for name in names],
             self.learning_rate,
-            self.step if self.bias_correction else None,
+            self.step if (self.bias_correction or self.stochastic_rounding) else None,
             self._options,
+            quantized=quantized,
+            seed=self._state.get("seed"),
         )
         for name, value in zip(names, outputs[1:]):
             state[name] = value
@@ -463,11 +655,12 @@ class RMSprop(Optimizer):
         every rank.
         """
         if self.shard_group is not None:
-            return self._apply_sharded(gradients, parameters)
+            return self._sharded_state().step(gradients, parameters)
         options = self._prepare(gradients, parameters)
         if not self._initialized:
             self.init(gradients)
         scheduled, step = self._next_step()
+        guards = self._compute_guards(gradients)
         updated = _optimizer_step(
             gradients,
             parameters,
@@ -475,11 +668,26 @@ class RMSprop(Optimizer):
             scheduled.get("learning_rate", self._state.get("learning_rate")),
             step,
             options,
-            self.state_dtype,
+            self._half_state_dtype(),
             True,
+            **self._step_values(guards),
         )
-        self._commit_step(scheduled, step)
+        self._commit_step(scheduled, step, guards)
         return updated
+
+    def _compute_guards(self, gradients: Any) -> Optional[_guards.Guards]:
+        if not self._guarded:
+            return None
+        return _guards.compute(gradients, self.max_grad_norm, bool(self.skip_nonfinite))
+
+    def _step_values(self, guards: Optional[_guards.Guards]) -> dict:
+        """The step's values beside lr and the step count: the guards' clip
+        factor and skip flag, stochastic rounding's seed."""
+        return {
+            "clip": guards.clip if guards else None,
+            "skip": guards.skip if guards else None,
+            "seed": self._state.get("seed") if self.stochastic_rounding else None,
+        }
 
     def _next_step(self) -> tuple[dict, Any]:
         """The coming step's scheduled hyperparameters and step count. As
@@ -489,10 +697,12 @@ class RMSprop(Optimizer):
         scheduled = {name: fn(self.step) for name, fn in self._schedulers.items()}
         return scheduled, self.step + 1
 
-    def _commit_step(self, scheduled: dict, step: Any) -> None:
-        """Record a step that ran: its scheduled values and its count."""
-        self._state.update(scheduled)
-        self._state["step"] = step
+    def _commit_step(
+        self, scheduled: dict, step: Any, guards: Optional[_guards.Guards] = None
+    ) -> None:
+        """Record a step that ran (or was skipped): its scheduled values,
+        its count, the guards' report."""
+        _guards.commit(self._state, scheduled, step, guards)
 
     def check_gradients(self, gradients: dict, parameters: dict) -> None:
         """Raise, naming the leaf, unless one step over ``gradients`` can run.
@@ -503,31 +713,70 @@ class RMSprop(Optimizer):
         ``shard_group``, checks this rank only (no collective runs).
         """
         if self.shard_group is not None:
-            self._check_sharded(gradients, parameters)
+            self._sharded_state().check(gradients, parameters)
             return
-        options = self._prepare(gradients, parameters)
-        if self._initialized:
+        options = self._prepare(gradients, parameters, convert=False)
+        if self._initialized and not self._state_needs_check:
             _optimizer_step(
                 gradients, parameters, self._state, None, None, options,
-                self.state_dtype, False,
+                self._half_state_dtype(), False,
             )
 
-    def _prepare(self, gradients: Any, parameters: Any) -> "_ext.RMSpropOptions":
+    def _prepare(
+        self, gradients: Any, parameters: Any, convert: bool = True
+    ) -> "_ext.RMSpropOptions":
         """The options of this step (hyperparameters may have been set since
-        the last one); checks an assigned state entry by entry and, before
-        the state exists, every leaf as init() will set it up."""
+        the last one); converts and checks an assigned state (or one whose
+        form the options changed) entry by entry and, before the state
+        exists, checks every leaf as init() will set it up."""
         self._options = options = self._make_options()
+        _check_memory_options(
+            self.state_bits, self.min_8bit_size, self.stochastic_rounding,
+            self._state.get("seed", 0), self.kahan_summation, self.max_grad_norm,
+            self.skip_nonfinite,
+        )
+        signature = self._layout_signature()
+        if self._initialized and signature != self._layout_key:
+            self._state_needs_check = True
         if self._state_needs_check:
-            _check_assigned_state(self._state, gradients, parameters, self)
+            layout = self._layout(options)
+            state = self._state
+            if convert:
+                state = self._converted(state, parameters, layout)
+            _state.check_assigned(state, gradients, parameters, layout, _state.SCALAR_ENTRIES)
+            if not convert:
+                return options
+            self._state = state
             self._state_needs_check = False
+            self._layout_key = signature
         if not self._initialized:
             _optimizer_step(
                 gradients, parameters, self._state, None, None, options,
-                self.state_dtype, False, allow_missing_state=True,
+                self._half_state_dtype(), False, allow_missing_state=True,
             )
         return options
 
-    # ---- Sharded state (shard_group).
+    def _converted(self, state: Any, parameters: Any, layout: _state.Layout) -> Any:
+        """An assigned state in this optimizer's form, with the scalar entries
+        its options need (a seed, the guards' report) added when missing."""
+        if not isinstance(state, dict):
+            return state
+        leaves = {k: v for k, v in state.items() if k not in _state.SCALAR_ENTRIES}
+        out = {k: v for k, v in state.items() if k in _state.SCALAR_ENTRIES}
+        out.update(_state.map_leaves(leaves, parameters, layout.convert))
+        if self.stochastic_rounding and "seed" not in out:
+            out["seed"] = self._state.get("seed", _draw_seed())
+        if self._guarded:
+            for name, value in _guards.initial_entries().items():
+                out.setdefault(name, value)
+        return out
+
+    # ---- Sharded state (shard_group): python/mlx_fused_rmsprop/_sharding.py.
+
+    def _sharded_state(self) -> "_sharding.ShardedState":
+        if self._shards is None or self._shards.group is not self.shard_group:
+            self._shards = _sharding.ShardedState(self)
+        return self._shards
 
     def sharded(
         self, group: Optional[mx.distributed.Group], bucket_bytes: int = 2**25
@@ -539,14 +788,15 @@ class RMSprop(Optimizer):
         construction; only before the state exists (the first step or
         :meth:`init`). ``None`` unshards.
         """
-        _check_sharding(group, bucket_bytes)
-        if self._initialized or self._pending_full_state is not None:
+        _sharding.check_sharding(group, bucket_bytes)
+        if self._initialized or (self._shards is not None and self._shards.pending_full is not None):
             raise ValueError(
                 "RMSprop.sharded: the optimizer already has a state; shard it before "
                 "the first step (or move a state over with assemble_state / load_full_state)"
             )
         self.shard_group = group
         self.shard_bucket_bytes = bucket_bytes
+        self._shards = None
         return self
 
     def load_full_state(self, state: dict) -> None:
@@ -554,328 +804,122 @@ class RMSprop(Optimizer):
 
         The state of :class:`RMSprop` without ``shard_group``, of
         :class:`mlx.optimizers.RMSprop`, or :meth:`assemble_state`'s: a tree
-        ``{"step", "learning_rate", <parameter path>: {"v": ..., ...}}``.
-        Unsharded, the same as assigning :attr:`state`. Sharded (on any number
-        of ranks; every rank loads the same full state), ``"step"`` and
-        ``"learning_rate"`` are taken now and the rest is checked against the
-        gradients and sliced into this rank's pieces at the next step (or
+        ``{"step", "learning_rate", <parameter path>: {"v": ..., ...}}``
+        (8-bit or full precision: converted to this optimizer's form).
+        Unsharded, the same as assigning :attr:`state`. Sharded (on any
+        number of ranks; every rank loads the same full state), the scalar
+        entries are taken now and the rest is checked against the gradients
+        and sliced into this rank's pieces at the next step (or
         :meth:`init`); later steps are bit-identical to the unsharded
         optimizer continuing from this state.
         """
         if self.shard_group is None:
             self.state = state
             return
-        if not isinstance(state, dict):
-            raise ValueError(
-                f"RMSprop: the optimizer state must be a dict, got {type(state).__name__}"
-            )
-        missing = [name for name in _SCALAR_ENTRIES if name not in state]
-        if missing:
-            raise ValueError(f"RMSprop: the optimizer state has no entry '{missing[0]}'")
-        self._state = {name: state[name] for name in _SCALAR_ENTRIES}
-        self._pending_full_state = state
-        self._plan = None
-        self._initialized = False
+        self._sharded_state().load_full_state(state)
 
     def sharded_state_dict(self) -> dict[str, mx.array]:
         """This rank's state as a flat dict of arrays, for ``mx.save_safetensors``.
 
-        Keys: ``"step"``, ``"learning_rate"``; ``"<path>.<name>"`` for each
-        state entry of this rank's pieces (1-D); ``"<path>.__shard__"``,
-        ``[leaf index, start, stop, ndim, *shape]`` (int64) of each piece; and
-        ``"__shard__"``, ``[rank, ranks, elements of all leaves]``. Give every
-        rank's dict to :meth:`assemble_state` for the full state.
+        Keys: the scalar entries (``"step"``, ``"learning_rate"``, ...);
+        ``"<path>.<name>"`` for each state entry of this rank's pieces (1-D;
+        8-bit: codes, and ``<name>_scale`` with the piece's blocks);
+        ``"<path>.__shard__"``, ``[leaf index, start, stop, ndim, *shape]``
+        (int64) of each piece; and ``"__shard__"``, ``[rank, ranks, elements
+        of all leaves]``. Give every rank's dict to :meth:`assemble_state`
+        for the full state.
         """
         if self.shard_group is None:
             raise ValueError("RMSprop.sharded_state_dict: the optimizer has no shard_group")
-        if self._plan is None:
-            raise ValueError(
-                "RMSprop.sharded_state_dict: the sharded state does not exist yet "
-                "(take a step or call init(model.trainable_parameters()) first)"
-            )
-        plan = self._plan
-        out: dict[str, mx.array] = {}
-        for name in _SCALAR_ENTRIES:
-            if name in self._state:
-                out[name] = mx.array(self._state[name])
-        out[_sharding.SHARD_KEY] = mx.array([plan.rank, plan.ranks, plan.total], dtype=mx.int64)
-        for piece in plan.own_pieces():
-            leaf = plan.leaves[piece.leaf]
-            node = _at(self._state, leaf.keys)
-            for name in self.state_names:
-                out[f"{leaf.path}.{name}"] = node[name]
-            out[leaf.path + _sharding.PIECE_SUFFIX] = _sharding.piece_record(piece.leaf, leaf, piece)
-        return out
+        return self._sharded_state().state_dict()
 
     @staticmethod
-    def assemble_state(per_rank_states: "list[dict[str, mx.array]]") -> dict:
+    def assemble_state(
+        per_rank_states: "list[dict[str, mx.array]]", full_precision: bool = False
+    ) -> dict:
         """The full state from every rank's :meth:`sharded_state_dict`.
 
         ``per_rank_states`` holds one dict per rank of the group, in any order
         (e.g. ``[mx.load(f) for f in files]``). Returns the unsharded tree
         ``{"step", "learning_rate", <parameter path>: {"v": ..., ...}}`` with
-        each entry of its parameter's shape: what :class:`RMSprop` (sharded on
-        any number of ranks or not) and :class:`mlx.optimizers.RMSprop` load.
-        Raises ``ValueError`` unless the pieces of every entry of every rank
-        cover it exactly.
+        each entry of its parameter's shape (8-bit entries as codes and
+        scales, or dequantized to float32 with ``full_precision``): what
+        :class:`RMSprop` (sharded on any number of ranks or not) and, full
+        precision, :class:`mlx.optimizers.RMSprop` load. Raises
+        ``ValueError`` unless the pieces of every entry of every rank cover
+        it exactly and come from one model and one step.
         """
-        return _sharding.assemble(per_rank_states)
+        return _sharding.assemble(per_rank_states, full_precision)
 
-    def _apply_sharded(self, gradients: Any, parameters: Any) -> Any:
-        """One sharded step: check locally, agree, update own pieces, gather."""
-        group = self.shard_group
-        error: Optional[BaseException] = None
-        digest = b""
-        # The collectives below must run in the same order on every rank, and
-        # the gradients usually hang on a pending one (the all_sum of
-        # nn.average_gradients), the parameters maybe too (a broadcast of the
-        # initial weights): run those first, on every rank alike -- a rank's
-        # gather depends only on its own pieces (or on none), so it would not.
-        try:
-            mx.eval(gradients)
-            options, plan, state, pieces = self._check_sharded(gradients, parameters)
-            mx.eval(_leaf_params(plan, parameters))
-            scheduled, step = self._next_step()
-            lr = scheduled.get("learning_rate", self._state.get("learning_rate"))
-            digest = _sharding.fingerprint(
-                plan.signature(), repr(options), str(self.state_dtype),
-                self.shard_bucket_bytes, int(self.step), float(lr),
-            )
-        except Exception as e:  # every rank must hear of it: see agree()
-            error = e
-        _sharding.agree(group, error, digest)
 
-        if state is not None:
-            self._install_sharded(plan, state)
-        grads, params, states, index = pieces
-        updated = _ext.optimizer_step(
-            grads, params, states, lr, step, options, self.state_dtype, True
+def _draw_seed() -> mx.array:
+    """A stochastic-rounding seed from mlx's generator: a 0-d uint32."""
+    return mx.random.randint(0, 2**31 - 1, (), dtype=mx.int32).astype(mx.uint32)
+
+
+def _package_options(preset: str, options: dict) -> dict:
+    """A preset's extra keywords: this package's own options only."""
+    unknown = sorted(set(options) - set(PACKAGE_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"RMSprop.{preset}() got an unexpected keyword argument '{unknown[0]}' "
+            f"(besides its library's arguments it takes {', '.join(PACKAGE_OPTIONS)})"
         )
-        leaves = _sharding.gather_parameters(
-            plan, dict(zip(index, updated)), _leaf_params(plan, parameters), group
-        )
-        self._commit_step(scheduled, step)
-        it = iter(leaves)
-        return tree_map(lambda _: next(it), gradients)
-
-    def _check_sharded(self, gradients: Any, parameters: Any) -> tuple:
-        """Every check of a sharded step on this rank; changes nothing.
-
-        Returns (options, plan, new state or None, (gradient pieces, parameter
-        pieces, state pieces, piece indices)); the new state is set when the
-        state is still to be created or sliced from a loaded full state.
-        """
-        options = self._make_options()
-        _optimizer_step(
-            gradients, parameters, {}, None, None, options, self.state_dtype,
-            False, allow_missing_state=True,
-        )
-        if self._initialized and self._plan is not None:
-            plan = _sharding.make_plan(
-                gradients, self.shard_group.size(), self.shard_group.rank(),
-                self.shard_bucket_bytes,
-            )
-            if plan.signature() != self._plan.signature():
-                raise ValueError(
-                    "RMSprop: the gradients' leaves "
-                    f"({_first_difference(plan, self._plan)}) differ from the ones "
-                    "the sharded state was built for"
-                )
-            plan, state = self._plan, None
-        else:
-            plan, state, _ = self._shard_candidate(gradients, parameters, options)
-        tree = self._state if state is None else state
-        index, grads, params, states = [], [], [], []
-        leaf_params = _leaf_params(plan, parameters)
-        leaf_grads = [g for _, g in _sharding.flatten(gradients)]
-        for i, piece in enumerate(plan.pieces):
-            if piece.rank != plan.rank or piece.size == 0:
-                continue
-            leaf = plan.leaves[piece.leaf]
-            node = _at(tree, leaf.keys)
-            index.append(i)
-            grads.append(leaf_grads[piece.leaf].reshape(-1)[piece.start : piece.stop])
-            params.append(leaf_params[piece.leaf].reshape(-1)[piece.start : piece.stop])
-            states.append(node)
-        # Raises naming the piece's position; the state was made by this
-        # class, so this fires only if it was altered by hand.
-        _ext.optimizer_step(
-            grads, params, states, None, None, options, self.state_dtype, False
-        )
-        return options, plan, state, (grads, params, states, index)
-
-    def _shard_candidate(self, gradients: Any, parameters: Any, options: Any) -> tuple:
-        """The plan for ``gradients`` and this rank's new state tree (fresh, or
-        sliced from the loaded full state after checking it); changes nothing."""
-        plan = _sharding.make_plan(
-            gradients, self.shard_group.size(), self.shard_group.rank(),
-            self.shard_bucket_bytes,
-        )
-        full = self._pending_full_state
-        has_entries = False
-        if full is not None:
-            _check_assigned_state(full, gradients, parameters, self)
-            has_entries = any(
-                isinstance(v, mx.array)
-                for k, v in _sharding.flatten(full)
-                if k[0] not in _SCALAR_ENTRIES
-            )
-        own = {p.leaf: p for p in plan.own_pieces()}
-        leaf_params = _leaf_params(plan, parameters)
-        nodes = []
-        for i, leaf in enumerate(plan.leaves):
-            piece = own.get(i)
-            node: dict = {}
-            if piece is not None:
-                if has_entries:
-                    src = _at(full, leaf.keys)
-                    for name in self.state_names:
-                        node[name] = src[name].reshape(-1)[piece.start : piece.stop]
-                else:
-                    like = leaf_params[i].reshape(-1)[piece.start : piece.stop]
-                    self.init_single(like, node)
-            nodes.append(node)
-        it = iter(nodes)
-        tree = tree_map(lambda _: next(it), gradients)
-        return plan, tree, has_entries
-
-    def _install_sharded(self, plan: "_sharding.ShardPlan", tree: dict) -> None:
-        scalars = {k: self._state[k] for k in _SCALAR_ENTRIES if k in self._state}
-        self._state = {**scalars, **tree}
-        self._plan = plan
-        self._pending_full_state = None
-        self._initialized = True
+    return options
 
 
-def _check_sharding(group: Any, bucket_bytes: Any) -> None:
-    if group is not None and not isinstance(group, mx.distributed.Group):
-        raise ValueError(
-            f"RMSprop shard_group should be None or an mlx.core.distributed.Group, "
-            f"{type(group).__name__} was provided instead"
-        )
-    if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) or bucket_bytes <= 0:
-        raise ValueError(
-            f"RMSprop shard_bucket_bytes should be an int > 0, "
-            f"{bucket_bytes} was provided instead"
-        )
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _at(tree: Any, keys: tuple) -> Any:
-    for k in keys:
-        tree = tree[k]
-    return tree
-
-
-def _leaf_params(plan: "_sharding.ShardPlan", parameters: Any) -> list:
-    return [_at(parameters, leaf.keys) for leaf in plan.leaves]
-
-
-def _first_difference(a: "_sharding.ShardPlan", b: "_sharding.ShardPlan") -> str:
-    sa, sb = a.signature(), b.signature()
-    for x, y in zip(sa, sb):
-        if x != y:
-            return f"'{x[0]}' {x[1]} {x[2]} where the state has '{y[0]}' {y[1]} {y[2]}"
-    return f"{len(sa)} leaves where the state has {len(sb)}"
-
-
-
-def _check_assigned_state(
-    state: Any, gradients: Any, parameters: Any, opt: RMSprop
+def _check_memory_options(
+    state_bits: Any,
+    min_8bit_size: Any,
+    stochastic_rounding: Any,
+    seed: Any,
+    kahan_summation: Any,
+    max_grad_norm: Any,
+    skip_nonfinite: Any,
 ) -> None:
-    """Raise ValueError naming the entry unless an assigned (loaded) state fits
-    the parameters: 'step' and 'learning_rate' present; every other entry at a
-    parameter's path, holding exactly the optimizer's state names (``v``, and
-    ``mean`` / ``momentum_buffer`` as its options keep them), arrays of the
-    parameter's shape and state dtype; and -- unless the state holds no
-    per-parameter entry at all (a fresh state, initialized on the first step)
-    -- an entry for every parameter that gets a gradient."""
-    if not isinstance(state, dict):
+    """Raise ValueError naming the option unless the memory-lean options and
+    the guards are valid."""
+    if state_bits is not None and not (_is_int(state_bits) and state_bits == 8):
         raise ValueError(
-            f"RMSprop: the optimizer state must be a dict, got {type(state).__name__}"
+            f"RMSprop state_bits should be None (full precision) or 8, "
+            f"{state_bits!r} was provided instead"
         )
-    for name in _SCALAR_ENTRIES:
-        # An array, or a plain number as mlx.optimizers also steps with.
-        if name not in state:
-            raise ValueError(f"RMSprop: the optimizer state has no entry '{name}'")
-        value = state[name]
-        if not isinstance(value, (mx.array, int, float)) or isinstance(value, bool):
-            raise ValueError(
-                f"RMSprop: the optimizer state entry '{name}' is "
-                f"{type(value).__name__}, expected an array or a number"
-            )
-    leaves = {k: v for k, v in state.items() if k not in _SCALAR_ENTRIES}
-    if _check_state_entries(leaves, parameters, "", opt) == 0:
-        return
-    first = opt.state_names[0]
-    for path, _, _, leaf_state in _walk_leaves(gradients, parameters, state):
-        if leaf_state is _MISSING or leaf_state == {}:
-            raise ValueError(
-                f"RMSprop: the optimizer state has no entry '{path}.{first}' "
-                "(a state that holds entries must hold one for every trained "
-                "parameter; was it saved from another model?)"
-            )
-
-
-def _keeps(names: tuple[str, ...]) -> str:
-    if len(names) == 1:
-        return f"RMSprop keeps only '{names[0]}'"
-    return "this RMSprop keeps " + ", ".join(f"'{n}'" for n in names)
-
-
-def _check_state_entries(node: Any, params: Any, path: str, opt: RMSprop) -> int:
-    """Check the state subtree `node` against `params`; return how many
-    parameter entries (dicts of the state names) it holds."""
-    if isinstance(params, mx.array):
-        if isinstance(node, dict) and not node:
-            return 0
-        names = opt.state_names
-        if not isinstance(node, dict):
-            raise ValueError(f"RMSprop: the optimizer state has no entry '{path}.{names[0]}'")
-        extra = sorted(str(k) for k in node if k not in names)
-        if extra:
-            raise ValueError(
-                f"RMSprop: the optimizer state has an unexpected entry "
-                f"'{path}.{extra[0]}' ({_keeps(names)})"
-            )
-        dtype = opt.state_dtype_of(params)
-        for name in names:
-            if name not in node:
-                raise ValueError(f"RMSprop: the optimizer state has no entry '{path}.{name}'")
-            value = node[name]
-            if (
-                not isinstance(value, mx.array)
-                or value.shape != params.shape
-                or value.dtype != dtype
-            ):
-                got = (
-                    f"{value.shape} {value.dtype}"
-                    if isinstance(value, mx.array)
-                    else type(value).__name__
-                )
-                want = f"{params.shape} {params.dtype}"
-                if dtype != params.dtype:
-                    want += f" (its state: {dtype})"
-                raise ValueError(
-                    f"RMSprop: the optimizer state entry '{path}.{name}' is {got}, "
-                    f"but the parameter is {want}"
-                )
-        return 1
-    entries = _entries(node)
-    if entries is None:
+    if not (_is_int(min_8bit_size) and min_8bit_size >= 0):
         raise ValueError(
-            f"RMSprop: the optimizer state entry '{path}' is "
-            f"{type(node).__name__}, expected a dict or list like the parameters"
+            f"RMSprop min_8bit_size should be an int >= 0, {min_8bit_size!r} was provided instead"
         )
-    count = 0
-    for key, child in entries:
-        param = _child(params, key)
-        if param is _MISSING:
-            raise ValueError(
-                f"RMSprop: the optimizer state has an unexpected entry "
-                f"'{_join(path, key)}' (no parameter there)"
-            )
-        count += _check_state_entries(child, param, _join(path, key), opt)
-    return count
+    for name, value in (
+        ("stochastic_rounding", stochastic_rounding),
+        ("kahan_summation", kahan_summation),
+        ("skip_nonfinite", skip_nonfinite),
+    ):
+        if not isinstance(value, bool):
+            raise ValueError(f"RMSprop {name} should be a bool, {value!r} was provided instead")
+    if isinstance(seed, mx.array):
+        if seed.size != 1 or mx.issubdtype(seed.dtype, mx.floating):
+            raise ValueError(f"RMSprop seed should be a single integer, {seed!r} was provided instead")
+    elif seed is not None and not (_is_int(seed) and 0 <= seed < 2**32):
+        raise ValueError(
+            f"RMSprop seed should be None or an int in [0, 2**32), {seed!r} was provided instead"
+        )
+    if stochastic_rounding and kahan_summation:
+        raise ValueError(
+            "RMSprop stochastic_rounding and kahan_summation exclude each other: pick one"
+        )
+    if max_grad_norm is not None and not (
+        isinstance(max_grad_norm, (int, float))
+        and not isinstance(max_grad_norm, bool)
+        and math.isfinite(max_grad_norm)
+        and max_grad_norm >= 0
+    ):
+        raise ValueError(
+            f"RMSprop max_grad_norm should be None or a finite number >= 0, "
+            f"{max_grad_norm!r} was provided instead"
+        )
 
 
 def _optimizer_step(gradients: Any, parameters: Any, *args: Any, **kwargs: Any) -> Any:
@@ -891,7 +935,7 @@ def _optimizer_step(gradients: Any, parameters: Any, *args: Any, **kwargs: Any) 
 
 
 _NOT_FLOAT = re.compile(
-    r"^RMSprop: leaf '(?P<path>.*)': \[rmsprop_update\] parameter dtype "
+    r"^RMSprop: leaf '(?P<path>.*)': \[rmsprop_(update|step)\] parameter dtype "
     r"(?P<dtype>bool|u?int\d+) is not supported"
 )
 
@@ -915,53 +959,3 @@ def _not_trainable_hint(message: str) -> Optional[str]:
         f"keep it out of `model.trainable_parameters()` (a Python number, or "
         f"an attribute whose name starts with '_')."
     )
-
-
-def _entries(tree: Any) -> Any:
-    """(key, child) pairs of a dict or list/tuple node of a tree; else None."""
-    if isinstance(tree, dict):
-        return tree.items()
-    if isinstance(tree, (list, tuple)):
-        return enumerate(tree)
-    return None
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-_MISSING = object()
-
-
-def _walk_leaves(
-    gradients: Any, parameters: Any, state: Any, path: str = ""
-) -> Iterator[tuple[str, mx.array, Any, Any]]:
-    """Yield (path, gradient, parameter, state or _MISSING) for every gradient leaf.
-
-    Walks the gradient tree (the update's shape, as in Optimizer.apply_gradients)
-    alongside the parameters and the state; a missing entry comes as _MISSING.
-    """
-    if isinstance(gradients, mx.array):
-        if parameters is _MISSING:
-            raise ValueError(f"RMSprop: leaf '{path}': no parameter for this gradient")
-        yield path, gradients, parameters, state
-        return
-    items = _entries(gradients)
-    if items is None:
-        raise TypeError(
-            f"RMSprop: leaf '{path}': the gradient is {type(gradients).__name__}, "
-            "expected mlx.core.array"
-        )
-    for key, grad in items:
-        child = f"{path}.{key}" if path else str(key)
-        yield from _walk_leaves(
-            grad, _child(parameters, key), _child(state, key), child
-        )
-
-
-def _child(tree: Any, key: Any) -> Any:
-    if isinstance(tree, dict):
-        return tree.get(key, _MISSING)
-    if isinstance(tree, (list, tuple)) and isinstance(key, int) and key < len(tree):
-        return tree[key]
-    return _MISSING
