@@ -74,6 +74,12 @@ void check_scalar(
       m << what << " must be real, got " << a.dtype() << ".";
     });
   }
+  // A bool array would count as 1 (a learning rate of 1, step 1).
+  if (a.dtype() == mx::bool_) {
+    fail(options, [&](std::ostream& m) {
+      m << what << " must be a number, got bool.";
+    });
+  }
 }
 
 } // namespace

@@ -3,11 +3,12 @@ of :class:`mlx.optimizers.RMSprop`) and ``rmsprop_step`` (any variant)."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Union
 
 import mlx.core as mx
 
-from . import _ext
+from . import _checks, _ext
 
 
 def rmsprop_update(
@@ -48,6 +49,7 @@ def rmsprop_update(
     Returns:
         tuple(array, array): The updated parameter and ``v``.
     """
+    _checks.check_op_arguments("rmsprop_update", lr, {"alpha": alpha, "eps": eps}, {})
     return _ext.rmsprop_update(grad, param, v, lr, alpha=alpha, eps=eps, stream=stream)
 
 
@@ -94,6 +96,22 @@ def rmsprop_step(
     Returns:
         tuple(array, dict): The new parameter and the new state (same keys).
     """
+    _checks.check_op_arguments(
+        "rmsprop_step", lr,
+        {"alpha": alpha, "eps": eps, "momentum": momentum, "weight_decay": weight_decay},
+        {"nesterov": nesterov, "centered": centered,
+         "decoupled_weight_decay": decoupled_weight_decay, "eps_in_sqrt": eps_in_sqrt,
+         "bias_correction": bias_correction, "maximize": maximize,
+         "lr_inside_momentum": lr_inside_momentum},
+    )
+    # The 1-based count: step 0 would divide by 1 - alpha**0 = 0. (An array's
+    # value is not read on the host; the op checks its shape and dtype.)
+    if step is not None and not isinstance(step, mx.array) and not (
+        isinstance(step, numbers.Integral) and not isinstance(step, bool) and step >= 1
+    ):
+        raise ValueError(
+            f"[rmsprop_step] step must be None, an int >= 1 or an mlx.core.array, got {step!r}."
+        )
     options = _ext.RMSpropOptions(
         alpha=alpha,
         eps=eps,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
 from mlx.utils import tree_map
 
+from . import _checks
 from . import _ext
 from . import _sharding
 from ._sharding import SCALAR_ENTRIES as _SCALAR_ENTRIES  # the state entries that are not per leaf
@@ -17,6 +19,42 @@ from ._sharding import ShardedStepError
 
 
 LearningRate = Union[float, Callable[[mx.array], mx.array]]
+
+# The constructor's options by kind, for the check of their kinds (ranges are
+# checked by the constructor and, every step, by the op).
+_OPTION_KINDS = {
+    "alpha": "number", "eps": "number", "momentum": "number",
+    "weight_decay": "number", "initial_scale": "number",
+    "nesterov": "flag", "centered": "flag", "decoupled_weight_decay": "flag",
+    "eps_in_sqrt": "flag", "bias_correction": "flag", "maximize": "flag",
+    "lr_inside_momentum": "flag",
+}
+
+_Preset = TypeVar("_Preset", bound=Callable[..., Any])
+
+
+def _names_its_arguments(**names: str) -> Callable[[_Preset], _Preset]:
+    """A preset's errors name the preset and its own arguments: the
+    constructor's ``RMSprop alpha should be ...`` becomes ``RMSprop.from_keras
+    rho should be ...`` (``names``: constructor's name -> the preset's)."""
+
+    def decorate(preset: _Preset) -> _Preset:
+        @functools.wraps(preset)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return preset(*args, **kwargs)
+            except ValueError as e:
+                head, _, rest = str(e).partition(" ")
+                name, space, tail = rest.partition(" ")
+                if head != "RMSprop" or not space:
+                    raise
+                raise ValueError(
+                    f"RMSprop.{preset.__name__} {names.get(name, name)} {tail}"
+                ) from None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 class RMSprop(Optimizer):
@@ -163,6 +201,11 @@ class RMSprop(Optimizer):
     ):
         super().__init__()
 
+        # Kinds first: a str or None would fail the comparisons below with a
+        # TypeError that names nothing.
+        arguments = locals()
+        _check_learning_rate(learning_rate, schedule=True)
+        _check_option_types({name: arguments[name] for name in _OPTION_KINDS})
         self._maybe_schedule("learning_rate", learning_rate)
         self.alpha = alpha
         self.eps = eps
@@ -229,6 +272,7 @@ class RMSprop(Optimizer):
     # ---- One-line ports from other libraries.
 
     @classmethod
+    @_names_its_arguments(learning_rate="lr", epsilon="eps")
     def from_torch(
         cls,
         lr: LearningRate = 0.01,
@@ -266,6 +310,7 @@ class RMSprop(Optimizer):
         )
 
     @classmethod
+    @_names_its_arguments(alpha="decay", epsilon="eps")
     def from_optax(
         cls,
         learning_rate: LearningRate,
@@ -294,6 +339,7 @@ class RMSprop(Optimizer):
         Shard its state with :meth:`sharded`.
         """
         mu = 0.0 if momentum is None else momentum
+        _check_option_types({"momentum": mu, "nesterov": nesterov})  # before `nesterov and ...`
         return cls(
             learning_rate,
             alpha=decay,
@@ -308,6 +354,7 @@ class RMSprop(Optimizer):
         )
 
     @classmethod
+    @_names_its_arguments(alpha="rho", eps="epsilon")
     def from_keras(
         cls,
         learning_rate: LearningRate = 0.001,
@@ -362,6 +409,35 @@ class RMSprop(Optimizer):
         )
 
     @property
+    def learning_rate(self) -> mx.array:
+        """The learning rate (as in :class:`mlx.optimizers.Optimizer`)."""
+        return self.state["learning_rate"]
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate: Union[float, mx.array]) -> None:
+        _check_learning_rate(learning_rate, schedule=False)
+        self.state["learning_rate"] = mx.array(learning_rate)
+
+    def _check_settings(self) -> None:
+        """Check what may have been assigned since construction (``opt.alpha =
+        ...``) beyond what the op checks: the options' kinds, and what a new
+        state is made with (initial_scale, state_dtype) or sharded by."""
+        _check_option_types({name: getattr(self, name) for name in _OPTION_KINDS})
+        if not (math.isfinite(self.initial_scale) and self.initial_scale >= 0.0):
+            raise ValueError(
+                f"RMSprop initial_scale should be a finite number >= 0, "
+                f"{self.initial_scale} was provided instead"
+            )
+        if self.state_dtype is not None and not (
+            isinstance(self.state_dtype, mx.Dtype) and self.state_dtype == mx.float32
+        ):
+            raise ValueError(
+                f"RMSprop state_dtype should be None (the parameter's dtype) or "
+                f"mlx.core.float32, {self.state_dtype} was provided instead"
+            )
+        _check_sharding(self.shard_group, self.shard_bucket_bytes)
+
+    @property
     def state_names(self) -> tuple[str, ...]:
         """The state each parameter has: ``("v",)``, plus ``"mean"`` when
         centered and ``"momentum_buffer"`` with momentum."""
@@ -397,6 +473,7 @@ class RMSprop(Optimizer):
         slicing them from a state given to :meth:`load_full_state`. Local: no
         collective runs, so call it on every rank or on none.
         """
+        self._check_settings()
         if self.shard_group is None:
             super().init(parameters)
             return
@@ -516,6 +593,7 @@ class RMSprop(Optimizer):
         """The options of this step (hyperparameters may have been set since
         the last one); checks an assigned state entry by entry and, before
         the state exists, every leaf as init() will set it up."""
+        self._check_settings()
         self._options = options = self._make_options()
         if self._state_needs_check:
             _check_assigned_state(self._state, gradients, parameters, self)
@@ -665,6 +743,7 @@ class RMSprop(Optimizer):
         pieces, state pieces, piece indices)); the new state is set when the
         state is still to be created or sliced from a loaded full state.
         """
+        self._check_settings()
         options = self._make_options()
         _optimizer_step(
             gradients, parameters, {}, None, None, options, self.state_dtype,
@@ -760,6 +839,34 @@ def _check_sharding(group: Any, bucket_bytes: Any) -> None:
         )
 
 
+def _check_option_types(values: dict[str, Any]) -> None:
+    """Raise ValueError naming the option unless each value (by
+    ``_OPTION_KINDS``) is a real number (not a bool) or True / False."""
+    for name, value in values.items():
+        if _OPTION_KINDS[name] == "flag":
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"RMSprop {name} should be True or False, {value!r} was provided instead"
+                )
+        elif not _checks.is_real_number(value):
+            raise ValueError(
+                f"RMSprop {name} should be a real number, {value!r} "
+                f"({type(value).__name__}) was provided instead"
+            )
+
+
+def _check_learning_rate(value: Any, schedule: bool) -> None:
+    """A number (any value, as mlx.optimizers), an array (checked at the
+    step) or, when ``schedule``, a callable of the step count."""
+    if _checks.is_learning_rate(value) or (schedule and callable(value)):
+        return
+    kinds = "a number, an mlx.core.array or a schedule" if schedule else "a number or an mlx.core.array"
+    raise ValueError(
+        f"RMSprop learning_rate should be {kinds}, {value!r} "
+        f"({type(value).__name__}) was provided instead"
+    )
+
+
 def _at(tree: Any, keys: tuple) -> Any:
     for k in keys:
         tree = tree[k]
@@ -803,6 +910,9 @@ def _check_assigned_state(
                 f"RMSprop: the optimizer state entry '{name}' is "
                 f"{type(value).__name__}, expected an array or a number"
             )
+        problem = _scalar_entry_problem(name, value)
+        if problem is not None:
+            raise ValueError(f"RMSprop: the optimizer state entry '{name}' is {problem}")
     leaves = {k: v for k, v in state.items() if k not in _SCALAR_ENTRIES}
     if _check_state_entries(leaves, parameters, "", opt) == 0:
         return
@@ -814,6 +924,23 @@ def _check_assigned_state(
                 "(a state that holds entries must hold one for every trained "
                 "parameter; was it saved from another model?)"
             )
+
+
+def _scalar_entry_problem(name: str, value: Any) -> Optional[str]:
+    """Why a loaded 'step' or 'learning_rate' (an array or a number) cannot be
+    used, or None: one element of a real dtype, not bool; the step an
+    integer, and as a number >= 0 (the count of steps taken). Only kinds and
+    shapes are read: the step may run under mx.compile, where a value cannot."""
+    step = name == "step"
+    if isinstance(value, mx.array):
+        kind_ok = mx.issubdtype(value.dtype, mx.integer) if step else _checks.is_real_number(value)
+        if value.size == 1 and kind_ok:
+            return None
+        want = "one integer element" if step else "one real element"
+        return f"an array of shape {value.shape} and dtype {value.dtype}, expected {want}"
+    if step and not (isinstance(value, int) and value >= 0):
+        return f"{value!r}, expected the count of steps taken (an int >= 0)"
+    return None
 
 
 def _keeps(names: tuple[str, ...]) -> str:

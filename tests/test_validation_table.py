@@ -1,0 +1,330 @@
+"""Every validated public argument against the same bad values, from one table.
+
+Each row of ROWS is one argument as a user sets it -- a constructor option, a
+preset's argument, ``sharded()``'s, an op's (``rmsprop_update`` /
+``rmsprop_step``), a value assigned between steps, a loaded checkpoint's
+scalar entry -- with the values of VALUES it accepts and the message fragment
+(a regular expression naming the argument) every other value must raise as a
+``ValueError``. Accepted means the step (or the op) runs; a rejected step
+must leave the parameters, the state and the step counter as they were.
+
+A new option is one more row per place it can be set, e.g.
+``ctor("state_bits", {"0"}, r"RMSprop state_bits should be")``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+import mlx_fused_rmsprop as fused
+from mlx_fused_rmsprop import RMSprop, rmsprop_step, rmsprop_update
+
+# The values every argument is tried with (label -> value).
+VALUES: dict[str, Any] = {
+    "nan": math.nan,
+    "+inf": math.inf,
+    "-inf": -math.inf,
+    "True": True,
+    "False": False,
+    "'0.5'": "0.5",  # a number read from a config file and never converted
+    "None": None,
+    "0": 0,
+    "-1": -1,
+}
+
+# What a kind of argument accepts of VALUES.
+NONE = frozenset()
+ZERO = frozenset({"0"})
+FLAG = frozenset({"True", "False"})
+ONLY_NONE = frozenset({"None"})
+# A learning rate is never range-checked, as in mlx.optimizers: NaN, inf and
+# negative rates run (tests/test_numerics.py: test_unusual_learning_rates_...).
+ANY_NUMBER = frozenset({"nan", "+inf", "-inf", "0", "-1"})
+
+W = mx.array([0.5, -1.0, 2.0])
+G = mx.array([0.1, 0.2, -0.3])
+GROUP = mx.distributed.init()  # the singleton group: the sharded code path, one process
+
+
+@dataclass(frozen=True)
+class Row:
+    argument: str  # as the user writes it
+    attempt: Callable[[Any], None]  # sets the argument to a value and runs what checks it
+    accepted: frozenset  # labels of VALUES that must be accepted
+    error: str  # regex every rejection's message must contain
+    errors: dict = field(default_factory=dict)  # label -> regex, where another rule fires first
+
+
+# ---- Running one step and checking that a failed one changed nothing.
+
+
+def _params() -> dict:
+    return {"w": mx.array(W)}
+
+
+def _one_step(opt: RMSprop, steps_before: int = 0) -> None:
+    """One step of ``opt``; it must run and count."""
+    out = opt.apply_gradients({"w": G}, _params())
+    mx.eval(out, opt.state)
+    assert out["w"].shape == W.shape and out["w"].dtype == W.dtype
+    assert int(opt.step) == steps_before + 1
+
+
+def _snapshot(opt: RMSprop, params: dict) -> list:
+    flat = tree_flatten({"state": opt.state, "params": params})
+    return [(k, mx.array(v) if isinstance(v, mx.array) else v) for k, v in flat]
+
+
+def _same(a: list, b: list) -> bool:
+    def equal(x, y):
+        if isinstance(x, mx.array) and isinstance(y, mx.array):
+            return x.dtype == y.dtype and x.shape == y.shape and mx.array_equal(x, y, equal_nan=True).item()
+        # A bad scalar the state still holds (it is checked, not replaced).
+        return x is y or x == y or (x != x and y != y)
+
+    return [k for k, _ in a] == [k for k, _ in b] and all(equal(x, y) for (_, x), (_, y) in zip(a, b))
+
+
+def _step_changes_nothing_if_it_fails(opt: RMSprop, params: dict, change: Callable[[], None]) -> None:
+    """``change()`` then a step; if either raises, nothing that was there
+    before the step (parameters, state, step counter) has changed."""
+    before = None
+    try:
+        change()
+        before = _snapshot(opt, params)
+        out = opt.apply_gradients({"w": G}, params)
+        mx.eval(out, opt.state)
+    except ValueError:
+        if before is not None:
+            assert _same(_snapshot(opt, params), before), "a rejected step changed something"
+        raise
+
+
+# ---- How each kind of argument is set.
+
+
+def ctor(name: str, accepted: frozenset, error: str, **base: Any) -> Row:
+    def attempt(value: Any) -> None:
+        _one_step(RMSprop(**{"learning_rate": 0.1, **base, name: value}))
+
+    return Row(f"RMSprop({name}=)", attempt, accepted, error)
+
+
+def preset(method: str, name: str, accepted: frozenset, error: str, **base: Any) -> Row:
+    lr_name = "lr" if method == "from_torch" else "learning_rate"
+
+    def attempt(value: Any) -> None:
+        _one_step(getattr(RMSprop, method)(**{lr_name: 0.1, **base, name: value}))
+
+    return Row(f"RMSprop.{method}({name}=)", attempt, accepted, error)
+
+
+def assigned(name: str, accepted: frozenset, error: str, first_step: bool = True,
+             errors: Optional[dict] = None, **base: Any) -> Row:
+    """``opt.<name> = value`` after one step (or, first_step=False, before
+    the state exists), then a step."""
+
+    def attempt(value: Any) -> None:
+        opt = RMSprop(0.1, **base)
+        params = _params()
+        if first_step:
+            params = opt.apply_gradients({"w": G}, params)
+            mx.eval(params, opt.state)
+        _step_changes_nothing_if_it_fails(opt, params, lambda: setattr(opt, name, value))
+        assert int(opt.step) == 1 + first_step
+
+    when = "between steps" if first_step else "before the first step"
+    return Row(f"opt.{name} = ({when})", attempt, accepted, error, errors or {})
+
+
+def loaded(entry: str, accepted: frozenset, error: str, sharded: bool = False) -> Row:
+    """A checkpoint (of mlx.optimizers.RMSprop's layout) whose ``entry`` is
+    ``value``, loaded into a fresh optimizer (sharded: over the singleton
+    group), then a step."""
+
+    def attempt(value: Any) -> None:
+        saved = RMSprop(0.1)
+        params = saved.apply_gradients({"w": G}, _params())
+        mx.eval(params, saved.state)
+        state = {**saved.state, "w": dict(saved.state["w"]), entry: value}
+        opt = RMSprop(0.1, shard_group=GROUP) if sharded else RMSprop(0.1)
+        _step_changes_nothing_if_it_fails(opt, params, lambda: setattr(opt, "state", state))
+        assert int(opt.step) == (value if entry == "step" else 1) + 1
+
+    where = "sharded optimizer" if sharded else "optimizer"
+    return Row(f"{where}.state = {{'{entry}': ...}}", attempt, accepted, error)
+
+
+def update_op(name: str, accepted: frozenset, error: str) -> Row:
+    def attempt(value: Any) -> None:
+        args = {"lr": 0.1, "alpha": 0.9, "eps": 1e-8, name: value}
+        lr = args.pop("lr")
+        param, v = rmsprop_update(G, W, mx.zeros_like(W), lr, **args)
+        mx.eval(param, v)
+        assert param.shape == v.shape == W.shape
+
+    return Row(f"rmsprop_update({name}=)", attempt, accepted, error)
+
+
+def step_op(name: str, accepted: frozenset, error: str, errors: Optional[dict] = None) -> Row:
+    """rmsprop_step with bias correction (so every option is read) and
+    momentum (so the messages name rmsprop_step)."""
+
+    def attempt(value: Any) -> None:
+        args = {"lr": 0.1, "step": 1, "momentum": 0.5, "bias_correction": True, name: value}
+        momentum, centered = args["momentum"], args.get("centered") is True
+        names = ["v"] + ["mean"] * centered
+        if isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and momentum > 0:
+            names.append("momentum_buffer")
+        lr = args.pop("lr")
+        param, state = rmsprop_step(G, W, {n: mx.zeros_like(W) for n in names}, lr, **args)
+        mx.eval(param, state)
+        assert param.shape == W.shape and sorted(state) == sorted(names)
+
+    return Row(f"rmsprop_step({name}=)", attempt, accepted, error, errors or {})
+
+
+def sharded_method(name: str, accepted: frozenset, error: str) -> Row:
+    def attempt(value: Any) -> None:
+        args = {"group": GROUP, "bucket_bytes": 64, name: value}
+        _one_step(RMSprop(0.1).sharded(args["group"], bucket_bytes=args["bucket_bytes"]))
+
+    return Row(f"RMSprop(...).sharded({name}=)", attempt, accepted, error)
+
+
+def _ctor_number(name: str, accepted: frozenset = ZERO, shown: str = "") -> Row:
+    # The range messages are mlx's ("RMSprop epsilon should be >0"): eps is
+    # "epsilon" there, "eps" where its kind is wrong.
+    return ctor(name, accepted, rf"RMSprop ({shown or name}|{name}) should be")
+
+
+FLAGS = ["nesterov", "centered", "decoupled_weight_decay", "eps_in_sqrt", "bias_correction",
+         "maximize", "lr_inside_momentum"]
+OP_FLAGS = ["nesterov", "centered", "decoupled_weight_decay", "eps_in_sqrt", "bias_correction",
+            "maximize", "lr_inside_momentum"]
+
+ROWS: list[Row] = [
+    # The constructor.
+    ctor("learning_rate", ANY_NUMBER, r"RMSprop learning_rate should be"),
+    _ctor_number("alpha"),
+    _ctor_number("eps", NONE, shown="epsilon"),
+    _ctor_number("momentum"),
+    _ctor_number("weight_decay"),
+    _ctor_number("initial_scale"),
+    *[ctor(f, FLAG, rf"RMSprop {f} should be", momentum=0.5) for f in FLAGS],
+    ctor("state_dtype", ONLY_NONE, r"RMSprop state_dtype should be"),
+    ctor("shard_group", ONLY_NONE, r"RMSprop shard_group should be"),
+    ctor("shard_bucket_bytes", NONE, r"RMSprop shard_bucket_bytes should be", shard_group=GROUP),
+    # The presets, each naming its own arguments.
+    preset("from_torch", "lr", ANY_NUMBER, r"RMSprop\.from_torch lr should be"),
+    preset("from_torch", "alpha", ZERO, r"RMSprop\.from_torch alpha should be"),
+    preset("from_torch", "eps", NONE, r"RMSprop\.from_torch eps should be"),
+    preset("from_torch", "weight_decay", ZERO, r"RMSprop\.from_torch weight_decay should be"),
+    preset("from_torch", "momentum", ZERO, r"RMSprop\.from_torch momentum should be"),
+    preset("from_torch", "centered", FLAG, r"RMSprop\.from_torch centered should be"),
+    preset("from_torch", "maximize", FLAG, r"RMSprop\.from_torch maximize should be"),
+    preset("from_optax", "learning_rate", ANY_NUMBER, r"RMSprop\.from_optax learning_rate should be"),
+    preset("from_optax", "decay", ZERO, r"RMSprop\.from_optax decay should be"),
+    preset("from_optax", "eps", NONE, r"RMSprop\.from_optax eps should be"),
+    preset("from_optax", "initial_scale", ZERO, r"RMSprop\.from_optax initial_scale should be"),
+    preset("from_optax", "eps_in_sqrt", FLAG, r"RMSprop\.from_optax eps_in_sqrt should be"),
+    preset("from_optax", "centered", FLAG, r"RMSprop\.from_optax centered should be"),
+    # optax's default is None (no momentum).
+    preset("from_optax", "momentum", ZERO | ONLY_NONE, r"RMSprop\.from_optax momentum should be"),
+    # Without momentum optax ignores nesterov, but not a nesterov that is no bool.
+    preset("from_optax", "nesterov", FLAG, r"RMSprop\.from_optax nesterov should be"),
+    preset("from_optax", "bias_correction", FLAG, r"RMSprop\.from_optax bias_correction should be"),
+    preset("from_keras", "learning_rate", ANY_NUMBER, r"RMSprop\.from_keras learning_rate should be"),
+    preset("from_keras", "rho", ZERO, r"RMSprop\.from_keras rho should be"),
+    preset("from_keras", "momentum", ZERO, r"RMSprop\.from_keras momentum should be"),
+    preset("from_keras", "epsilon", NONE, r"RMSprop\.from_keras epsilon should be"),
+    preset("from_keras", "centered", FLAG, r"RMSprop\.from_keras centered should be"),
+    # Keras' default is None (no weight decay).
+    preset("from_keras", "weight_decay", ZERO | ONLY_NONE, r"RMSprop\.from_keras weight_decay should be"),
+    # sharded().
+    sharded_method("group", ONLY_NONE, r"RMSprop shard_group should be"),
+    sharded_method("bucket_bytes", NONE, r"RMSprop shard_bucket_bytes should be an int > 0"),
+    # The ops.
+    update_op("lr", ANY_NUMBER, r"\[rmsprop_update\] lr must be"),
+    update_op("alpha", ZERO, r"\[rmsprop_update\] alpha must be"),
+    update_op("eps", NONE, r"\[rmsprop_update\] eps must be"),
+    step_op("lr", ANY_NUMBER, r"\[rmsprop_step\] lr must be"),
+    step_op("step", NONE, r"\[rmsprop_step\] step must be",
+            {"None": r"\[rmsprop_step\] bias_correction needs the step count"}),
+    step_op("alpha", ZERO, r"\[rmsprop_step\] alpha must be"),
+    step_op("eps", NONE, r"\[rmsprop_step\] eps must be"),
+    step_op("momentum", ZERO, r"\[rmsprop_step\] momentum must be"),
+    # weight_decay=inf would make every parameter NaN.
+    step_op("weight_decay", ZERO, r"\[rmsprop_step\] weight_decay must be"),
+    *[step_op(f, FLAG, rf"\[rmsprop_step\] {f} must be") for f in OP_FLAGS],
+    # Values assigned between steps (as on mlx.optimizers.RMSprop).
+    assigned("learning_rate", ANY_NUMBER, r"RMSprop learning_rate should be"),
+    assigned("alpha", ZERO, r"alpha (must|should) be"),
+    assigned("eps", NONE, r"eps (must|should) be"),
+    assigned("momentum", ZERO, r"momentum (must|should) be"),
+    assigned("weight_decay", ZERO, r"weight_decay (must|should) be"),
+    assigned("initial_scale", ZERO, r"RMSprop initial_scale should be"),
+    assigned("initial_scale", ZERO, r"RMSprop initial_scale should be", first_step=False),
+    assigned("state_dtype", ONLY_NONE, r"RMSprop state_dtype should be"),
+    assigned("state_dtype", ONLY_NONE, r"RMSprop state_dtype should be", first_step=False),
+    # nesterov=True needs momentum; centered=True a 'mean' the state was not made with.
+    assigned("nesterov", FLAG, r"RMSprop nesterov should be", momentum=0.5),
+    assigned("centered", frozenset({"False"}), r"RMSprop centered should be",
+             errors={"True": r"the optimizer state has no entry 'mean'"}),
+    *[assigned(f, FLAG, rf"RMSprop {f} should be")
+      for f in ["decoupled_weight_decay", "eps_in_sqrt", "bias_correction", "maximize", "lr_inside_momentum"]],
+    assigned("shard_bucket_bytes", NONE, r"RMSprop shard_bucket_bytes should be", shard_group=GROUP),
+    # A loaded checkpoint's scalar entries: mlx.optimizers keeps 'step' as a
+    # uint64 array (0 before the first step), 'learning_rate' as float32.
+    loaded("step", ZERO, r"the optimizer state entry 'step' is"),
+    loaded("learning_rate", ANY_NUMBER, r"the optimizer state entry 'learning_rate' is"),
+    loaded("step", ZERO, r"the optimizer state entry 'step' is", sharded=True),
+    loaded("learning_rate", ANY_NUMBER, r"the optimizer state entry 'learning_rate' is", sharded=True),
+]
+
+CELLS = [(row, label) for row in ROWS for label in VALUES]
+
+
+@pytest.mark.parametrize("row,label", CELLS, ids=[f"{r.argument}-{label}" for r, label in CELLS])
+def test_each_value_is_accepted_or_rejected_naming_the_argument(row: Row, label: str):
+    value = VALUES[label]
+    if label in row.accepted:
+        row.attempt(value)
+        return
+    with pytest.raises(ValueError, match=row.errors.get(label, row.error)):
+        row.attempt(value)
+
+
+def test_the_table_names_every_constructor_option_and_preset_argument():
+    """A new option or preset argument needs its row (the check that makes
+    this table grow with the code)."""
+    import inspect
+
+    covered = {r.argument for r in ROWS}
+    for name in list(inspect.signature(RMSprop.__init__).parameters)[1:]:
+        assert f"RMSprop({name}=)" in covered, name
+    for method in ("from_torch", "from_optax", "from_keras"):
+        for name in inspect.signature(getattr(RMSprop, method)).parameters:
+            assert f"RMSprop.{method}({name}=)" in covered, (method, name)
+    for name in list(inspect.signature(rmsprop_step).parameters)[3:]:
+        if name != "stream":
+            assert f"rmsprop_step({name}=)" in covered, name
+    assert {"rmsprop_update(lr=)", "rmsprop_update(alpha=)", "rmsprop_update(eps=)"} <= covered
+    assert {f"RMSprop(...).sharded({n}=)" for n in ("group", "bucket_bytes")} <= covered
+
+
+def test_a_rejected_sharded_value_fails_as_a_sharded_step_error():
+    """On a sharded optimizer a bad value met at the step fails every rank
+    alike: the error is a ShardedStepError (a ValueError) naming it."""
+    opt = RMSprop(0.1, shard_group=GROUP)
+    _one_step(opt)
+    opt.shard_bucket_bytes = True
+    with pytest.raises(fused.ShardedStepError, match=r"RMSprop shard_bucket_bytes should be an int > 0, True"):
+        opt.apply_gradients({"w": G}, _params())
+    assert int(opt.step) == 1
