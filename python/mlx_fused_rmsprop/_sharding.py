@@ -260,6 +260,14 @@ def fingerprint(*items: Any) -> bytes:
     return hashlib.blake2b(repr(items).encode(), digest_size=_FINGERPRINT).digest()
 
 
+def leaves_digest(plan: ShardPlan) -> list[int]:
+    """The digest of the plan's leaves (paths, shapes, dtypes) as two int64:
+    the same on every rank of one model, so that a checkpoint's pieces from
+    two models are told apart even where their element counts agree."""
+    digest = fingerprint(plan.signature())
+    return [int.from_bytes(digest[i : i + 8], "little", signed=True) for i in (0, 8)]
+
+
 def _gather_bytes(data: bytes, group: mx.distributed.Group) -> list[bytes]:
     """Every rank's ``data`` (all of the same length), by rank."""
     everyone = bytes(mx.distributed.all_gather(mx.array(list(data), dtype=mx.uint8), group=group).tolist())
@@ -329,14 +337,16 @@ def assemble(per_rank: Sequence[dict[str, mx.array]]) -> dict:
     if not per_rank:
         raise ValueError("RMSprop.assemble_state: no per-rank state was given")
     headers = []
+    models = set()  # the leaves' digests (none in files written before they were)
     for i, flat in enumerate(per_rank):
         if not isinstance(flat, dict) or SHARD_KEY not in flat:
             raise ValueError(
                 f"RMSprop.assemble_state: state {i} has no '{SHARD_KEY}' entry "
                 "(pass what RMSprop.sharded_state_dict() returned on each rank)"
             )
-        rank, size, total = (int(x) for x in flat[SHARD_KEY].tolist()[:3])
+        rank, size, total, *digest = (int(x) for x in flat[SHARD_KEY].tolist())
         headers.append((rank, size, total))
+        models.add(tuple(digest))
     size = headers[0][1]
     ranks = sorted(h[0] for h in headers)
     if ranks != list(range(size)) or any(h[1] != size for h in headers):
@@ -344,7 +354,7 @@ def assemble(per_rank: Sequence[dict[str, mx.array]]) -> dict:
             f"RMSprop.assemble_state: expected the states of ranks 0..{size - 1} "
             f"of one {size}-rank group, got ranks {ranks}"
         )
-    if len({h[2] for h in headers}) != 1:
+    if len({h[2] for h in headers}) != 1 or len(models) != 1:
         raise ValueError("RMSprop.assemble_state: the states come from different models")
     first = per_rank[headers.index(min(headers))]
     scalars = {}

@@ -625,6 +625,11 @@ class RMSprop(Optimizer):
             )
         self.shard_group = group
         self.shard_bucket_bytes = bucket_bytes
+        if group is not None and self._state_needs_check:
+            # A state assigned before (load_full_state, or state =) is a full
+            # one: keep it, to be checked and sliced at the next step or init.
+            self._pending_full_state = self._state
+            self._state_needs_check = False
         return self
 
     def load_full_state(self, state: dict) -> None:
@@ -661,8 +666,10 @@ class RMSprop(Optimizer):
         Keys: ``"step"``, ``"learning_rate"``; ``"<path>.<name>"`` for each
         state entry of this rank's pieces (1-D); ``"<path>.__shard__"``,
         ``[leaf index, start, stop, ndim, *shape]`` (int64) of each piece; and
-        ``"__shard__"``, ``[rank, ranks, elements of all leaves]``. Give every
-        rank's dict to :meth:`assemble_state` for the full state.
+        ``"__shard__"``, ``[rank, ranks, elements of all leaves, d0, d1]``
+        (``d``: a digest of every leaf's path, shape and dtype, the same on
+        every rank of one model). Give every rank's dict to
+        :meth:`assemble_state` for the full state.
         """
         if self.shard_group is None:
             raise ValueError("RMSprop.sharded_state_dict: the optimizer has no shard_group")
@@ -676,7 +683,9 @@ class RMSprop(Optimizer):
         for name in _SCALAR_ENTRIES:
             if name in self._state:
                 out[name] = mx.array(self._state[name])
-        out[_sharding.SHARD_KEY] = mx.array([plan.rank, plan.ranks, plan.total], dtype=mx.int64)
+        out[_sharding.SHARD_KEY] = mx.array(
+            [plan.rank, plan.ranks, plan.total, *_sharding.leaves_digest(plan)], dtype=mx.int64
+        )
         for piece in plan.own_pieces():
             leaf = plan.leaves[piece.leaf]
             node = _at(self._state, leaf.keys)
@@ -694,8 +703,9 @@ class RMSprop(Optimizer):
         ``{"step", "learning_rate", <parameter path>: {"v": ..., ...}}`` with
         each entry of its parameter's shape: what :class:`RMSprop` (sharded on
         any number of ranks or not) and :class:`mlx.optimizers.RMSprop` load.
-        Raises ``ValueError`` unless the pieces of every entry of every rank
-        cover it exactly.
+        Raises ``ValueError`` unless the states come from one model (the same
+        leaves) and step, and the pieces of every entry of every rank cover it
+        exactly.
         """
         return _sharding.assemble(per_rank_states)
 
