@@ -65,11 +65,14 @@ def train(cfg: dict, group: mx.distributed.Group, out: str, rank: int, tag: str)
     )
     plain = fused.RMSprop(cfg.get("lr", 1e-2), **kw)
     ps, pu = params, params
+    frozen = cfg.get("frozen", [])  # top-level keys that get no gradient
     for step in range(cfg["steps"]):
         # Each rank's own gradients, averaged as data-parallel training does.
         grads = nn.average_gradients(gradients_at(step, rank), group=group)
-        ps = sharded.apply_gradients(grads, ps)
-        pu = plain.apply_gradients(grads, pu)
+        grads = {k: g for k, g in grads.items() if k not in frozen}
+        # The update covers the gradients' leaves; the frozen ones stay (model.update).
+        ps = {**ps, **sharded.apply_gradients(grads, ps)}
+        pu = {**pu, **plain.apply_gradients(grads, pu)}
         mx.eval(ps, pu, sharded.state, plain.state)
     mx.save_safetensors(os.path.join(out, f"{tag}rank{rank}.safetensors"), dict(tree_flatten(ps)))
     return {
