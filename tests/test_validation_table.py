@@ -155,7 +155,7 @@ def loaded(entry: str, accepted: frozenset, error: str, sharded: bool = False) -
         state = {**saved.state, "w": dict(saved.state["w"]), entry: value}
         opt = RMSprop(0.1, shard_group=GROUP) if sharded else RMSprop(0.1)
         _step_changes_nothing_if_it_fails(opt, params, lambda: setattr(opt, "state", state))
-        assert int(opt.step) == (value if entry == "step" else 1) + 1
+        assert int(opt.step) == (int(value) if entry == "step" else 1) + 1
 
     where = "sharded optimizer" if sharded else "optimizer"
     return Row(f"{where}.state = {{'{entry}': ...}}", attempt, accepted, error)
@@ -328,3 +328,34 @@ def test_a_rejected_sharded_value_fails_as_a_sharded_step_error():
     with pytest.raises(fused.ShardedStepError, match=r"RMSprop shard_bucket_bytes should be an int > 0, True"):
         opt.apply_gradients({"w": G}, _params())
     assert int(opt.step) == 1
+
+
+# Where an array may stand for a number (a checkpoint's scalar entries, the
+# learning rate, the op's step), its kind and size are checked (never its
+# value, which the step may not read: it can run under mx.compile).
+ARRAYS = [  # (row, value, regex of the rejection or None when accepted)
+    (loaded("step", ZERO, ""), mx.array(3, mx.uint64), None),
+    (loaded("step", ZERO, ""), mx.array([3], mx.int32), None),
+    (loaded("step", ZERO, ""), mx.array(True), r"entry 'step' is an array of shape \(\) and dtype mlx.core.bool"),
+    (loaded("step", ZERO, ""), mx.array(3.0), r"entry 'step' is an array .* mlx.core.float32, expected one integer element"),
+    (loaded("step", ZERO, ""), mx.array([1, 2], mx.uint64), r"entry 'step' is an array of shape \(2,\)"),
+    (loaded("step", ZERO, "", sharded=True), mx.array(True), r"entry 'step' is an array"),
+    (loaded("learning_rate", ZERO, ""), mx.array(0.5, mx.float16), None),
+    (loaded("learning_rate", ZERO, ""), mx.array(True), r"entry 'learning_rate' is an array .* mlx.core.bool, expected one real element"),
+    (loaded("learning_rate", ZERO, ""), mx.array([0.1, 0.2]), r"entry 'learning_rate' is an array of shape \(2,\)"),
+    (assigned("learning_rate", ZERO, ""), mx.array(0.5, mx.float16), None),
+    (assigned("learning_rate", ZERO, ""), mx.array(True), r"learning rate must be a number, got bool"),
+    (update_op("lr", ZERO, ""), mx.array(True), r"\[rmsprop_update\] learning rate must be a number, got bool"),
+    (step_op("lr", ZERO, ""), mx.array(True), r"\[rmsprop_step\] learning rate must be a number, got bool"),
+    (step_op("step", ZERO, ""), mx.array(2, mx.int32), None),
+    (step_op("step", ZERO, ""), mx.array(True), r"\[rmsprop_step\] step must be a number, got bool"),
+]
+
+
+@pytest.mark.parametrize("row,value,error", ARRAYS, ids=[f"{r.argument}-{v.dtype}{v.shape}" for r, v, _ in ARRAYS])
+def test_an_array_for_a_number_is_checked_for_kind_and_size(row: Row, value: mx.array, error: Optional[str]):
+    if error is None:
+        row.attempt(value)
+        return
+    with pytest.raises(ValueError, match=error):
+        row.attempt(value)
