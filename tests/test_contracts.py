@@ -15,11 +15,11 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.optimizers as optim
 import pytest
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 
 from fake_ranks import rank_state_dicts, sharded_at
 from mlx_fused_rmsprop import RMSprop
-from oracle import bit_equal
+from oracle import assert_trees_bit_equal_in_any_order as assert_trees_bit_equal, bit_equal
 
 GROUP = mx.distributed.init()  # the singleton group
 EVERY_ENTRY = {"centered": True, "momentum": 0.9}
@@ -65,17 +65,6 @@ def owned(sizes: list[int], rank: int, ranks: int) -> list[tuple[int, int, int]]
             out.append((leaf, a - offset, b - offset))
         offset += size
     return out
-
-
-def assert_trees_bit_equal(a, b) -> None:
-    fa = sorted(tree_flatten(a), key=lambda kv: kv[0])
-    fb = sorted(tree_flatten(b), key=lambda kv: kv[0])
-    assert [k for k, _ in fa] == [k for k, _ in fb]
-    for (key, x), (_, y) in zip(fa, fb):
-        if isinstance(x, mx.array):
-            assert bit_equal(x, y), key
-        else:
-            assert x == y, key
 
 
 # ---- state_names, state_dtype_of, init, init_single, apply_single.

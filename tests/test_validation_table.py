@@ -9,7 +9,7 @@ scalar entry -- with the values of VALUES it accepts and the message fragment
 must leave the parameters, the state and the step counter as they were.
 
 A new option is one more row per place it can be set, e.g.
-``ctor("state_bits", {"0"}, r"RMSprop state_bits should be")``.
+``ctor("state_bits", ZERO)`` (and its preset and assignment rows).
 """
 
 from __future__ import annotations
@@ -109,20 +109,20 @@ def _step_changes_nothing_if_it_fails(opt: RMSprop, params: dict, change: Callab
 # ---- How each kind of argument is set.
 
 
-def ctor(name: str, accepted: frozenset, error: str, **base: Any) -> Row:
+def ctor(name: str, accepted: frozenset, error: str = "", **base: Any) -> Row:
     def attempt(value: Any) -> None:
         _one_step(RMSprop(**{"learning_rate": 0.1, **base, name: value}))
 
-    return Row(f"RMSprop({name}=)", attempt, accepted, error)
+    return Row(f"RMSprop({name}=)", attempt, accepted, error or rf"RMSprop {name} should be")
 
 
-def preset(method: str, name: str, accepted: frozenset, error: str, **base: Any) -> Row:
+def preset(method: str, name: str, accepted: frozenset, **base: Any) -> Row:
     lr_name = "lr" if method == "from_torch" else "learning_rate"
 
     def attempt(value: Any) -> None:
         _one_step(getattr(RMSprop, method)(**{lr_name: 0.1, **base, name: value}))
 
-    return Row(f"RMSprop.{method}({name}=)", attempt, accepted, error)
+    return Row(f"RMSprop.{method}({name}=)", attempt, accepted, rf"RMSprop\.{method} {name} should be")
 
 
 def assigned(name: str, accepted: frozenset, error: str, first_step: bool = True,
@@ -161,7 +161,7 @@ def loaded(entry: str, accepted: frozenset, error: str, sharded: bool = False) -
     return Row(f"{where}.state = {{'{entry}': ...}}", attempt, accepted, error)
 
 
-def update_op(name: str, accepted: frozenset, error: str) -> Row:
+def update_op(name: str, accepted: frozenset) -> Row:
     def attempt(value: Any) -> None:
         args = {"lr": 0.1, "alpha": 0.9, "eps": 1e-8, name: value}
         lr = args.pop("lr")
@@ -169,10 +169,10 @@ def update_op(name: str, accepted: frozenset, error: str) -> Row:
         mx.eval(param, v)
         assert param.shape == v.shape == W.shape
 
-    return Row(f"rmsprop_update({name}=)", attempt, accepted, error)
+    return Row(f"rmsprop_update({name}=)", attempt, accepted, rf"\[rmsprop_update\] {name} must be")
 
 
-def step_op(name: str, accepted: frozenset, error: str, errors: Optional[dict] = None) -> Row:
+def step_op(name: str, accepted: frozenset, errors: Optional[dict] = None) -> Row:
     """rmsprop_step with bias correction (so every option is read) and
     momentum (so the messages name rmsprop_step)."""
 
@@ -187,7 +187,7 @@ def step_op(name: str, accepted: frozenset, error: str, errors: Optional[dict] =
         mx.eval(param, state)
         assert param.shape == W.shape and sorted(state) == sorted(names)
 
-    return Row(f"rmsprop_step({name}=)", attempt, accepted, error, errors or {})
+    return Row(f"rmsprop_step({name}=)", attempt, accepted, rf"\[rmsprop_step\] {name} must be", errors or {})
 
 
 def sharded_method(name: str, accepted: frozenset, error: str) -> Row:
@@ -198,71 +198,54 @@ def sharded_method(name: str, accepted: frozenset, error: str) -> Row:
     return Row(f"RMSprop(...).sharded({name}=)", attempt, accepted, error)
 
 
-def _ctor_number(name: str, accepted: frozenset = ZERO, shown: str = "") -> Row:
-    # The range messages are mlx's ("RMSprop epsilon should be >0"): eps is
-    # "epsilon" there, "eps" where its kind is wrong.
-    return ctor(name, accepted, rf"RMSprop ({shown or name}|{name}) should be")
-
-
 FLAGS = ["nesterov", "centered", "decoupled_weight_decay", "eps_in_sqrt", "bias_correction",
          "maximize", "lr_inside_momentum"]
-OP_FLAGS = ["nesterov", "centered", "decoupled_weight_decay", "eps_in_sqrt", "bias_correction",
-            "maximize", "lr_inside_momentum"]
+
+# Each preset's arguments and what they accept of VALUES.
+PRESETS = {
+    "from_torch": {"lr": ANY_NUMBER, "alpha": ZERO, "eps": NONE, "weight_decay": ZERO,
+                   "momentum": ZERO, "centered": FLAG, "maximize": FLAG},
+    "from_optax": {"learning_rate": ANY_NUMBER, "decay": ZERO, "eps": NONE, "initial_scale": ZERO,
+                   "eps_in_sqrt": FLAG, "centered": FLAG,
+                   "momentum": ZERO | ONLY_NONE,  # optax's default None: no momentum
+                   # Without momentum optax ignores nesterov, but not one that is no bool.
+                   "nesterov": FLAG, "bias_correction": FLAG},
+    "from_keras": {"learning_rate": ANY_NUMBER, "rho": ZERO, "momentum": ZERO, "epsilon": NONE,
+                   "centered": FLAG,
+                   "weight_decay": ZERO | ONLY_NONE},  # Keras' default None: no decay
+}
 
 ROWS: list[Row] = [
     # The constructor.
-    ctor("learning_rate", ANY_NUMBER, r"RMSprop learning_rate should be"),
-    _ctor_number("alpha"),
-    _ctor_number("eps", NONE, shown="epsilon"),
-    _ctor_number("momentum"),
-    _ctor_number("weight_decay"),
-    _ctor_number("initial_scale"),
-    *[ctor(f, FLAG, rf"RMSprop {f} should be", momentum=0.5) for f in FLAGS],
-    ctor("state_dtype", ONLY_NONE, r"RMSprop state_dtype should be"),
-    ctor("shard_group", ONLY_NONE, r"RMSprop shard_group should be"),
-    ctor("shard_bucket_bytes", NONE, r"RMSprop shard_bucket_bytes should be", shard_group=GROUP),
+    ctor("learning_rate", ANY_NUMBER),
+    ctor("alpha", ZERO),
+    # mlx's range messages name eps "epsilon" ("RMSprop epsilon should be >0").
+    ctor("eps", NONE, r"RMSprop (epsilon|eps) should be"),
+    ctor("momentum", ZERO),
+    ctor("weight_decay", ZERO),
+    ctor("initial_scale", ZERO),
+    *[ctor(f, FLAG, momentum=0.5) for f in FLAGS],
+    ctor("state_dtype", ONLY_NONE),
+    ctor("shard_group", ONLY_NONE),
+    ctor("shard_bucket_bytes", NONE, shard_group=GROUP),
     # The presets, each naming its own arguments.
-    preset("from_torch", "lr", ANY_NUMBER, r"RMSprop\.from_torch lr should be"),
-    preset("from_torch", "alpha", ZERO, r"RMSprop\.from_torch alpha should be"),
-    preset("from_torch", "eps", NONE, r"RMSprop\.from_torch eps should be"),
-    preset("from_torch", "weight_decay", ZERO, r"RMSprop\.from_torch weight_decay should be"),
-    preset("from_torch", "momentum", ZERO, r"RMSprop\.from_torch momentum should be"),
-    preset("from_torch", "centered", FLAG, r"RMSprop\.from_torch centered should be"),
-    preset("from_torch", "maximize", FLAG, r"RMSprop\.from_torch maximize should be"),
-    preset("from_optax", "learning_rate", ANY_NUMBER, r"RMSprop\.from_optax learning_rate should be"),
-    preset("from_optax", "decay", ZERO, r"RMSprop\.from_optax decay should be"),
-    preset("from_optax", "eps", NONE, r"RMSprop\.from_optax eps should be"),
-    preset("from_optax", "initial_scale", ZERO, r"RMSprop\.from_optax initial_scale should be"),
-    preset("from_optax", "eps_in_sqrt", FLAG, r"RMSprop\.from_optax eps_in_sqrt should be"),
-    preset("from_optax", "centered", FLAG, r"RMSprop\.from_optax centered should be"),
-    # optax's default is None (no momentum).
-    preset("from_optax", "momentum", ZERO | ONLY_NONE, r"RMSprop\.from_optax momentum should be"),
-    # Without momentum optax ignores nesterov, but not a nesterov that is no bool.
-    preset("from_optax", "nesterov", FLAG, r"RMSprop\.from_optax nesterov should be"),
-    preset("from_optax", "bias_correction", FLAG, r"RMSprop\.from_optax bias_correction should be"),
-    preset("from_keras", "learning_rate", ANY_NUMBER, r"RMSprop\.from_keras learning_rate should be"),
-    preset("from_keras", "rho", ZERO, r"RMSprop\.from_keras rho should be"),
-    preset("from_keras", "momentum", ZERO, r"RMSprop\.from_keras momentum should be"),
-    preset("from_keras", "epsilon", NONE, r"RMSprop\.from_keras epsilon should be"),
-    preset("from_keras", "centered", FLAG, r"RMSprop\.from_keras centered should be"),
-    # Keras' default is None (no weight decay).
-    preset("from_keras", "weight_decay", ZERO | ONLY_NONE, r"RMSprop\.from_keras weight_decay should be"),
+    *[preset(method, name, accepted) for method, arguments in PRESETS.items()
+      for name, accepted in arguments.items()],
     # sharded().
     sharded_method("group", ONLY_NONE, r"RMSprop shard_group should be"),
     sharded_method("bucket_bytes", NONE, r"RMSprop shard_bucket_bytes should be an int > 0"),
     # The ops.
-    update_op("lr", ANY_NUMBER, r"\[rmsprop_update\] lr must be"),
-    update_op("alpha", ZERO, r"\[rmsprop_update\] alpha must be"),
-    update_op("eps", NONE, r"\[rmsprop_update\] eps must be"),
-    step_op("lr", ANY_NUMBER, r"\[rmsprop_step\] lr must be"),
-    step_op("step", NONE, r"\[rmsprop_step\] step must be",
-            {"None": r"\[rmsprop_step\] bias_correction needs the step count"}),
-    step_op("alpha", ZERO, r"\[rmsprop_step\] alpha must be"),
-    step_op("eps", NONE, r"\[rmsprop_step\] eps must be"),
-    step_op("momentum", ZERO, r"\[rmsprop_step\] momentum must be"),
+    update_op("lr", ANY_NUMBER),
+    update_op("alpha", ZERO),
+    update_op("eps", NONE),
+    step_op("lr", ANY_NUMBER),
+    step_op("step", NONE, {"None": r"\[rmsprop_step\] bias_correction needs the step count"}),
+    step_op("alpha", ZERO),
+    step_op("eps", NONE),
+    step_op("momentum", ZERO),
     # weight_decay=inf would make every parameter NaN.
-    step_op("weight_decay", ZERO, r"\[rmsprop_step\] weight_decay must be"),
-    *[step_op(f, FLAG, rf"\[rmsprop_step\] {f} must be") for f in OP_FLAGS],
+    step_op("weight_decay", ZERO),
+    *[step_op(f, FLAG) for f in FLAGS],
     # Values assigned between steps (as on mlx.optimizers.RMSprop).
     assigned("learning_rate", ANY_NUMBER, r"RMSprop learning_rate should be"),
     assigned("alpha", ZERO, r"alpha (must|should) be"),
@@ -345,10 +328,10 @@ ARRAYS = [  # (row, value, regex of the rejection or None when accepted)
     (loaded("learning_rate", ZERO, ""), mx.array([0.1, 0.2]), r"entry 'learning_rate' is an array of shape \(2,\)"),
     (assigned("learning_rate", ZERO, ""), mx.array(0.5, mx.float16), None),
     (assigned("learning_rate", ZERO, ""), mx.array(True), r"learning rate must be a number, got bool"),
-    (update_op("lr", ZERO, ""), mx.array(True), r"\[rmsprop_update\] learning rate must be a number, got bool"),
-    (step_op("lr", ZERO, ""), mx.array(True), r"\[rmsprop_step\] learning rate must be a number, got bool"),
-    (step_op("step", ZERO, ""), mx.array(2, mx.int32), None),
-    (step_op("step", ZERO, ""), mx.array(True), r"\[rmsprop_step\] step must be a number, got bool"),
+    (update_op("lr", ZERO), mx.array(True), r"\[rmsprop_update\] learning rate must be a number, got bool"),
+    (step_op("lr", ZERO), mx.array(True), r"\[rmsprop_step\] learning rate must be a number, got bool"),
+    (step_op("step", ZERO), mx.array(2, mx.int32), None),
+    (step_op("step", ZERO), mx.array(True), r"\[rmsprop_step\] step must be a number, got bool"),
 ]
 
 
