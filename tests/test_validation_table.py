@@ -313,10 +313,11 @@ def test_a_rejected_sharded_value_fails_as_a_sharded_step_error():
     assert int(opt.step) == 1
 
 
-# Where an array may stand for a number (a checkpoint's scalar entries, the
-# learning rate, the op's step), its kind and size are checked (never its
-# value, which the step may not read: it can run under mx.compile).
-ARRAYS = [  # (row, value, regex of the rejection or None when accepted)
+# Values of other kinds. Where an array may stand for a number (a checkpoint's
+# scalar entries, the learning rate, the op's step), its kind and size are
+# checked (never its value, which the step may not read: it can run under
+# mx.compile). A state dtype is None or float32, set when or after constructed.
+MORE_VALUES = [  # (row, value, regex of the rejection or None when accepted)
     (loaded("step", ZERO, ""), mx.array(3, mx.uint64), None),
     (loaded("step", ZERO, ""), mx.array([3], mx.int32), None),
     (loaded("step", ZERO, ""), mx.array(True), r"entry 'step' is an array of shape \(\) and dtype mlx.core.bool"),
@@ -332,11 +333,20 @@ ARRAYS = [  # (row, value, regex of the rejection or None when accepted)
     (step_op("lr", ZERO), mx.array(True), r"\[rmsprop_step\] learning rate must be a number, got bool"),
     (step_op("step", ZERO), mx.array(2, mx.int32), None),
     (step_op("step", ZERO), mx.array(True), r"\[rmsprop_step\] step must be a number, got bool"),
+    (ctor("state_dtype", ZERO), mx.float32, None),
+    (ctor("state_dtype", ZERO), mx.bfloat16, r"RMSprop state_dtype should be None .* mlx.core.bfloat16 was"),
+    (assigned("state_dtype", ZERO, ""), mx.float32, None),
+    (assigned("state_dtype", ZERO, ""), mx.float16, r"RMSprop state_dtype should be None .* mlx.core.float16 was"),
+    (assigned("state_dtype", ZERO, "", first_step=False), mx.float16, r"RMSprop state_dtype should be None"),
 ]
 
 
-@pytest.mark.parametrize("row,value,error", ARRAYS, ids=[f"{r.argument}-{v.dtype}{v.shape}" for r, v, _ in ARRAYS])
-def test_an_array_for_a_number_is_checked_for_kind_and_size(row: Row, value: mx.array, error: Optional[str]):
+def _shown(value: Any) -> str:
+    return f"{value.dtype}{value.shape}" if isinstance(value, mx.array) else str(value)
+
+
+@pytest.mark.parametrize("row,value,error", MORE_VALUES, ids=[f"{r.argument}-{_shown(v)}" for r, v, _ in MORE_VALUES])
+def test_arrays_and_dtypes_are_checked_for_kind_and_size(row: Row, value: Any, error: Optional[str]):
     if error is None:
         row.attempt(value)
         return
