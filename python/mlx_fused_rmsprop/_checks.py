@@ -37,14 +37,14 @@ def is_learning_rate(value: Any) -> bool:
 
 
 def check_op_arguments(
-    op: str, lr: Any, numbers: dict[str, Any], flags: dict[str, Any]
+    op: str, lr: Any, reals: dict[str, Any], flags: dict[str, Any]
 ) -> None:
     """Raise ``ValueError("[op] name must be ...")`` unless ``lr`` is a
-    learning rate, each of ``numbers`` a real number and each of ``flags``
+    learning rate, each of ``reals`` a real number and each of ``flags``
     True or False."""
     if not is_learning_rate(lr):
         raise ValueError(f"[{op}] lr must be a number or an mlx.core.array, got {_shown(lr)}.")
-    for name, value in numbers.items():
+    for name, value in reals.items():
         if not is_real_number(value):
             raise ValueError(f"[{op}] {name} must be a real number, got {_shown(value)}.")
     for name, value in flags.items():
