@@ -102,7 +102,8 @@ template <class Write>
 void check_scalar(
     const mx::array& a,
     const char* what,
-    const RMSpropOptions& options) {
+    const RMSpropOptions& options,
+    bool is_flag = false) {
   if (a.size() != 1) {
     fail(options, [&](std::ostream& m) {
       m << what << " must be a scalar, got shape " << a.shape() << ".";
@@ -111,6 +112,13 @@ void check_scalar(
   if (mx::issubdtype(a.dtype(), mx::complexfloating)) {
     fail(options, [&](std::ostream& m) {
       m << what << " must be real, got " << a.dtype() << ".";
+    });
+  }
+  // A bool array would count as 1 (a learning rate of 1, step 1); a flag
+  // (the skip flag) is one.
+  if (a.dtype() == mx::bool_ && !is_flag) {
+    fail(options, [&](std::ostream& m) {
+      m << what << " must be a number, got bool.";
     });
   }
 }
@@ -177,7 +185,7 @@ void check_step_values(
     check_scalar(*values.clip, "clip factor", options);
   }
   if (values.skip) {
-    check_scalar(*values.skip, "skip flag", options);
+    check_scalar(*values.skip, "skip flag", options, true);
   }
 }
 

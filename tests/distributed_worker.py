@@ -65,11 +65,14 @@ def train(cfg: dict, group: mx.distributed.Group, out: str, rank: int, tag: str)
     )
     plain = fused.RMSprop(cfg.get("lr", 1e-2), **kw)
     ps, pu = params, params
+    frozen = cfg.get("frozen", [])  # top-level keys that get no gradient
     for step in range(cfg["steps"]):
         # Each rank's own gradients, averaged as data-parallel training does.
         grads = nn.average_gradients(gradients_at(step, rank), group=group)
-        ps = sharded.apply_gradients(grads, ps)
-        pu = plain.apply_gradients(grads, pu)
+        grads = {k: g for k, g in grads.items() if k not in frozen}
+        # The update covers the gradients' leaves; the frozen ones stay (model.update).
+        ps = {**ps, **sharded.apply_gradients(grads, ps)}
+        pu = {**pu, **plain.apply_gradients(grads, pu)}
         mx.eval(ps, pu, sharded.state, plain.state)
     mx.save_safetensors(os.path.join(out, f"{tag}rank{rank}.safetensors"), dict(tree_flatten(ps)))
     return {
@@ -156,7 +159,62 @@ def bad_leaf(cfg: dict, group: mx.distributed.Group, out: str, rank: int, tag: s
     }
 
 
-SCENARIOS = {"train": train, "save": save, "resume": resume, "bad_leaf": bad_leaf}
+def disagree(cfg: dict, group: mx.distributed.Group, out: str, rank: int, tag: str) -> dict:
+    """Rank `bad_rank` differs from the others in one value that must agree
+    (`what`), each rank passing its own checks: the step must fail on every
+    rank with the same ShardedStepError and change nothing; agreeing again,
+    the ranks then step as the unsharded optimizer."""
+    what, bad = cfg["what"], rank == cfg["bad_rank"]
+    options = {"momentum": 0.5, "bias_correction": True}  # the bias correction reads the step
+    opt = fused.RMSprop(1e-2, shard_group=group, **options)
+    plain = fused.RMSprop(1e-2, **options)
+    ps = pu = initial_parameters()
+    if what in ("step", "learning_rate"):  # counters the ranks share once they stepped
+        ps = opt.apply_gradients(gradients_at(0, 0), ps)
+        pu = plain.apply_gradients(gradients_at(0, 0), pu)
+        mx.eval(ps, pu, opt.state)
+    grads, target = gradients_at(1, 0), ps
+    if bad:
+        if what == "leaves":  # a leaf of another shape, with its gradient: locally fine
+            grads, target = {**grads, "scale": mx.ones((2,))}, {**ps, "scale": mx.zeros((2,))}
+        elif what == "options":
+            opt.alpha = 0.95
+        elif what == "state_dtype":
+            opt.state_dtype = mx.float32
+        elif what == "bucket_bytes":
+            opt.shard_bucket_bytes = 64
+        elif what == "step":
+            opt.state["step"] = opt.step + 1
+        elif what == "learning_rate":
+            opt.learning_rate = 2e-2
+        else:
+            raise AssertionError(what)
+    before, step_before = tree_map(lambda x: x, opt.state), int(opt.step)
+    error = None
+    try:
+        mx.eval(opt.apply_gradients(grads, target))
+    except fused.ShardedStepError as e:
+        error = {"type": type(e).__name__, "message": str(e), "rank_errors": e.rank_errors}
+    unchanged = equal_trees(opt.state, before) and int(opt.step) == step_before
+    # Agreeing again.
+    if bad:
+        opt.alpha, opt.state_dtype, opt.shard_bucket_bytes = 0.99, None, 2**25
+        if what == "step":
+            opt.state["step"] = opt.step - 1
+        if what == "learning_rate":
+            opt.learning_rate = 1e-2
+    ps = opt.apply_gradients(gradients_at(1, 0), ps)
+    pu = plain.apply_gradients(gradients_at(1, 0), pu)
+    mx.eval(ps, pu)
+    return {
+        "error": error,
+        "unchanged": unchanged,
+        "equal_unsharded_after": equal_trees(ps, pu),
+        "step": int(opt.step),
+    }
+
+
+SCENARIOS = {"train": train, "save": save, "resume": resume, "bad_leaf": bad_leaf, "disagree": disagree}
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ contract a result must meet against them on each device."""
 from __future__ import annotations
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from mlx_fused_rmsprop._reference import (  # noqa: F401 (re-exported)
     bit_equal,
@@ -33,3 +34,16 @@ def assert_float32_contract(device, ours, ref, grad, param, v, lr, alpha, eps, w
     GPU_REFERENCE_ULPS of MLX's GPU reference."""
     failures = float32_contract_failures(device, ours, ref, grad, param, v, lr, alpha, eps)
     assert not failures, f"{what}: " + "; ".join(failures)
+
+
+def assert_trees_bit_equal_in_any_order(a, b) -> None:
+    """The same leaves at the same paths, bit for bit (NaN included), in any
+    key order (safetensors sorts keys); non-array leaves equal."""
+    fa = sorted(tree_flatten(a), key=lambda kv: kv[0])
+    fb = sorted(tree_flatten(b), key=lambda kv: kv[0])
+    assert [k for k, _ in fa] == [k for k, _ in fb]
+    for (key, x), (_, y) in zip(fa, fb):
+        if isinstance(x, mx.array):
+            assert bit_equal(x, y), key
+        else:
+            assert x == y, key

@@ -119,6 +119,17 @@ REQUIRED = [
     ("python/mlx_fused_rmsprop/optimizer.py", "preset_optax_"),
     ("python/mlx_fused_rmsprop/optimizer.py", "preset_keras_"),
     ("python/mlx_fused_rmsprop/ops.py", "ops_"),
+    ("python/mlx_fused_rmsprop/optimizer.py", "frozen_"),
+    ("python/mlx_fused_rmsprop/optimizer.py", "valid_"),
+    ("python/mlx_fused_rmsprop/_checks.py", "valid_"),
+    ("python/mlx_fused_rmsprop/ops.py", "valid_"),
+    ("csrc/rmsprop.cpp", "valid_"),
+    ("python/mlx_fused_rmsprop/optimizer.py", "agree_digest_"),
+    ("python/mlx_fused_rmsprop/optimizer.py", "nbytes_"),
+    ("python/mlx_fused_rmsprop/_sharding.py", "shard_assemble_"),
+    ("python/mlx_fused_rmsprop/__init__.py", "pin_"),
+    ("cmake/mlx_pin.cmake", "pin_"),
+    ("python/mlx_fused_rmsprop/verify.py", "verify_"),
 ]
 
 

@@ -224,6 +224,7 @@ PRESET_ARGS = {
     "optax": [
         {}, {"eps_in_sqrt": False}, {"initial_scale": 1.0}, {"momentum": 0.9},
         {"momentum": 0.9, "nesterov": True}, {"nesterov": True},
+        {"momentum": 0.0, "nesterov": True},  # optax accepts it: a trace of decay 0
         {"centered": True, "momentum": 0.8, "nesterov": True}, {"bias_correction": True},
         {"bias_correction": True, "initial_scale": 1.0, "centered": True, "momentum": 0.9},
         {"eps": 1e-3}, {"decay": 0.95, "eps": 0.1, "eps_in_sqrt": False},

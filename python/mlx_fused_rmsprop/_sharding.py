@@ -282,6 +282,14 @@ def fingerprint(*items: Any) -> bytes:
     return hashlib.blake2b(repr(items).encode(), digest_size=_FINGERPRINT).digest()
 
 
+def leaves_digest(plan: ShardPlan) -> list[int]:
+    """The digest of the plan's leaves (paths, shapes, dtypes) as two int64:
+    the same on every rank of one model, so that a checkpoint's pieces from
+    two models are told apart even where their element counts agree."""
+    digest = fingerprint(plan.signature())
+    return [int.from_bytes(digest[i : i + 8], "little", signed=True) for i in (0, 8)]
+
+
 def _gather_bytes(data: bytes, group: mx.distributed.Group) -> list[bytes]:
     """Every rank's ``data`` (all of the same length), by rank."""
     everyone = bytes(mx.distributed.all_gather(mx.array(list(data), dtype=mx.uint8), group=group).tolist())
@@ -374,14 +382,16 @@ def assemble(per_rank: Sequence[dict[str, mx.array]], full_precision: bool = Fal
     if not per_rank:
         raise ValueError("RMSprop.assemble_state: no per-rank state was given")
     headers = []
+    models = set()  # the leaves' digests (none in files written before they were)
     for i, flat in enumerate(per_rank):
         if not isinstance(flat, dict) or SHARD_KEY not in flat:
             raise ValueError(
                 f"RMSprop.assemble_state: state {i} has no '{SHARD_KEY}' entry "
                 "(pass what RMSprop.sharded_state_dict() returned on each rank)"
             )
-        rank, size, total = (int(x) for x in flat[SHARD_KEY].tolist()[:3])
+        rank, size, total, *digest = (int(x) for x in flat[SHARD_KEY].tolist())
         headers.append((rank, size, total))
+        models.add(tuple(digest))
     size = headers[0][1]
     ranks = sorted(h[0] for h in headers)
     if ranks != list(range(size)) or any(h[1] != size for h in headers):
@@ -389,7 +399,7 @@ def assemble(per_rank: Sequence[dict[str, mx.array]], full_precision: bool = Fal
             f"RMSprop.assemble_state: expected the states of ranks 0..{size - 1} "
             f"of one {size}-rank group, got ranks {ranks}"
         )
-    if len({h[2] for h in headers}) != 1:
+    if len({h[2] for h in headers}) != 1 or len(models) != 1:
         raise ValueError("RMSprop.assemble_state: the states come from different models")
     first = per_rank[headers.index(min(headers))]
     scalars = {}
@@ -595,6 +605,7 @@ class ShardedState:
         from a loaded full state.
         """
         opt = self.opt
+        opt._check_settings()
         options = opt._make_options()
         from .optimizer import _optimizer_step  # the integer-leaf hint
 
@@ -678,7 +689,9 @@ class ShardedState:
         for name in SCALAR_ENTRIES:
             if name in opt._state:
                 out[name] = mx.array(opt._state[name])
-        out[SHARD_KEY] = mx.array([plan.rank, plan.ranks, plan.total], dtype=mx.int64)
+        out[SHARD_KEY] = mx.array(
+            [plan.rank, plan.ranks, plan.total, *leaves_digest(plan)], dtype=mx.int64
+        )
         for piece in plan.own_pieces():
             leaf = plan.leaves[piece.leaf]
             for name, value in _at(opt._state, leaf.keys).items():

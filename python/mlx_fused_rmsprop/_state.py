@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import mlx.core as mx
 
-from . import _ext
+from . import _checks, _ext
 
 # Entries of the state that are not per parameter; the first two are always
 # there (mlx.optimizers keeps them), the others with the options that use
@@ -262,6 +262,9 @@ def check_assigned(
                 f"RMSprop: the optimizer state entry '{name}' is "
                 f"{type(value).__name__}, expected an array or a number"
             )
+        problem = _scalar_entry_problem(name, value)
+        if problem is not None:
+            raise ValueError(f"RMSprop: the optimizer state entry '{name}' is {problem}")
     leaves = {k: v for k, v in state.items() if k not in scalar_entries}
     if _check_state_entries(leaves, parameters, "", layout) == 0:
         return
@@ -273,6 +276,24 @@ def check_assigned(
                 "(a state that holds entries must hold one for every trained "
                 "parameter; was it saved from another model?)"
             )
+
+
+def _scalar_entry_problem(name: str, value: Any) -> Optional[str]:
+    """Why a loaded scalar entry (an array or a number) cannot be used, or
+    None: one element of a real dtype, not bool; the step, the seed and the
+    skipped steps integers, and as numbers >= 0. Only kinds and shapes are
+    read: the step may run under mx.compile, where a value cannot."""
+    integer = name in ("step", "seed", "skipped_steps")
+    if isinstance(value, mx.array):
+        kind_ok = mx.issubdtype(value.dtype, mx.integer) if integer else _checks.is_real_number(value)
+        if value.size == 1 and kind_ok:
+            return None
+        want = "one integer element" if integer else "one real element"
+        return f"an array of shape {value.shape} and dtype {value.dtype}, expected {want}"
+    if integer and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        what = "the count of steps taken" if name == "step" else "an integer"
+        return f"{value!r}, expected {what} (an int >= 0)"
+    return None
 
 
 def _keeps(names: tuple[str, ...]) -> str:

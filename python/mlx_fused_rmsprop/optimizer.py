@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
 
+from . import _checks
 from . import _ext
 from . import _guards
 from . import _sharding
@@ -17,6 +19,43 @@ from ._sharding import ShardedStepError
 
 
 LearningRate = Union[float, Callable[[mx.array], mx.array]]
+
+# The constructor's options by kind, for the check of their kinds (ranges are
+# checked by the constructor and, every step, by the op).
+_OPTION_KINDS = {
+    "alpha": "number", "eps": "number", "momentum": "number",
+    "weight_decay": "number", "initial_scale": "number",
+    "nesterov": "flag", "centered": "flag", "decoupled_weight_decay": "flag",
+    "eps_in_sqrt": "flag", "bias_correction": "flag", "maximize": "flag",
+    "lr_inside_momentum": "flag",
+}
+
+_Preset = TypeVar("_Preset", bound=Callable[..., Any])
+
+
+def _names_its_arguments(**names: str) -> Callable[[_Preset], _Preset]:
+    """A preset's errors name the preset and its own arguments: the
+    constructor's ``RMSprop alpha should be ...`` becomes ``RMSprop.from_keras
+    rho should be ...`` (``names``: constructor's name -> the preset's)."""
+
+    def decorate(preset: _Preset) -> _Preset:
+        @functools.wraps(preset)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return preset(*args, **kwargs)
+            except ValueError as e:
+                head, _, rest = str(e).partition(" ")
+                name, space, tail = rest.partition(" ")
+                if head != "RMSprop" or not space:
+                    raise
+                raise ValueError(
+                    f"RMSprop.{preset.__name__} {names.get(name, name)} {tail}"
+                ) from None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
 
 # The options of this package (not of the library a preset ports), which
 # every preset also takes.
@@ -253,6 +292,11 @@ class RMSprop(Optimizer):
     ):
         super().__init__()
 
+        # Kinds first: a str or None would fail the comparisons below with a
+        # TypeError that names nothing.
+        arguments = locals()
+        _check_learning_rate(learning_rate, schedule=True)
+        _check_option_types({name: arguments[name] for name in _OPTION_KINDS})
         self._maybe_schedule("learning_rate", learning_rate)
         self.alpha = alpha
         self.eps = eps
@@ -333,6 +377,7 @@ class RMSprop(Optimizer):
     # ---- One-line ports from other libraries.
 
     @classmethod
+    @_names_its_arguments(learning_rate="lr", epsilon="eps")
     def from_torch(
         cls,
         lr: LearningRate = 0.01,
@@ -374,6 +419,7 @@ class RMSprop(Optimizer):
         )
 
     @classmethod
+    @_names_its_arguments(alpha="decay", epsilon="eps")
     def from_optax(
         cls,
         learning_rate: LearningRate,
@@ -404,6 +450,7 @@ class RMSprop(Optimizer):
         :meth:`sharded`.
         """
         mu = 0.0 if momentum is None else momentum
+        _check_option_types({"momentum": mu, "nesterov": nesterov})  # before `nesterov and ...`
         return cls(
             learning_rate,
             alpha=decay,
@@ -419,6 +466,7 @@ class RMSprop(Optimizer):
         )
 
     @classmethod
+    @_names_its_arguments(alpha="rho", eps="epsilon")
     def from_keras(
         cls,
         learning_rate: LearningRate = 0.001,
@@ -492,6 +540,41 @@ class RMSprop(Optimizer):
             min_8bit_size=self.min_8bit_size,
         )
 
+    @property
+    def learning_rate(self) -> mx.array:
+        """The learning rate (as in :class:`mlx.optimizers.Optimizer`)."""
+        return self.state["learning_rate"]
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate: Union[float, mx.array]) -> None:
+        _check_learning_rate(learning_rate, schedule=False)
+        self.state["learning_rate"] = mx.array(learning_rate)
+
+    def _check_settings(self) -> None:
+        """Check what may have been assigned since construction (``opt.alpha =
+        ...``) beyond what the op checks: the options' kinds, what a new state
+        is made with (initial_scale, state_dtype, the memory options) or
+        sharded by."""
+        _check_option_types({name: getattr(self, name) for name in _OPTION_KINDS})
+        if not (math.isfinite(self.initial_scale) and self.initial_scale >= 0.0):
+            raise ValueError(
+                f"RMSprop initial_scale should be a finite number >= 0, "
+                f"{self.initial_scale} was provided instead"
+            )
+        if self.state_dtype is not None and not (
+            isinstance(self.state_dtype, mx.Dtype) and self.state_dtype == mx.float32
+        ):
+            raise ValueError(
+                f"RMSprop state_dtype should be None (the parameter's dtype) or "
+                f"mlx.core.float32, {self.state_dtype} was provided instead"
+            )
+        # (The seed lives in the state: a loaded one is checked with it.)
+        _check_memory_options(
+            self.state_bits, self.min_8bit_size, self.stochastic_rounding, None,
+            self.kahan_summation, self.max_grad_norm, self.skip_nonfinite,
+        )
+        _sharding.check_sharding(self.shard_group, self.shard_bucket_bytes)
+
     def _half_state_dtype(self) -> Optional[mx.Dtype]:
         """The full-precision state's dtype beside float16 / bfloat16
         parameters: float32 with 8-bit state (for the parameters too small
@@ -505,7 +588,7 @@ class RMSprop(Optimizer):
 
     def _layout_signature(self) -> tuple:
         """What decides the state's form: a change converts it at the next step."""
-        return (self.state_bits, self.min_8bit_size, self.kahan_summation, self.state_dtype)
+        return (self.state_bits, self.min_8bit_size, self.kahan_summation, str(self.state_dtype))
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -564,6 +647,7 @@ class RMSprop(Optimizer):
         slicing them from a state given to :meth:`load_full_state`. Local: no
         collective runs, so call it on every rank or on none.
         """
+        self._check_settings()
         if self.shard_group is None:
             super().init(parameters)
             self._layout_key = self._layout_signature()
@@ -729,12 +813,9 @@ class RMSprop(Optimizer):
         the last one); converts and checks an assigned state (or one whose
         form the options changed) entry by entry and, before the state
         exists, checks every leaf as init() will set it up."""
+        self._check_settings()
         self._options = options = self._make_options()
-        _check_memory_options(
-            self.state_bits, self.min_8bit_size, self.stochastic_rounding,
-            self._state.get("seed", 0), self.kahan_summation, self.max_grad_norm,
-            self.skip_nonfinite,
-        )
+        self._add_scalar_entries(self._state)
         signature = self._layout_signature()
         if self._initialized and signature != self._layout_key:
             self._state_needs_check = True
@@ -764,12 +845,18 @@ class RMSprop(Optimizer):
         leaves = {k: v for k, v in state.items() if k not in _state.SCALAR_ENTRIES}
         out = {k: v for k, v in state.items() if k in _state.SCALAR_ENTRIES}
         out.update(_state.map_leaves(leaves, parameters, layout.convert))
-        if self.stochastic_rounding and "seed" not in out:
-            out["seed"] = self._state.get("seed", _draw_seed())
+        self._add_scalar_entries(out)
+        return out
+
+    def _add_scalar_entries(self, state: dict) -> None:
+        """The scalar entries the options need and ``state`` lacks (an option
+        turned on since, or a state saved without it): stochastic rounding's
+        seed, the guards' report."""
+        if self.stochastic_rounding and "seed" not in state:
+            state["seed"] = _draw_seed()
         if self._guarded:
             for name, value in _guards.initial_entries().items():
-                out.setdefault(name, value)
-        return out
+                state.setdefault(name, value)
 
     # ---- Sharded state (shard_group): python/mlx_fused_rmsprop/_sharding.py.
 
@@ -789,7 +876,7 @@ class RMSprop(Optimizer):
         :meth:`init`). ``None`` unshards.
         """
         _sharding.check_sharding(group, bucket_bytes)
-        if self._initialized or (self._shards is not None and self._shards.pending_full is not None):
+        if self._initialized:
             raise ValueError(
                 "RMSprop.sharded: the optimizer already has a state; shard it before "
                 "the first step (or move a state over with assemble_state / load_full_state)"
@@ -797,6 +884,11 @@ class RMSprop(Optimizer):
         self.shard_group = group
         self.shard_bucket_bytes = bucket_bytes
         self._shards = None
+        if group is not None and self._state_needs_check:
+            # A state assigned before (load_full_state, or state =) is a full
+            # one: keep it, to be checked and sliced at the next step or init.
+            self._sharded_state().pending_full = self._state
+            self._state_needs_check = False
         return self
 
     def load_full_state(self, state: dict) -> None:
@@ -850,6 +942,34 @@ class RMSprop(Optimizer):
         it exactly and come from one model and one step.
         """
         return _sharding.assemble(per_rank_states, full_precision)
+
+
+def _check_option_types(values: dict[str, Any]) -> None:
+    """Raise ValueError naming the option unless each value (by
+    ``_OPTION_KINDS``) is a real number (not a bool) or True / False."""
+    for name, value in values.items():
+        if _OPTION_KINDS[name] == "flag":
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"RMSprop {name} should be True or False, {value!r} was provided instead"
+                )
+        elif not _checks.is_real_number(value):
+            raise ValueError(
+                f"RMSprop {name} should be a real number, {value!r} "
+                f"({type(value).__name__}) was provided instead"
+            )
+
+
+def _check_learning_rate(value: Any, schedule: bool) -> None:
+    """A number (any value, as mlx.optimizers), an array (checked at the
+    step) or, when ``schedule``, a callable of the step count."""
+    if _checks.is_learning_rate(value) or (schedule and callable(value)):
+        return
+    kinds = "a number, an mlx.core.array or a schedule" if schedule else "a number or an mlx.core.array"
+    raise ValueError(
+        f"RMSprop learning_rate should be {kinds}, {value!r} "
+        f"({type(value).__name__}) was provided instead"
+    )
 
 
 def _draw_seed() -> mx.array:

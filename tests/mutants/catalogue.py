@@ -40,6 +40,10 @@ ROOFLINE = "csrc/roofline.cpp"
 ROOFLINE_H = "csrc/roofline.h"
 BINDINGS = "csrc/bindings.cpp"
 SHARDING = "python/mlx_fused_rmsprop/_sharding.py"
+CHECKS = "python/mlx_fused_rmsprop/_checks.py"
+PACKAGE_INIT = "python/mlx_fused_rmsprop/__init__.py"
+VERIFY = "python/mlx_fused_rmsprop/verify.py"
+PIN_CMAKE = "cmake/mlx_pin.cmake"
 
 # Test selections, fastest first within each.
 NUMERICS = "tests/test_numerics.py"
@@ -96,6 +100,14 @@ DISTRIBUTED = ["tests/test_distributed.py", "-k", "not example"]
 ROOFLINE_TEST = "tests/test_bench.py::test_the_step_pattern_limit_reads_three_buffers_and_writes_two"
 FAILED_STEP = ["tests/test_optimizer.py::test_failed_step_changes_nothing_and_training_continues",
                "tests/test_reliability.py::test_bad_fifth_leaf_changes_nothing_then_training_continues"]
+# Issue 17's tests by contract: every validated argument against the same bad
+# values, frozen-parameter training on every path, the public methods'
+# documented results, the sharded agreement (launched), the install's checks.
+TABLE = "tests/test_validation_table.py"
+FROZEN = "tests/test_frozen.py"
+CONTRACTS = "tests/test_contracts.py"
+AGREEMENT = "tests/test_agreement.py"
+INSTALL_CHECKS = "tests/test_install_checks.py"
 # Forces the split across threads on small leaves.
 SPLIT_ENV = {"MLX_FUSED_RMSPROP_MIN_ELEMENTS_PER_THREAD": "64", "MLX_FUSED_RMSPROP_NUM_THREADS": "4"}
 
@@ -1745,6 +1757,198 @@ MUTANTS = [
       "                if start < covered:\n                    break\n",
       "Assembling per-rank states accepts a gap between pieces (a rank's state missing).",
       DISTRIBUTED),
+    # Issue 17: the edit classes an independent set of mutants found the suite
+    # blind to. Frozen parameters (leaves with no gradient).
+    m("frozen_init_from_parameters", OPTIMIZER,
+      "            self.init(gradients)", "            self.init(parameters)",
+      "The state is made for every parameter, frozen ones too (a quantized base's uint32 "
+      "weights included), not for the gradients' leaves as mlx's is.",
+      FROZEN),
+    m("frozen_loaded_state_checked_against_parameters", OPTIMIZER,
+      "for path, _, _, leaf_state in _walk_leaves(gradients, parameters, state):",
+      "for path, _, _, leaf_state in _walk_leaves(parameters, parameters, state):",
+      "A loaded checkpoint must hold state for frozen parameters: mlx's checkpoint of a "
+      "model with a frozen layer is rejected.",
+      FROZEN),
+    m("frozen_sharded_plan_from_parameters", OPTIMIZER,
+      "        plan = _sharding.make_plan(\n            gradients, self.shard_group.size(), "
+      "self.shard_group.rank(),\n            self.shard_bucket_bytes,\n        )\n"
+      "        full = self._pending_full_state",
+      "        plan = _sharding.make_plan(\n            parameters, self.shard_group.size(), "
+      "self.shard_group.rank(),\n            self.shard_bucket_bytes,\n        )\n"
+      "        full = self._pending_full_state",
+      "The sharded layout is made over every parameter, frozen ones too.",
+      FROZEN),
+    # Validation: a check's neighbours (inf beside NaN, a bool beside a string).
+    m("valid_weight_decay_inf_at_op", OP,
+      "o.weight_decay >= 0.0 && std::isfinite(o.weight_decay),", "o.weight_decay >= 0.0,",
+      "weight_decay=inf passes the op (and an optimizer's weight_decay set to inf "
+      "between steps): every parameter becomes NaN.",
+      TABLE),
+    m("valid_lr_bool_array", OP,
+      "  if (a.dtype() == mx::bool_) {", "  if (false) {",
+      "A bool learning-rate or step array counts as 1.",
+      TABLE),
+    m("valid_loaded_step_bool", OPTIMIZER,
+      "if not isinstance(value, (mx.array, int, float)) or isinstance(value, bool):",
+      "if not isinstance(value, (mx.array, int, float)):",
+      "A loaded checkpoint's step=True is accepted and counts as 1.",
+      TABLE),
+    m("valid_loaded_step_negative", OPTIMIZER,
+      "if step and not (isinstance(value, int) and value >= 0):",
+      "if step and not isinstance(value, int):",
+      "A loaded checkpoint's negative step is accepted.",
+      TABLE),
+    m("valid_loaded_step_any_array", OPTIMIZER,
+      "        if value.size == 1 and kind_ok:", "        if kind_ok:",
+      "A loaded checkpoint's step or learning rate of several elements is accepted.",
+      TABLE),
+    m("valid_loaded_step_float_array", OPTIMIZER,
+      "kind_ok = mx.issubdtype(value.dtype, mx.integer) if step else",
+      "kind_ok = _checks.is_real_number(value) if step else",
+      "A loaded checkpoint's float step array is accepted (a step count in floats).",
+      TABLE),
+    m("valid_bucket_bytes_bool", OPTIMIZER,
+      "if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) or bucket_bytes <= 0:",
+      "if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:",
+      "shard_bucket_bytes=True becomes a 1-byte bucket.",
+      TABLE),
+    m("valid_bool_is_a_number", CHECKS,
+      "    if isinstance(value, bool):\n        return False\n", "",
+      "alpha=True, momentum=True, lr=True ... pass as 1.",
+      TABLE),
+    m("valid_flag_takes_ints", OPTIMIZER,
+      "        if _OPTION_KINDS[name] == \"flag\":\n            if not isinstance(value, bool):",
+      "        if _OPTION_KINDS[name] == \"flag\":\n            if not isinstance(value, (bool, int)):",
+      "centered=0 or -1 passes the kind check and fails in the extension with a "
+      "TypeError naming nothing.",
+      TABLE),
+    m("valid_op_lr_any_kind", CHECKS,
+      "return isinstance(value, mx.array) or is_real_number(value)", "return True",
+      "rmsprop_update / rmsprop_step take lr=None or a string to the extension "
+      "(a TypeError naming nothing) and lr=True as 1.",
+      TABLE),
+    m("valid_op_step_zero", OPS,
+      "and not isinstance(step, bool) and step >= 1", "and not isinstance(step, bool) and step >= 0",
+      "rmsprop_step(step=0) divides by 1 - alpha**0 = 0.",
+      TABLE),
+    m("valid_ctor_kinds_unchecked", OPTIMIZER,
+      "        _check_option_types({name: arguments[name] for name in _OPTION_KINDS})\n", "",
+      "The constructor takes alpha='0.9' to a comparison (a TypeError naming nothing) "
+      "and momentum=True as 1.",
+      TABLE),
+    m("valid_settings_kinds_unchecked", OPTIMIZER,
+      "        _check_option_types({name: getattr(self, name) for name in _OPTION_KINDS})\n", "",
+      "opt.alpha = '0.9' between steps fails in the extension (a TypeError naming "
+      "nothing); opt.momentum = True passes as 1.",
+      TABLE),
+    m("valid_initial_scale_set_later_unchecked", OPTIMIZER,
+      "        if not (math.isfinite(self.initial_scale) and self.initial_scale >= 0.0):",
+      "        if not (self.initial_scale >= 0.0):",
+      "opt.initial_scale = inf set before the first step makes an infinite state.",
+      TABLE),
+    m("valid_state_dtype_set_later_unchecked", OPTIMIZER,
+      "        if self.state_dtype is not None and not (\n"
+      "            isinstance(self.state_dtype, mx.Dtype) and self.state_dtype == mx.float32\n"
+      "        ):",
+      "        if self.state_dtype is not None and not (\n"
+      "            isinstance(self.state_dtype, mx.Dtype)\n"
+      "        ):",
+      "opt.state_dtype = mx.float16 set after construction is taken (and ignored once the "
+      "state exists).",
+      TABLE),
+    m("valid_lr_setter_unchecked", OPTIMIZER,
+      "        _check_learning_rate(learning_rate, schedule=False)\n", "",
+      "opt.learning_rate = True passes as 1, = '0.1' fails naming nothing.",
+      TABLE),
+    m("valid_preset_names_the_constructor_s", OPTIMIZER,
+      "f\"RMSprop.{preset.__name__} {names.get(name, name)} {tail}\"",
+      "f\"RMSprop.{preset.__name__} {name} {tail}\"",
+      "from_keras(rho=nan) says 'alpha', an argument the caller never wrote.",
+      TABLE),
+    m("valid_optax_nesterov_kind_unchecked", OPTIMIZER,
+      "        _check_option_types({\"momentum\": mu, \"nesterov\": nesterov})  # before `nesterov and ...`\n",
+      "",
+      "from_optax(nesterov='yes') is silently ignored (without momentum) or taken as True.",
+      TABLE),
+    # Presets.
+    m("preset_optax_nesterov_with_zero_momentum", OPTIMIZER,
+      "nesterov=nesterov and mu > 0.0,", "nesterov=nesterov and momentum is not None,",
+      "from_optax(lr, momentum=0.0, nesterov=True), which optax accepts, raises.",
+      ["tests/test_variants.py::test_presets_are_the_libraries_documented_algorithms", FRAMEWORKS]),
+    # The sharded state's edge paths and the agreement (launched ranks).
+    m("shard_scalars_only_state_sliced", OPTIMIZER,
+      "            has_entries = any(\n", "            has_entries = True or any(\n",
+      "A sharded optimizer given a state of only step and learning_rate slices "
+      "entries that do not exist instead of creating the state.",
+      CONTRACTS),
+    m("shard_sharded_drops_loaded_state", OPTIMIZER,
+      "            self._pending_full_state = self._state\n", "",
+      "sharded() after load_full_state() drops the loaded state: v restarts at 0.",
+      CONTRACTS),
+    m("shard_assemble_models_unchecked", SHARDING,
+      "    if len({h[2] for h in headers}) != 1 or len(models) != 1:",
+      "    if len({h[2] for h in headers}) != 1:",
+      "assemble_state joins the ranks of two models with as many elements.",
+      CONTRACTS),
+    m("shard_assemble_digest_of_sizes_only", SHARDING,
+      "    digest = fingerprint(plan.signature())", "    digest = fingerprint(plan.total)",
+      "The checkpoint's model digest covers the element count only: two models of as "
+      "many elements look the same.",
+      CONTRACTS),
+    m("agree_digest_without_step", OPTIMIZER,
+      "self.shard_bucket_bytes, int(self.step), float(lr),", "self.shard_bucket_bytes, float(lr),",
+      "Ranks whose step counters differ run the step, each at its own t of the bias "
+      "correction.",
+      AGREEMENT),
+    m("agree_digest_without_leaves", OPTIMIZER,
+      "                plan.signature(), repr(options), str(self.state_dtype),",
+      "                repr(options), str(self.state_dtype),",
+      "Ranks with other gradient leaves (a leaf of another shape) run the step on "
+      "different layouts.",
+      AGREEMENT),
+    m("agree_digest_without_options", OPTIMIZER,
+      "                plan.signature(), repr(options), str(self.state_dtype),",
+      "                plan.signature(), str(self.state_dtype),",
+      "Ranks with other options (alpha) update their pieces differently.",
+      AGREEMENT),
+    m("agree_digest_without_state_dtype", OPTIMIZER,
+      "                plan.signature(), repr(options), str(self.state_dtype),",
+      "                plan.signature(), repr(options),",
+      "Ranks with another state dtype update their pieces differently.",
+      AGREEMENT),
+    m("agree_digest_without_bucket_bytes", OPTIMIZER,
+      "self.shard_bucket_bytes, int(self.step), float(lr),", "int(self.step), float(lr),",
+      "Ranks with other bucket sizes run gathers of different sizes.",
+      AGREEMENT),
+    # Public methods' documented results.
+    m("nbytes_counts_elements", OPTIMIZER,
+      "                total += value.nbytes", "                total += value.size",
+      "state_nbytes() counts elements, not bytes.",
+      CONTRACTS),
+    m("nbytes_counts_step_and_lr", OPTIMIZER,
+      "            if keys and keys[0] in _SCALAR_ENTRIES and len(keys) == 1:\n                continue\n",
+      "",
+      "state_nbytes() counts the step and learning rate too.",
+      CONTRACTS),
+    m("shard_piece_record_without_ndim", SHARDING,
+      "[leaf_index, piece.start, piece.stop, len(leaf.shape), *leaf.shape]",
+      "[leaf_index, piece.start, piece.stop, *leaf.shape]",
+      "sharded_state_dict's piece records lose their ndim field.",
+      CONTRACTS),
+    # The install's checks.
+    m("pin_import_lets_newer_mlx_through", PACKAGE_INIT,
+      "    if built != found:", "    if found < built:",
+      "Importing against a newer mlx than the build's passes the check.",
+      INSTALL_CHECKS),
+    m("pin_build_lets_newer_mlx_through", PIN_CMAKE,
+      "  if(NOT found STREQUAL pinned)", "  if(found VERSION_LESS pinned)",
+      "Building against a newer mlx than the pin passes the configure-time check.",
+      INSTALL_CHECKS),
+    m("verify_float64_not_bit_identical", VERIFY,
+      "exact = dtype in (mx.float32, mx.float64)", "exact = dtype == mx.float32",
+      "verify's float64 line loses its bit-identical requirement (judged like the halves).",
+      INSTALL_CHECKS),
     # The step-pattern roofline of the benchmark (csrc/roofline.{h,cpp}).
     m("roofline_bytes_moved_reads_only", ROOFLINE_H,
       "return 5 * bytes_per_array();", "return 3 * bytes_per_array();",
