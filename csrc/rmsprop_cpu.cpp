@@ -1,9 +1,10 @@
 // CPU evaluation of FusedRMSprop: pick the walk over memory for the leaf's
-// layout (flat, transposed tiles, strided), give the outputs their buffers
-// (in place where the inputs are donatable), and run the plain loops
-// (mlx.optimizers.RMSprop's math, cpu/plain_loops.h) or the variant loops
-// (cpu/variant_loops.h) for the leaf's dtypes, split across cores
-// (cpu/parallel.h). Each concern lives in its own header under csrc/cpu/.
+// layout (flat, transposed tiles, strided; block by block for 8-bit state),
+// give the outputs their buffers (in place where the inputs are donatable),
+// and hand the leaf to the job of its family -- the plain update, the
+// variants, the 8-bit state (csrc/rmsprop_cpu_{plain,variant,quantized}.cpp)
+// -- split across cores (cpu/parallel.h). Each concern lives in its own
+// header under csrc/cpu/.
 #include <cstdint>
 #include <functional>
 #include <span>
@@ -14,12 +15,9 @@
 #include "mlx/backend/common/utils.h"
 #include "mlx/backend/cpu/encoder.h"
 
-#include "cpu/formats.h"
-#include "cpu/parallel.h"
-#include "cpu/plain_loops.h"
-#include "cpu/quantized_loops.h"
-#include "cpu/variant_loops.h"
-#include "quant_map.h"
+#include "cpu/isa.h"
+#include "cpu/jobs.h"
+#include "cpu/strided.h"
 #include "rmsprop_cpu.h"
 
 namespace mlx_fused_rmsprop {
@@ -43,28 +41,41 @@ bool is_transposed_pair(const CollapsedLayout& l) {
   return w[0] == cols && w[1] == 1 && g[0] == 1 && g[1] == rows;
 }
 
-// The work of one leaf, run on the CPU stream's thread.
-using Job = std::function<void()>;
+// Whether a leaf takes rounded_plain_job: mlx's math (no variant option, no
+// guards) with the state in the parameter's dtype, Kahan or (bfloat16)
+// stochastic rounding, on the flat or transposed walk.
+bool takes_rounded_plain(const LeafIO& io, const CpuDispatch& d, const RMSpropOptions& o) {
+  const auto dtype = io.walked[1].dtype();
+  RMSpropOptions math = o;
+  math.rounding = RMSPROP_ROUND_NEAREST;
+  bool rounding = io.config.compensated() ||
+      (io.config.stochastic() && dtype == mx::bfloat16);
+  return rounding && math.is_plain() && !io.config.quantized &&
+      io.walked[2].dtype() == dtype &&
+      (d.walk == CpuWalk::flat || d.walk == CpuWalk::transposed);
+}
 
-// What a leaf's job reads: its walked arrays (grad, param, state...,
-// [compensation]), the scales of a quantized leaf, the step's packed scalars
-// and rounding key, and its outputs (param', the walked state', the scales').
-// Held by value: the job runs on the stream's thread after eval_cpu has
-// returned, when the primitive's input list may be gone (MLX keeps the
-// buffers alive, not the lists).
-struct LeafIO {
-  std::vector<mx::array> walked;
-  std::vector<mx::array> scales;
-  mx::array packed;
-  std::optional<mx::array> key;
-  std::vector<mx::array> outputs;
-  LeafConfig config;
-};
+Job leaf_job(LeafIO& io, const CpuDispatch& d, const RMSpropOptions& o) {
+  if (io.config.quantized) {
+    return quantized_leaf_job(io, d, o);
+  }
+  if (takes_rounded_plain(io, d, o)) {
+    return rounded_plain_leaf_job(io, d, o);
+  }
+  if (runs_plain_kernels(o, io.config, io.walked[1].dtype(), io.walked[2].dtype())) {
+    return plain_leaf_job(io, d, o);
+  }
+  return variant_leaf_job(io, d, o);
+}
+
+} // namespace
 
 // ---- A skipped step (a non-finite gradient, skip_nonfinite): every output
 // equals its input. In place that is already so; otherwise copy, element by
 // element in the two arrays' layouts (the outputs may have param's layout or
 // a row-major one).
+namespace {
+
 template <size_t kItem>
 void copy_elements(const mx::array& in, mx::array& out) {
   struct Item {
@@ -83,6 +94,8 @@ void copy_elements(const mx::array& in, mx::array& out) {
     }
   });
 }
+
+} // namespace
 
 void copy_through(LeafIO& io) {
   auto copy = [](const mx::array& in, mx::array& out) {
@@ -105,282 +118,6 @@ void copy_through(LeafIO& io) {
     copy(io.scales[i], io.outputs[walked_outputs + i]);
   }
 }
-
-template <typename C>
-bool skips(const LeafIO& io) {
-  return io.packed.data<C>()[RMSPROP_STEP_SKIP] != C(0);
-}
-
-// The step's constants of a leaf's variant or quantized math, read on the
-// stream's thread (the packed scalars are computed by then).
-template <typename C>
-RMSpropVariantStep<C> variant_step(const LeafIO& io, const RMSpropVariantConstants<C>& c) {
-  const C* scalars = io.packed.data<C>();
-  return rmsprop_variant_step<C>(
-      scalars[RMSPROP_STEP_LR], scalars[RMSPROP_STEP_BIAS_CORRECTION],
-      scalars[RMSPROP_STEP_CLIP], c);
-}
-
-// The leaf's stochastic rounding key, from the step's {seed, step} (read on
-// the stream's thread: the job calls this).
-RoundingKey rounding_key(const LeafIO& io) {
-  RoundingKey key;
-  key.offset = io.config.element_offset;
-  if (io.key) {
-    const uint32_t* words = io.key->data<uint32_t>();
-    key.key = rmsprop_rounding_key(words[0], words[1], io.config.leaf);
-  }
-  return key;
-}
-
-// ---- The plain update: grad, param and v of one format F.
-template <class F>
-Job plain_job(LeafIO& io, const CpuDispatch& d, double alpha, double eps) {
-  using S = typename F::Storage;
-  using C = typename F::Compute;
-  const S* g_ptr = reinterpret_cast<const S*>(io.walked[0].data<void>());
-  const S* w_ptr = reinterpret_cast<const S*>(io.walked[1].data<void>());
-  const S* v_ptr = reinterpret_cast<const S*>(io.walked[2].data<void>());
-  const C* lr_ptr = io.packed.data<C>() + RMSPROP_STEP_LR;
-  S* w_out_ptr = reinterpret_cast<S*>(io.outputs[0].data<void>());
-  S* v_out_ptr = reinterpret_cast<S*>(io.outputs[1].data<void>());
-
-  switch (d.walk) {
-    case CpuWalk::flat:
-      // With the flat layout every array holds exactly size() elements.
-      return [=, n = static_cast<int64_t>(io.walked[1].size()), bound = d.bound]() {
-        FlatJob<F> job{
-            g_ptr, w_ptr, v_ptr, w_out_ptr, v_out_ptr,
-            make_coefficients<C>(*lr_ptr, alpha, eps)};
-        split_run(n, kSplitAlign, 1, bound, [&](int64_t b, int64_t e) {
-          run_walk<FlatWalk<F>>(job, b, e);
-        });
-      };
-    case CpuWalk::transposed:
-      return [=, rows = int64_t{d.layout.shape[0]}, cols = int64_t{d.layout.shape[1]},
-              bound = d.bound]() {
-        TransposedJob<F> job{
-            g_ptr, w_ptr, v_ptr, w_out_ptr, v_out_ptr, rows, cols,
-            make_coefficients<C>(*lr_ptr, alpha, eps)};
-        split_run(rows, kTileRows, cols, bound, [&](int64_t b, int64_t e) {
-          run_walk<TransposedWalk<F>>(job, b, e);
-        });
-      };
-    case CpuWalk::strided_like_param:
-    case CpuWalk::strided:
-      return [=, layout = d.layout, like_param = d.walk == CpuWalk::strided_like_param]() {
-        auto k = make_coefficients<C>(*lr_ptr, alpha, eps);
-        rmsprop_strided<F>(
-            g_ptr, w_ptr, v_ptr, w_out_ptr, v_out_ptr, layout, like_param, k);
-      };
-    case CpuWalk::quantized_flat:
-    case CpuWalk::quantized_general:
-      break;
-  }
-  return {};
-}
-
-// ---- The variants: param and grad of format PF, the state of format SF.
-template <class PF, class SF, bool kC, bool kM, unsigned kRound>
-Job variant_job(LeafIO& io, const CpuDispatch& d, const RMSpropOptions& options) {
-  using P = typename PF::Storage;
-  using S = typename SF::Storage;
-  using C = typename PF::Compute;
-  const size_t states = 1 + (kC ? 1 : 0) + (kM ? 1 : 0);
-  VariantJob<PF, SF> job{};
-  job.grad = reinterpret_cast<const P*>(io.walked[0].data<void>());
-  job.param = reinterpret_cast<const P*>(io.walked[1].data<void>());
-  job.param_out = reinterpret_cast<P*>(io.outputs[0].data<void>());
-  // State slots: 0 v, 1 mean, 2 buffer; the arrays are only those in use.
-  const size_t slots[3] = {0, kC ? 1u : 2u, 2};
-  for (size_t i = 0; i < states; ++i) {
-    job.state[slots[i]] = reinterpret_cast<const S*>(io.walked[2 + i].data<void>());
-    job.state_out[slots[i]] = reinterpret_cast<S*>(io.outputs[1 + i].data<void>());
-  }
-  if constexpr (kRound == RMSPROP_ROUND_KAHAN) {
-    job.comp = reinterpret_cast<const P*>(io.walked[2 + states].data<void>());
-    job.comp_out = reinterpret_cast<P*>(io.outputs[1 + states].data<void>());
-  }
-  auto constants = make_variant_constants<C>(options);
-  switch (d.walk) {
-    case CpuWalk::flat:
-      return [=, n = static_cast<int64_t>(io.walked[1].size()), bound = d.bound]() mutable {
-        if (skips<C>(io)) {
-          return copy_through(io);
-        }
-        job.k = variant_step<C>(io, constants);
-        job.key = rounding_key(io);
-        split_run(n, kSplitAlign, 1, bound, [&](int64_t b, int64_t e) {
-          run_walk<VariantFlatWalk<PF, SF, kC, kM, kRound>>(job, b, e);
-        });
-      };
-    case CpuWalk::transposed:
-      job.rows = d.layout.shape[0];
-      job.cols = d.layout.shape[1];
-      return [=, bound = d.bound]() mutable {
-        if (skips<C>(io)) {
-          return copy_through(io);
-        }
-        job.k = variant_step<C>(io, constants);
-        job.key = rounding_key(io);
-        split_run(job.rows, kTileRows, job.cols, bound, [&](int64_t b, int64_t e) {
-          run_walk<VariantTransposedWalk<PF, SF, kC, kM, kRound>>(job, b, e);
-        });
-      };
-    case CpuWalk::strided_like_param:
-    case CpuWalk::strided:
-      return [=, layout = d.layout, like_param = d.walk == CpuWalk::strided_like_param]() mutable {
-        if (skips<C>(io)) {
-          return copy_through(io);
-        }
-        job.k = variant_step<C>(io, constants);
-        job.key = rounding_key(io);
-        variant_strided<PF, SF, kC, kM, kRound>(job, layout, like_param);
-      };
-    case CpuWalk::quantized_flat:
-    case CpuWalk::quantized_general:
-      break;
-  }
-  return {};
-}
-
-// ---- 8-bit state: param and grad of format PF, every state entry uint8
-// codes with float32 block scales (quantized_loops.h).
-template <class PF, bool kC, bool kM, unsigned kRound>
-Job quantized_job(LeafIO& io, const CpuDispatch& d, const RMSpropOptions& options) {
-  using P = typename PF::Storage;
-  const size_t states = 1 + (kC ? 1 : 0) + (kM ? 1 : 0);
-  QuantizedJob<PF> job{};
-  job.grad = reinterpret_cast<const P*>(io.walked[0].data<void>());
-  job.param = reinterpret_cast<const P*>(io.walked[1].data<void>());
-  job.param_out = reinterpret_cast<P*>(io.outputs[0].data<void>());
-  if constexpr (kRound == RMSPROP_ROUND_KAHAN) {
-    job.comp = reinterpret_cast<const P*>(io.walked[2 + states].data<void>());
-    job.comp_out = reinterpret_cast<P*>(io.outputs[1 + states].data<void>());
-  }
-  const size_t walked_outputs = io.walked.size() - 1;
-  job.states = static_cast<int>(states);
-  for (size_t i = 0; i < states; ++i) {
-    auto& e = job.entry[i];
-    e.codes = io.walked[2 + i].data<uint8_t>();
-    e.codes_out = io.outputs[1 + i].data<uint8_t>();
-    e.scale = io.scales[i].data<float>();
-    e.scale_out = io.outputs[walked_outputs + i].data<float>();
-    e.map = &state_map(i == 0);
-    e.table = &rank_table(i == 0);
-    job.scale_stride[i] = io.scales[i].ndim() == 1 ? io.scales[i].strides()[0] : 1;
-  }
-  job.size = static_cast<int64_t>(io.walked[1].size());
-  job.outputs_like_param = is_dense(io.walked[1]);
-  auto constants = make_variant_constants<float>(options);
-  const int64_t blocks = quantized_blocks(job.size);
-  return [=, layout = d.layout, walk = d.walk, bound = d.bound]() mutable {
-    if (skips<float>(io)) {
-      return copy_through(io);
-    }
-    job.k = variant_step<float>(io, constants);
-    job.key = rounding_key(io);
-    job.layout = &layout;
-    split_run(blocks, 1, RMSPROP_BLOCK, bound, [&](int64_t b, int64_t e) {
-      if (walk == CpuWalk::quantized_flat) {
-        run_walk<QuantizedFlatWalk<PF, kC, kM, kRound>>(job, b, e);
-      } else {
-        run_walk<QuantizedGeneralWalk<PF, kC, kM, kRound>>(job, b, e);
-      }
-    });
-  };
-}
-
-// The job for the leaf's centered / momentum options and rounding: Make is
-// variant_job<PF, SF, ...> or quantized_job<PF, ...> behind a functor.
-// Stochastic and Kahan rounding exist for 16-bit parameters only.
-template <bool kHalf, class Make>
-Job for_options(const RMSpropOptions& o, const LeafConfig& config, const Make& make) {
-  auto with = [&]<bool kC, bool kM>() -> Job {
-    if constexpr (kHalf) {
-      switch (config.rounding) {
-        case RMSPROP_ROUND_STOCHASTIC:
-          return make.template operator()<kC, kM, RMSPROP_ROUND_STOCHASTIC>();
-        case RMSPROP_ROUND_KAHAN:
-          return make.template operator()<kC, kM, RMSPROP_ROUND_KAHAN>();
-        default:
-          break;
-      }
-    }
-    return make.template operator()<kC, kM, RMSPROP_ROUND_NEAREST>();
-  };
-  bool momentum = o.momentum > 0.0;
-  if (o.centered && momentum) {
-    return with.template operator()<true, true>();
-  } else if (o.centered) {
-    return with.template operator()<true, false>();
-  } else if (momentum) {
-    return with.template operator()<false, true>();
-  }
-  return with.template operator()<false, false>();
-}
-
-template <class PF, class SF>
-Job variant_job_for_options(LeafIO& io, const CpuDispatch& d, const RMSpropOptions& o) {
-  return for_options<kIsHalf<PF>>(o, io.config, [&]<bool kC, bool kM, unsigned kRound>() {
-    return variant_job<PF, SF, kC, kM, kRound>(io, d, o);
-  });
-}
-
-template <class PF>
-Job quantized_job_for_options(LeafIO& io, const CpuDispatch& d, const RMSpropOptions& o) {
-  return for_options<kIsHalf<PF>>(o, io.config, [&]<bool kC, bool kM, unsigned kRound>() {
-    return quantized_job<PF, kC, kM, kRound>(io, d, o);
-  });
-}
-
-// A half parameter's state is of its own format or float32.
-template <class PF>
-Job half_variant_job(LeafIO& io, const CpuDispatch& d, const RMSpropOptions& o) {
-  if (io.walked[2].dtype() == mx::float32) {
-    return variant_job_for_options<PF, Float32Format>(io, d, o);
-  }
-  return variant_job_for_options<PF, PF>(io, d, o);
-}
-
-[[noreturn]] void unsupported_dtype() {
-  throw std::invalid_argument("[FusedRMSprop] unsupported dtype reached the CPU kernel.");
-}
-
-Job leaf_job(LeafIO& io, const CpuDispatch& d, const RMSpropOptions& o) {
-  const auto& param = io.walked[1];
-  if (io.config.quantized) {
-    switch (param.dtype()) {
-      case mx::float32:
-        return quantized_job_for_options<Float32Format>(io, d, o);
-      case mx::float16:
-        return quantized_job_for_options<Float16Format>(io, d, o);
-      case mx::bfloat16:
-        return quantized_job_for_options<BFloat16Format>(io, d, o);
-      default:
-        unsupported_dtype();
-    }
-  }
-  bool plain = runs_plain_kernels(o, io.config, param.dtype(), io.walked[2].dtype());
-  switch (param.dtype()) {
-    case mx::float32:
-      return plain ? plain_job<Float32Format>(io, d, o.alpha, o.eps)
-                   : variant_job_for_options<Float32Format, Float32Format>(io, d, o);
-    case mx::float16:
-      return plain ? plain_job<Float16Format>(io, d, o.alpha, o.eps)
-                   : half_variant_job<Float16Format>(io, d, o);
-    case mx::bfloat16:
-      return plain ? plain_job<BFloat16Format>(io, d, o.alpha, o.eps)
-                   : half_variant_job<BFloat16Format>(io, d, o);
-    case mx::float64:
-      return plain ? plain_job<Float64Format>(io, d, o.alpha, o.eps)
-                   : variant_job_for_options<Float64Format, Float64Format>(io, d, o);
-    default:
-      unsupported_dtype();
-  }
-}
-
-} // namespace
 
 CpuDispatch choose_cpu_dispatch(
     std::span<const mx::array> arrays,

@@ -27,6 +27,11 @@
 typedef uint rmsprop_u32;
 #define RMSPROP_FLOAT_BITS(x) as_type<uint>(x)
 #define RMSPROP_BITS_FLOAT(u) as_type<float>(u)
+// A bit cast between same-sized types (scalars, or the CPU's SIMD vectors).
+template <typename To, typename From>
+RMSPROP_INLINE To rmsprop_as(From x) {
+  return as_type<To>(x);
+}
 #else
 #include <bit>
 #include <cmath>
@@ -48,6 +53,11 @@ RMSPROP_INLINE T rmsprop_sqrt(T x) {
 typedef uint32_t rmsprop_u32;
 #define RMSPROP_FLOAT_BITS(x) std::bit_cast<uint32_t>(static_cast<float>(x))
 #define RMSPROP_BITS_FLOAT(u) std::bit_cast<float>(static_cast<uint32_t>(u))
+// A bit cast between same-sized types (scalars, or the CPU's SIMD vectors).
+template <typename To, typename From>
+RMSPROP_INLINE To rmsprop_as(From x) {
+  return std::bit_cast<To>(x);
+}
 #endif
 
 // Scalars of one step, already rounded to the compute type C by the host.
@@ -259,6 +269,10 @@ inline RMSpropVariantResult<C> rmsprop_variant_element(
 #define RMSPROP_ROUND_STOCHASTIC 1u
 #define RMSPROP_ROUND_KAHAN 2u
 
+// The hash and bfloat16's rounding below are written for any U / F that
+// carry the usual operators: 32-bit unsigned and float scalars, or the CPU's
+// SIMD vectors of them (lane by lane, the same bits).
+
 // One round of xxHash32: mixes a word into the running state h.
 RMSPROP_INLINE rmsprop_u32 rmsprop_hash_round(rmsprop_u32 h, rmsprop_u32 word) {
   h += word * 0xC2B2AE3Du;
@@ -267,7 +281,8 @@ RMSPROP_INLINE rmsprop_u32 rmsprop_hash_round(rmsprop_u32 h, rmsprop_u32 word) {
 }
 
 // MurmurHash3's 32-bit finalizer: a bijection that avalanches every bit.
-RMSPROP_INLINE rmsprop_u32 rmsprop_hash_finish(rmsprop_u32 h) {
+template <typename U>
+RMSPROP_INLINE U rmsprop_hash_finish(U h) {
   h ^= h >> 16;
   h *= 0x85EBCA6Bu;
   h ^= h >> 13;
@@ -292,11 +307,9 @@ RMSPROP_INLINE rmsprop_u32 rmsprop_rounding_key(
 // whole leaf; its low and high 32-bit words) under a leaf's key: the
 // finalizer of key + index * (an odd constant), so within one leaf and step
 // no two elements below 2^32 get the same bits.
-RMSPROP_INLINE rmsprop_u32 rmsprop_random_bits(
-    rmsprop_u32 key,
-    rmsprop_u32 index_lo,
-    rmsprop_u32 index_hi) {
-  rmsprop_u32 h = (key ^ (index_hi * 0x27D4EB2Fu)) + index_lo * 0x9E3779B1u;
+template <typename U>
+RMSPROP_INLINE U rmsprop_random_bits(U key, U index_lo, U index_hi) {
+  U h = (key ^ (index_hi * 0x27D4EB2Fu)) + index_lo * 0x9E3779B1u;
   return rmsprop_hash_finish(h);
 }
 
@@ -305,11 +318,11 @@ RMSPROP_INLINE rmsprop_u32 rmsprop_random_bits(
 // the top 16 bits of a float32: add 16 random bits to the lower 16 and drop
 // them. A carry rounds the magnitude up (into the next binade, or past the
 // largest finite value to infinity); Inf stays Inf; NaN stays NaN.
-RMSPROP_INLINE float rmsprop_stochastic_bfloat16(float x, rmsprop_u32 random) {
-  rmsprop_u32 bits = RMSPROP_FLOAT_BITS(x);
-  rmsprop_u32 rounded = (bits + (random >> 16)) & 0xFFFF0000u;
-  bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-  return nan ? x : RMSPROP_BITS_FLOAT(rounded);
+template <typename F, typename U>
+RMSPROP_INLINE F rmsprop_stochastic_bfloat16(F x, U random) {
+  U bits = rmsprop_as<U>(x);
+  U rounded = (bits + (random >> 16)) & 0xFFFF0000u;
+  return (bits & 0x7FFFFFFFu) > 0x7F800000u ? x : rmsprop_as<F>(rounded);
 }
 
 // x rounded stochastically to a float16 value (as the float32 holding it).

@@ -18,11 +18,13 @@
 #include <type_traits>
 
 #include "builds.h"
+#include "chunks.h"
 #include "formats.h"
 #include "isa.h"
 #include "simd.h"
 #include "strided.h"
 #include "transpose.h"
+#include "variant_loops.h"
 
 namespace mlx_fused_rmsprop {
 
@@ -198,6 +200,137 @@ struct TransposedWalk {
               span_for<F, kIsa>(
                   grad, j.param + at, j.v + at, j.param_out + at, j.v_out + at, n, j.k);
             });
+  }
+};
+
+// ---- The plain update of float16 / bfloat16 parameters rounded
+// stochastically or with Kahan compensation (kernels/rmsprop_math.h): the
+// same flat and transposed walks, rounding in SIMD registers (stochastic
+// rounding for bfloat16, whose rounding is bit operations; float16's takes
+// the chunked variant loops). Every element is read before it is written.
+
+template <class F>
+struct RoundedJob {
+  using S = typename F::Storage;
+  const S* grad;
+  const S* param;
+  const S* v;
+  const S* comp; // Kahan only
+  S* param_out;
+  S* v_out;
+  S* comp_out;
+  RMSpropCoefficients<float> k;
+  RoundingKey key;
+  int64_t rows = 0; // the transposed walk
+  int64_t cols = 0;
+};
+
+// The scalar run: the tail of a SIMD one, and the baseline build. n elements
+// from `at` of every array but grad; `at` is their row-major index.
+template <class F, unsigned kRound>
+RMSPROP_ALWAYS_INLINE void rounded_span_scalar(
+    const RoundedJob<F>& j,
+    const typename F::Storage* grad,
+    int64_t at,
+    int64_t n) {
+  constexpr bool kKahan = kRound == RMSPROP_ROUND_KAHAN;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = at + i;
+    float w = F::load(j.param[e]);
+    auto r = rmsprop_element<float>(F::load(grad[i]), w, F::load(j.v[e]), j.k);
+    j.param_out[e] = store_param<F, kRound>(
+        r.param, w, kKahan ? j.comp + e : nullptr, kKahan ? j.comp_out + e : nullptr, e, j.key);
+    j.v_out[e] = F::store(r.v);
+  }
+}
+
+#if RMSPROP_HAVE_AVX2_F16C
+// L lanes at a time; stamped out per target like the plain spans above.
+#define RMSPROP_DEFINE_ROUNDED_SIMD(SUFFIX, TARGET, L)                         \
+  template <class F, unsigned kRound>                                        \
+  TARGET void rounded_span_##SUFFIX(                                         \
+      const RoundedJob<F>& j,                                                \
+      const typename F::Storage* grad,                                       \
+      int64_t at,                                                            \
+      int64_t n) {                                                           \
+    using Lanes = simd::Lanes<F, L>;                                         \
+    using U = typename simd::IntVecs<L>::u32;                                \
+    const auto kv = simd::broadcast<L>(j.k);                                 \
+    U lane{};                                                                \
+    for (int l = 0; l < L; ++l) {                                            \
+      lane[l] = static_cast<uint32_t>(l);                                    \
+    }                                                                        \
+    int64_t i = 0;                                                           \
+    for (; i + L <= n; i += L) {                                             \
+      const int64_t e = at + i;                                              \
+      auto w = Lanes::load(j.param + e);                                     \
+      auto r = rmsprop_element<simd::Vec<L>>(                                \
+          Lanes::load(grad + i), w, Lanes::load(j.v + e), kv);               \
+      if constexpr (kRound == RMSPROP_ROUND_STOCHASTIC) {                    \
+        static_assert(std::is_same_v<F, BFloat16Format>);                    \
+        /* Each lane's 64-bit index in the whole leaf, as two words. */      \
+        const uint64_t first = static_cast<uint64_t>(j.key.offset + e);      \
+        U lo = lane + static_cast<uint32_t>(first);                          \
+        U carry = lo < static_cast<uint32_t>(first) ? U{} + 1u : U{};       \
+        U hi = carry + static_cast<uint32_t>(first >> 32);                   \
+        U bits = rmsprop_random_bits<U>(U{} + j.key.key, lo, hi);            \
+        r.param.v = rmsprop_stochastic_bfloat16(r.param.v, bits);            \
+        Lanes::store(j.param_out + e, r.param);                              \
+      } else {                                                               \
+        auto kahan = rmsprop_kahan(w, Lanes::load(j.comp + e), r.param);     \
+        Lanes::store(j.param_out + e, kahan.target);                         \
+        /* The stored (rounded) parameter, read back. */                     \
+        auto stored = Lanes::load(j.param_out + e);                          \
+        Lanes::store(                                                        \
+            j.comp_out + e, rmsprop_kahan_remainder(w, stored, kahan.change)); \
+      }                                                                      \
+      Lanes::store(j.v_out + e, r.v);                                        \
+    }                                                                        \
+    rounded_span_scalar<F, kRound>(j, grad + i, at + i, n - i);              \
+  }
+RMSPROP_DEFINE_ROUNDED_SIMD(avx2, RMSPROP_TARGET_AVX2_F16C, 8)
+RMSPROP_DEFINE_ROUNDED_SIMD(avx512, RMSPROP_TARGET_AVX512, 16)
+#undef RMSPROP_DEFINE_ROUNDED_SIMD
+#endif
+
+template <class F, unsigned kRound, Isa kIsa>
+RMSPROP_ALWAYS_INLINE void rounded_span_for(
+    const RoundedJob<F>& j,
+    const typename F::Storage* grad,
+    int64_t at,
+    int64_t n) {
+#if RMSPROP_HAVE_AVX2_F16C
+  if constexpr (kIsa == Isa::avx2) {
+    return rounded_span_avx2<F, kRound>(j, grad, at, n);
+  } else if constexpr (kIsa == Isa::avx512) {
+    return rounded_span_avx512<F, kRound>(j, grad, at, n);
+  }
+#endif
+  rounded_span_scalar<F, kRound>(j, grad, at, n);
+}
+
+// The walks (builds.h): the flat buffers' elements [begin, end), or the
+// transposed pair's rows [begin, end) tile by tile.
+template <class F, unsigned kRound>
+struct RoundedFlatWalk {
+  using Job = RoundedJob<F>;
+  static constexpr Isa kWidest = Isa::avx512;
+  template <Isa kIsa>
+  RMSPROP_ALWAYS_INLINE static void run(const Job& j, int64_t begin, int64_t end) {
+    rounded_span_for<F, kRound, kIsa>(j, j.grad + begin, begin, end - begin);
+  }
+};
+
+template <class F, unsigned kRound>
+struct RoundedTransposedWalk {
+  using Job = RoundedJob<F>;
+  static constexpr Isa kWidest = Isa::avx512;
+  template <Isa kIsa>
+  RMSPROP_ALWAYS_INLINE static void run(const Job& j, int64_t row_begin, int64_t row_end) {
+    for_each_tile_run<typename F::Storage, kIsa != Isa::baseline>(
+        j.grad, j.rows, j.cols, row_begin, row_end,
+        [&](const typename F::Storage* grad, int64_t at, int64_t n)
+            RMSPROP_LAMBDA_ALWAYS_INLINE { rounded_span_for<F, kRound, kIsa>(j, grad, at, n); });
   }
 };
 
