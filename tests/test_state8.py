@@ -13,7 +13,12 @@ are in tests/test_distributed.py).
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,6 +31,7 @@ import state8_model as model
 import variant_models as models
 from fake_ranks import rank_state_dicts
 from oracle import assert_trees_bit_equal_in_any_order
+from test_cpu_isa import _cpu_runs, _widest_isa
 from test_variants import op_kwargs, option_grid, random_state
 from mlx_fused_rmsprop import RMSprop, _ext, rmsprop_step
 
@@ -412,6 +418,49 @@ def test_zeros_and_non_finite_values_in_the_kernel():
     assert (np.array(kw)[256:512] == 0).all() and np.isnan(np.array(kw)[512:768]).all()
     v = np.array(_ext.dequantize_state(ks["v"], ks["v_scale"], True))
     assert np.isnan(v[512:1024]).all() and np.isfinite(v[:512]).all() and np.isfinite(v[1024:]).all()
+
+
+def kernel_against_the_model() -> None:
+    """The comparisons above that walk the kernel's loops (every size,
+    dtype, layout, the ties, zeros and non-finite values), for running in
+    another build or thread count."""
+    for size, dtype in itertools.product(SIZES, MX_DTYPES):
+        test_partial_blocks_and_parameter_dtypes_against_the_model(size, dtype)
+    for layout, dtype in itertools.product(LAYOUTS, ("float32", "bfloat16")):
+        test_layouts_against_the_model(layout, dtype)
+    test_ties_at_the_bounds_in_the_kernel()
+    test_zeros_and_non_finite_values_in_the_kernel()
+
+
+_BUILD_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {tests!r})
+import test_state8
+from mlx_fused_rmsprop import _ext
+test_state8.kernel_against_the_model()
+print(json.dumps(_ext._cpu_isa()))
+"""
+
+
+@pytest.mark.parametrize("isa,threads", [("baseline", "1"), ("avx2", "1"), (None, "3")],
+                         ids=["baseline", "avx2", "widest-3-threads"])
+def test_every_build_and_thread_split_against_the_model(isa, threads):
+    """In a process of its own per case: the baseline (SSE2) and AVX2 builds
+    of the quantized loops (MLX_FUSED_RMSPROP_ISA; the widest build the CPU
+    runs is the one the rest of this file tests), and leaves split over 3
+    threads by blocks (MLX_FUSED_RMSPROP_MIN_ELEMENTS_PER_THREAD=300): the
+    model's bits."""
+    if isa is not None and not _cpu_runs(isa):
+        pytest.skip(f"this CPU does not run the {isa} build")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_FUSED_RMSPROP_")}
+    env.update(MLX_FUSED_RMSPROP_NUM_THREADS=threads, MLX_FUSED_RMSPROP_MIN_ELEMENTS_PER_THREAD="300")
+    if isa is not None:
+        env["MLX_FUSED_RMSPROP_ISA"] = isa
+    script = _BUILD_SCRIPT.format(tests=str(Path(__file__).resolve().parent))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == (isa or _widest_isa())
 
 
 def test_the_parameter_is_updated_from_the_fresh_float32_state():
