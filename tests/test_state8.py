@@ -12,6 +12,7 @@ are in tests/test_distributed.py).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -25,7 +26,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 import state8_model as model
 import variant_models as models
@@ -54,11 +55,13 @@ def to_mx(x: np.ndarray, dtype: str) -> mx.array:
     return mx.array(np.asarray(x, F32)).astype(MX_DTYPES[dtype])
 
 
-def assert_same_floats(what: str, got: np.ndarray, want: np.ndarray) -> None:
-    """Bit for bit; any NaN equals any NaN (NaN payloads are not part of the
-    contract)."""
+def assert_same_floats(what: str, got: np.ndarray, want: np.ndarray, nan_ok: bool = False) -> None:
+    """Bit for bit; with `nan_ok` any NaN equals any NaN (NaN payloads are
+    not part of the contract), else a NaN in `want` fails: a comparison of
+    NaNs would prove little."""
     got, want = np.asarray(got, F32), np.asarray(want, F32)
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert nan_ok or not np.isnan(want).any(), f"{what}: the model's result has NaN"
     same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
     if not same.all():
         i = int(np.argmax(~same.reshape(-1)))
@@ -68,7 +71,7 @@ def assert_same_floats(what: str, got: np.ndarray, want: np.ndarray) -> None:
         )
 
 
-def assert_entry(what: str, state: dict, name: str, want: model.Quantized) -> None:
+def assert_entry(what: str, state: dict, name: str, want: model.Quantized, nan_ok: bool = False) -> None:
     """A kernel's 8-bit entry (codes and `<name>_scale`) equals the model's."""
     codes, scales = state[name], state[name + "_scale"]
     assert codes.dtype == mx.uint8 and scales.dtype == mx.float32, what
@@ -81,13 +84,13 @@ def assert_entry(what: str, state: dict, name: str, want: model.Quantized) -> No
             f"{what} {name}: {int(bad.sum())} of {bad.size} codes differ; first at {i}: "
             f"{got.reshape(-1)[i]} != {want.codes.reshape(-1)[i]}"
         )
-    assert_same_floats(f"{what} {name}_scale", np.array(scales), want.scales)
+    assert_same_floats(f"{what} {name}_scale", np.array(scales), want.scales, nan_ok)
 
 
-def assert_state(what: str, state: dict, want: dict) -> None:
+def assert_state(what: str, state: dict, want: dict, nan_ok: bool = False) -> None:
     assert set(state) == {n for name in want for n in (name, name + "_scale")}, what
     for name, entry in want.items():
-        assert_entry(what, state, name, entry)
+        assert_entry(what, state, name, entry, nan_ok)
 
 
 def kernel_state(state: dict) -> dict:
@@ -96,11 +99,6 @@ def kernel_state(state: dict) -> dict:
     for name, entry in state.items():
         out[name], out[name + "_scale"] = mx.array(entry.codes), mx.array(entry.scales)
     return out
-
-
-def model_state(state: dict, names) -> dict:
-    """The optimizer's 8-bit entries as the model's."""
-    return {n: model.Quantized(np.array(state[n]), np.array(state[n + "_scale"])) for n in names}
 
 
 def quantized_random_state(rng, shape, o: models.Options, t: int) -> dict:
@@ -112,11 +110,12 @@ def quantized_random_state(rng, shape, o: models.Options, t: int) -> dict:
 
 
 def run_op_and_model(o: models.Options, shape, dtype="float32", steps=3, seed=0, first=2,
-                     grads=None, param=None, state=None, layout=None):
+                     grads=None, param=None, state=None, layout=None, nan_ok=False):
     """`steps` calls of rmsprop_step with 8-bit state beside the model, from a
     random (or the given) parameter, state and gradients; asserts parameter,
     codes and scales bit-equal after each step. `layout(name, array)` may
-    hand the op another layout of the same values."""
+    hand the op another layout of the same values; `nan_ok`: NaN results are
+    expected."""
     rng = np.random.default_rng(seed)
     layout = layout or (lambda name, a: a)
     w = model.round_to(rng.standard_normal(shape), dtype) if param is None else param
@@ -131,9 +130,14 @@ def run_op_and_model(o: models.Options, shape, dtype="float32", steps=3, seed=0,
         )
         what = f"{o} {dtype} {shape} step {t}"
         assert kw.dtype == MX_DTYPES[dtype] and kw.shape == tuple(shape), what
-        assert_same_floats(f"{what} param", as_f32(kw), w)
-        assert_state(what, ks, state)
+        assert_same_floats(f"{what} param", as_f32(kw), w, nan_ok)
+        assert_state(what, ks, state, nan_ok)
     return kw, ks, w, state
+
+
+def options_kw(o: models.Options) -> dict:
+    """RMSprop's keyword arguments for these options."""
+    return {k: getattr(o, k) for k in o.__dataclass_fields__}
 
 
 def distinct_op_options():
@@ -142,13 +146,22 @@ def distinct_op_options():
     return [o for o in option_grid() if o.initial_scale == 0.0]
 
 
-# A few combinations that between them turn every option on.
+# A few combinations that between them turn every option on (for a random,
+# well-conditioned state: from a fresh one, centered with bias correction
+# cancels to NaN at step 1 -- see FRESH_OPTIONS).
 SAMPLE_OPTIONS = [
     models.Options(alpha=0.9, eps=1e-6),
     models.Options(alpha=0.9, eps=1e-6, centered=True, momentum=0.9, nesterov=True,
                    weight_decay=0.05, bias_correction=True),
     models.Options(alpha=0.9, eps=1e-6, momentum=0.9, lr_inside_momentum=True, weight_decay=0.05,
                    decoupled_weight_decay=True, eps_in_sqrt=True, maximize=True),
+]
+
+# Combinations that stay finite from a fresh state.
+FRESH_OPTIONS = [
+    models.Options(alpha=0.9, eps=1e-6, centered=True, momentum=0.9, nesterov=True, weight_decay=0.05),
+    models.Options(alpha=0.9, eps=1e-6, momentum=0.9, bias_correction=True, eps_in_sqrt=True,
+                   lr_inside_momentum=True),
 ]
 
 SIZES = {1: (1,), 255: (255,), 256: (16, 16), 257: (257,), 1000: (8, 125), 4096 + 17: (3, 1371)}
@@ -237,9 +250,9 @@ def test_quantize_state_and_dequantize_state_are_the_model(is_v):
     codes, scales = _ext.quantize_state(mx.array(x), is_v)
     want_codes, want_scales = model.quantize(x, m)
     assert_entry("quantize_state", {"v": codes, "v_scale": scales}, "v",
-                 model.Quantized(want_codes, want_scales))
+                 model.Quantized(want_codes, want_scales), nan_ok=True)
     back = np.array(_ext.dequantize_state(codes, scales, is_v))
-    assert_same_floats("dequantize_state", back, model.dequantize(want_codes, want_scales, m))
+    assert_same_floats("dequantize_state", back, model.dequantize(want_codes, want_scales, m), nan_ok=True)
 
     # The rule itself, independently of the bounds search: the nearest value.
     per_element = np.repeat(want_scales, 256)[: x.size]
@@ -299,11 +312,11 @@ def transposed(a: mx.array) -> mx.array:
 
 
 def every_other(a: mx.array) -> mx.array:
-    """The same values as a strided slice of a larger array (a view)."""
-    flat = a.reshape(-1)
-    wide = mx.stack([flat, mx.zeros_like(flat)], axis=1).reshape(-1)
+    """The same values as a strided view: every other column of an array
+    twice as wide."""
+    wide = mx.stack([a, mx.zeros_like(a)], axis=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
     mx.eval(wide)
-    return wide[::2].reshape(a.shape)
+    return wide[..., ::2]
 
 
 LAYOUTS = {
@@ -333,7 +346,7 @@ def test_in_place_and_not(in_place):
     """The step's inputs donated (the usual loop: nothing else holds them)
     or kept: the same bits, and kept inputs are left untouched."""
     rng = np.random.default_rng(4)
-    o, shape = SAMPLE_OPTIONS[1], (4, 300)
+    o, shape = SAMPLE_OPTIONS[2], (4, 300)
     w = rng.standard_normal(shape).astype(F32)
     state = quantized_random_state(rng, shape, o, 1)
     kw, ks = mx.array(w), kernel_state(state)
@@ -375,7 +388,7 @@ def test_ties_at_the_bounds_in_the_kernel():
     ]).astype(F32)  # blocks of 256, each with a 1.0: scale 1
     state = {n: model.Quantized(np.full(g.shape, model.map_of(n).zero_code, np.uint8),
                                 np.zeros(model.blocks(g.size), F32)) for n in o.state_names()}
-    _, ks, _, want = run_op_and_model(o, g.shape, grads=[g], steps=1, first=1, state=state,
+    _, ks, _, _ = run_op_and_model(o, g.shape, grads=[g], steps=1, first=1, state=state,
                                       param=np.zeros(g.shape, F32))
     # And the rule, spelled out for the signed bounds: mean' = g.
     codes = np.array(ks["mean"])
@@ -399,15 +412,15 @@ def test_zeros_and_non_finite_values_in_the_kernel():
     w = rng.standard_normal(shape).astype(F32)
     w[256:512] = 0
     state = quantized_random_state(rng, shape, o, 1)
-    for entry in state.values():  # block 1 starts at zero
-        entry.codes[256:512] = model.map_of("v" if entry is state["v"] else "mean").zero_code
+    for name, entry in state.items():  # block 1 starts at zero
+        entry.codes[256:512] = model.map_of(name).zero_code
         entry.scales[1] = 0
     state["v"].scales[3] = np.nan  # a non-finite state handed in
     grads = [rng.standard_normal(shape).astype(F32) for _ in range(3)]
     for g in grads:
         g[256:512] = 0
     grads[0][2 * 256 + 7] = np.inf
-    kw, ks, w, want = run_op_and_model(o, shape, grads=grads, param=w, state=state, first=1)
+    kw, ks, _, _ = run_op_and_model(o, shape, grads=grads, param=w, state=state, first=1, nan_ok=True)
     for name in o.state_names():
         scales, codes = np.array(ks[name + "_scale"]), np.array(ks[name])
         zero = model.map_of(name).zero_code
@@ -490,20 +503,24 @@ def train_leaf(opt: RMSprop, w0: np.ndarray, grads, dtype=mx.float32) -> mx.arra
 
 
 @pytest.mark.parametrize("initial_scale", [0.0, 0.5])
-def test_the_optimizer_from_a_fresh_state_against_the_model(initial_scale):
+@pytest.mark.parametrize("options", [0, 1])
+def test_the_optimizer_from_a_fresh_state_against_the_model(options, initial_scale):
     """RMSprop(state_bits=8) from its own fresh state (v at initial_scale,
-    quantized; the others zero), four steps with bias correction (the step
-    count comes from the optimizer): the model's bits."""
-    o = models.Options(alpha=0.9, eps=1e-6, centered=True, momentum=0.9, nesterov=True,
-                       bias_correction=True, initial_scale=initial_scale)
+    quantized; the others zero), four steps (bias correction takes the step
+    count from the optimizer): the model's bits after every step."""
+    o = dataclasses.replace(FRESH_OPTIONS[options], initial_scale=initial_scale)
     rng = np.random.default_rng(7)
     w0 = rng.standard_normal((20, 300)).astype(F32)
     grads = [rng.standard_normal(w0.shape).astype(F32) for _ in range(4)]
-    opt = RMSprop(LR, state_bits=8, **{k: getattr(o, k) for k in o.__dataclass_fields__})
-    w = train_leaf(opt, w0, grads)
-    want_w, want_state = model.run(w0, grads, LR, o)
-    assert_same_floats("param", np.array(w), want_w[-1])
-    assert_state("state", opt.state["w"], want_state)
+    opt = RMSprop(LR, state_bits=8, **options_kw(o))
+    params = {"w": mx.array(w0)}
+    w, state = w0, model.initial_state(w0.shape, o)
+    for t, g in enumerate(grads, start=1):
+        params = opt.apply_gradients({"w": mx.array(g)}, params)
+        mx.eval(params, opt.state)
+        w, state = model.quantized_step(g, w, state, LR, t, o)
+        assert_same_floats(f"step {t} param", np.array(params["w"]), w)
+        assert_state(f"step {t}", opt.state["w"], state)
 
 
 def test_a_linear_layer_trained_by_the_optimizer_against_the_model():
@@ -515,8 +532,8 @@ def test_a_linear_layer_trained_by_the_optimizer_against_the_model():
     net = nn.Sequential(nn.Linear(48, 100), nn.Tanh(), nn.Linear(100, 3))
     x, y = mx.random.normal((16, 48)), mx.random.normal((16, 3))
     loss_and_grad = nn.value_and_grad(net, lambda x, y: ((net(x) - y) ** 2).mean())
-    o = SAMPLE_OPTIONS[1]
-    opt = RMSprop(LR, state_bits=8, **{k: getattr(o, k) for k in o.__dataclass_fields__})
+    o = FRESH_OPTIONS[0]
+    opt = RMSprop(LR, state_bits=8, **options_kw(o))
     w = np.array(net.layers[0].weight)
     state = model.initial_state(w.shape, o)
     for t in (1, 2, 3):
@@ -587,10 +604,14 @@ def gradients_of(params: dict, k: int) -> dict:
     ])
 
 
-def train(opt, params: dict, steps, grads_at=gradients_of) -> dict:
+def train(opt, params: dict, steps) -> dict:
+    """Steps `steps` of gradients_of; the parameters stay finite (comparing
+    NaNs would prove little)."""
     for k in steps:
-        params = opt.apply_gradients(grads_at(params, k), params)
+        params = opt.apply_gradients(gradients_of(params, k), params)
         mx.eval(params, opt.state)
+    for path, p in tree_flatten(params):
+        assert mx.isfinite(p).all().item(), path
     return params
 
 
@@ -656,10 +677,6 @@ def test_state_nbytes_of_quantized_leaves(centered, momentum):
 # ---- 5. full_precision_state and conversions.
 
 
-def options_kw(o: models.Options) -> dict:
-    return {k: getattr(o, k) for k in o.__dataclass_fields__}
-
-
 def one_leaf_run(o: models.Options, dtype="float32", steps=2, seed=11, shape=(20, 300)):
     """An 8-bit optimizer after `steps` on one leaf, with the model's state."""
     rng = np.random.default_rng(seed)
@@ -672,14 +689,15 @@ def one_leaf_run(o: models.Options, dtype="float32", steps=2, seed=11, shape=(20
     return opt, w, want_w[-1], want_state, grads[steps:]
 
 
+@pytest.mark.parametrize("options", [0, 1])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_full_precision_state_is_the_dequantized_state(dtype):
+def test_full_precision_state_is_the_dequantized_state(dtype, options):
     """full_precision_state(): every entry map[code] * scale bit for bit, in
     the plain layout (the parameter's shape, float32, no scales), plus the
     scalar entries; the optimizer's own state is not changed. RMSprop with
     float32 state and the same options loads it and continues exactly as the
     float32 model from that state."""
-    o = SAMPLE_OPTIONS[1]
+    o = FRESH_OPTIONS[options]
     opt, w, w_np, state, grads = one_leaf_run(o, dtype)
     before = dict(tree_flatten(opt.state))
     fp = opt.full_precision_state()
@@ -828,7 +846,7 @@ def test_checkpoint_round_trip_continues_bit_identically(tmp_path):
     tree_unflatten(mx.load(...)): the loaded state is the saved one bit for
     bit, and continuing from it equals the uninterrupted run (parameters and
     state)."""
-    options = dict(state_bits=8, centered=True, momentum=0.9, bias_correction=True)
+    options = dict(state_bits=8, centered=True, momentum=0.9, nesterov=True)
     opt = RMSprop(0.01, **options)
     params = train(opt, mixed_parameters(), range(2))
     loaded = save_and_load(opt.state, tmp_path / "state.safetensors")
@@ -880,10 +898,11 @@ def test_a_broken_8bit_checkpoint_names_the_entry(tmp_path, broken):
 
 @pytest.mark.parametrize("options", [
     {},
-    {"centered": True, "momentum": 0.9, "nesterov": True, "bias_correction": True, "weight_decay": 0.01},
+    {"centered": True, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+    {"bias_correction": True, "momentum": 0.9},
     {"momentum": 0.5, "lr_inside_momentum": True, "eps_in_sqrt": True, "maximize": True,
      "weight_decay": 0.01, "decoupled_weight_decay": True},
-], ids=["plain", "centered-nesterov", "optax-keras-like"])
+], ids=["plain", "centered-nesterov", "bias-correction", "optax-keras-like"])
 def test_compiled_steps_give_the_eager_bits(options):
     """A compiled step with the model's parameters and the optimizer's state
     as inputs and outputs: parameters and 8-bit state bit-equal to eager
@@ -907,6 +926,7 @@ def test_compiled_steps_give_the_eager_bits(options):
         mx.eval(pe, eager.state)
     assert len(traces) == 1
     assert compiled.state["layers"][0]["weight"]["v"].dtype == mx.uint8
+    assert all(mx.isfinite(p).all().item() for _, p in tree_flatten(pe))
     assert_trees_bit_equal_in_any_order(holder["params"], pe)
     assert_trees_bit_equal_in_any_order(compiled.state, eager.state)
 
