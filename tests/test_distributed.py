@@ -274,7 +274,8 @@ def assert_pieces_at_blocks(per_rank: list[dict], sizes: dict[str, int]) -> int:
 def test_8bit_state_sharded_on_2_ranks_then_resumed_on_3(tmp_path):
     """8-bit state (the state8 model: leaves cut between ranks), plain and
     with variants. On 2 ranks, 3 steps of averaged gradients: sharded equals
-    unsharded bit for bit on every rank; pieces of 8-bit leaves are cut at
+    unsharded bit for bit on every rank, the ranks' state bytes add up to
+    the unsharded optimizer's; pieces of 8-bit leaves are cut at
     block boundaries; assemble_state gives the unsharded state, and with
     full_precision=True its full_precision_state(). Both assembled states
     (8-bit and full precision) loaded into 3 ranks continue 2 steps
@@ -287,6 +288,7 @@ def test_8bit_state_sharded_on_2_ranks_then_resumed_on_3(tmp_path):
     for i, (case, reports) in enumerate(zip(cases, launch(2, "train", cases, train_dir))):
         options = case["options"]
         assert all(r["equal_unsharded"] and r["step"] == 3 for r in reports), f"case {i}"
+        assert sum(r["state_nbytes"] for r in reports) == reports[0]["unsharded_state_nbytes"]
         params = rank_parameters(train_dir, 2, i)
         assert_trees_equal(params[1], params[0])
         assert all(mx.isfinite(p).all().item() for _, p in tree_flatten(params[0]))

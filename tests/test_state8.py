@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import state8_model as model
 import variant_models as models
-from fake_ranks import rank_state_dicts
+from fake_ranks import rank_state_dicts, sharded_at
 from oracle import assert_trees_bit_equal_in_any_order
 from test_cpu_isa import _cpu_runs, _widest_isa
 from test_variants import op_kwargs, option_grid, random_state
@@ -621,7 +621,7 @@ def test_which_leaves_quantize():
     elements); smaller ones float32 state, also beside bfloat16 parameters;
     float64 leaves keep float64 state (and the documentation says so);
     min_8bit_size=0 quantizes every leaf but float64, including a
-    one-element leaf."""
+    one-element and an empty leaf."""
     params = mixed_parameters(with_float64=True)
     opt = RMSprop(0.01, state_bits=8, centered=True, momentum=0.5)
     train(opt, params, range(2))
@@ -639,12 +639,14 @@ def test_which_leaves_quantize():
     assert "float64 excepted" in " ".join(RMSprop.__doc__.split())
 
     everything = RMSprop(0.01, state_bits=8, min_8bit_size=0)
-    params = {**mixed_parameters(with_float64=True), "one": mx.array([0.5])}
+    params = {**mixed_parameters(with_float64=True), "one": mx.array([0.5]), "empty": mx.zeros((0, 3))}
     train(everything, params, range(1))
     for path, value in tree_flatten(everything.state):
         if path.endswith(".v"):
             assert value.dtype == (mx.float64 if path == "wide.v" else mx.uint8), path
     assert everything.state["one"]["v_scale"].shape == (1,)
+    assert everything.state["empty"]["v"].shape == (0, 3)
+    assert everything.state["empty"]["v_scale"].shape == (0,)
 
 
 def test_state_dtype_with_state_bits_gives_the_same_state():
@@ -770,6 +772,30 @@ def test_a_full_precision_checkpoint_is_quantized_at_the_next_step():
         assert_state(f"step {t}", opt.state["w"], state)
 
 
+def test_rmsprop_step_quantizes_a_full_precision_state():
+    """rmsprop_step with state_bits=8 given float32 state returns it 8-bit:
+    quantized as quantize_state, then stepped (the model); with
+    state_bits=None given 8-bit state, dequantized and stepped in float32."""
+    o = SAMPLE_OPTIONS[2]
+    rng = np.random.default_rng(14)
+    shape = (3, 300)
+    w, g = rng.standard_normal(shape).astype(F32), rng.standard_normal(shape).astype(F32)
+    full = {n: v.astype(F32) for n, v in random_state(rng, shape, o, 2).items()}
+    kw, ks = rmsprop_step(mx.array(g), mx.array(w), {n: mx.array(v) for n, v in full.items()}, LR,
+                          step=2, **EIGHT_BIT, **op_kwargs(o))
+    state = {n: model.Quantized(*model.quantize(v, model.map_of(n))) for n, v in full.items()}
+    want_w, want_state = model.quantized_step(g, w, state, LR, 2, o)
+    assert_same_floats("param", np.array(kw), want_w)
+    assert_state("8-bit", ks, want_state)
+    kw, back = rmsprop_step(mx.array(g), kw, ks, LR, step=3, **op_kwargs(o))
+    dequantized = {n: model.dequantize(e.codes, e.scales, model.map_of(n)) for n, e in want_state.items()}
+    want_w, want_full = model.update_f32(g, want_w, dequantized, model.constants(o, LR, 3), o)
+    assert_same_floats("param", np.array(kw), want_w)
+    assert set(back) == set(o.state_names())
+    for name in o.state_names():
+        assert_same_floats(name, np.array(back[name]), want_full[name])
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_switching_a_running_job_8bit_float32_8bit(dtype):
     """8-bit for two steps, full_precision_state() into a float32-state
@@ -799,37 +825,44 @@ def test_switching_a_running_job_8bit_float32_8bit(dtype):
         assert_state(f"8-bit again, step {t}", back.state["w"], state)
 
 
-def test_setting_state_bits_between_steps_converts():
-    """opt.state_bits = 8 on a running float32-state optimizer quantizes its
-    state at the next step (as quantize_state: the model), and
-    opt.state_bits = None dequantizes it again (as full_precision_state)."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_setting_state_bits_between_steps_converts(dtype):
+    """opt.state_bits = 8 on a running optimizer quantizes its state at the
+    next step (as quantize_state: the model), and opt.state_bits = None
+    dequantizes it again (as full_precision_state; beside bfloat16
+    parameters with state_dtype=mx.float32, the dtype 8-bit state is
+    computed in)."""
     o = models.Options(alpha=0.9, momentum=0.9)
     rng = np.random.default_rng(13)
-    w = rng.standard_normal((20, 300)).astype(F32)
-    grads = [rng.standard_normal(w.shape).astype(F32) for _ in range(4)]
+    w = model.round_to(rng.standard_normal((20, 300)), dtype)
+    grads = [model.round_to(rng.standard_normal(w.shape), dtype) for _ in range(4)]
     opt = RMSprop(LR, alpha=0.9, momentum=0.9)
-    params = {"w": mx.array(w)}
+    params = {"w": to_mx(w, dtype)}
     for g in grads[:2]:
-        params = opt.apply_gradients({"w": mx.array(g)}, params)
+        params = opt.apply_gradients({"w": to_mx(g, dtype)}, params)
     mx.eval(params, opt.state)
-    state = {n: model.Quantized(*model.quantize(np.array(v), model.map_of(n)))
+    assert opt.state["w"]["v"].dtype == MX_DTYPES[dtype]
+    state = {n: model.Quantized(*model.quantize(as_f32(v), model.map_of(n)))
              for n, v in opt.state["w"].items()}
     opt.state_bits = 8
-    w_np = np.array(params["w"])
-    params = opt.apply_gradients({"w": mx.array(grads[2])}, params)
+    w_np = as_f32(params["w"])
+    params = opt.apply_gradients({"w": to_mx(grads[2], dtype)}, params)
     mx.eval(params, opt.state)
-    w_np, state = model.quantized_step(grads[2], w_np, state, LR, 3, o)
-    assert_same_floats("param", np.array(params["w"]), w_np)
+    w_np, state = model.quantized_step(grads[2], w_np, state, LR, 3, o, dtype)
+    assert_same_floats("param", as_f32(params["w"]), w_np)
     assert_state("after state_bits = 8", opt.state["w"], state)
     expected_full = opt.full_precision_state()["w"]
     opt.state_bits = None
-    params = opt.apply_gradients({"w": mx.array(grads[3])}, params)
+    if dtype != "float32":
+        opt.state_dtype = mx.float32
+    params = opt.apply_gradients({"w": to_mx(grads[3], dtype)}, params)
     mx.eval(params, opt.state)
     full = {n: np.array(a) for n, a in expected_full.items()}
     w_np, full = model.update_f32(grads[3], w_np, full, model.constants(o, LR, 4), o)
-    assert_same_floats("param", np.array(params["w"]), w_np)
+    assert_same_floats("param", as_f32(params["w"]), model.round_to(w_np, dtype))
     assert set(opt.state["w"]) == set(o.state_names())
     for name in o.state_names():
+        assert opt.state["w"][name].dtype == mx.float32
         assert_same_floats(name, np.array(opt.state["w"][name]), full[name])
 
 
@@ -940,7 +973,8 @@ SHARD_OPTIONS = {"state_bits": 8, "min_8bit_size": 256, "centered": True, "momen
 def test_sharded_pieces_start_at_blocks_and_assemble_to_the_state():
     """Over 2 and 3 (fake) ranks, every piece of an 8-bit leaf starts and
     stops at a multiple of 256 of the leaf (or its end), its scales are its
-    blocks; assemble_state gives the unsharded state back, and with
+    blocks, and the ranks' state_nbytes() add up to the unsharded one's;
+    assemble_state gives the unsharded state back, and with
     full_precision=True its full_precision_state()."""
     params = mixed_parameters()
     opt = RMSprop(0.1, **SHARD_OPTIONS)
@@ -961,6 +995,8 @@ def test_sharded_pieces_start_at_blocks_and_assemble_to_the_state():
                     assert flat[f"{path}.v_scale"].shape == (-(-stop // 256) - start // 256,)
                     split += 0 < start
         assert split >= 1  # an 8-bit leaf is really cut between ranks
+        nbytes = [sharded_at(r, ranks, params, opt.state, **SHARD_OPTIONS).state_nbytes() for r in range(ranks)]
+        assert sum(nbytes) == opt.state_nbytes()  # no block (and scale) on two ranks
         assert_trees_bit_equal_in_any_order(RMSprop.assemble_state(dicts[::-1]), opt.state)
         assert_trees_bit_equal_in_any_order(
             RMSprop.assemble_state(dicts, full_precision=True), opt.full_precision_state()
