@@ -24,8 +24,6 @@ description, not from the kernels: the oracle of tests/test_state8.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import numpy as np
 
 import variant_models as models
@@ -244,21 +242,10 @@ def initial_state(shape: tuple, o: models.Options) -> dict:
     return out
 
 
-def run(
-    param: np.ndarray,
-    grads: list,
-    lr: float,
-    o: models.Options,
-    dtype: str = "float32",
-    state: Optional[dict] = None,
-    first_step: int = 1,
-) -> tuple[list, dict]:
-    """Parameters after each step from `state` (fresh when None), and the
-    final state."""
-    w = round_to(param, dtype)
-    state = initial_state(np.shape(param), o) if state is None else state
-    out = []
-    for k, g in enumerate(grads):
-        w, state = quantized_step(round_to(g, dtype), w, state, lr, first_step + k, o, dtype)
+def run(param: np.ndarray, grads: list, lr: float, o: models.Options, dtype: str = "float32") -> tuple[list, dict]:
+    """Parameters after each step from a fresh state, and the final state."""
+    w, state, out = round_to(param, dtype), initial_state(np.shape(param), o), []
+    for t, g in enumerate(grads, start=1):
+        w, state = quantized_step(round_to(g, dtype), w, state, lr, t, o, dtype)
         out.append(w)
     return out, state

@@ -502,6 +502,20 @@ def train_leaf(opt: RMSprop, w0: np.ndarray, grads, dtype=mx.float32) -> mx.arra
     return params["w"]
 
 
+def steps_beside_the_model(opt: RMSprop, params: dict, w, state: dict, grads, first: int,
+                           o: models.Options, dtype: str = "float32"):
+    """Steps first, first + 1, ... of `opt` on the leaf "w" and of the model
+    from (w, state): parameter, codes and scales bit-equal after each.
+    Returns (params, w, state)."""
+    for t, g in enumerate(grads, start=first):
+        params = opt.apply_gradients({"w": to_mx(g, dtype)}, params)
+        mx.eval(params, opt.state)
+        w, state = model.quantized_step(g, w, state, LR, t, o, dtype)
+        assert_same_floats(f"step {t} param", as_f32(params["w"]), w)
+        assert_state(f"step {t}", opt.state["w"], state)
+    return params, w, state
+
+
 @pytest.mark.parametrize("initial_scale", [0.0, 0.5])
 @pytest.mark.parametrize("options", [0, 1])
 def test_the_optimizer_from_a_fresh_state_against_the_model(options, initial_scale):
@@ -513,14 +527,7 @@ def test_the_optimizer_from_a_fresh_state_against_the_model(options, initial_sca
     w0 = rng.standard_normal((20, 300)).astype(F32)
     grads = [rng.standard_normal(w0.shape).astype(F32) for _ in range(4)]
     opt = RMSprop(LR, state_bits=8, **options_kw(o))
-    params = {"w": mx.array(w0)}
-    w, state = w0, model.initial_state(w0.shape, o)
-    for t, g in enumerate(grads, start=1):
-        params = opt.apply_gradients({"w": mx.array(g)}, params)
-        mx.eval(params, opt.state)
-        w, state = model.quantized_step(g, w, state, LR, t, o)
-        assert_same_floats(f"step {t} param", np.array(params["w"]), w)
-        assert_state(f"step {t}", opt.state["w"], state)
+    steps_beside_the_model(opt, {"w": mx.array(w0)}, w0, model.initial_state(w0.shape, o), grads, 1, o)
 
 
 def test_a_linear_layer_trained_by_the_optimizer_against_the_model():
@@ -762,14 +769,8 @@ def test_a_full_precision_checkpoint_is_quantized_at_the_next_step():
     opt = RMSprop(LR, alpha=0.9, state_bits=8)
     opt.state = theirs.state
     assert opt.state["w"]["v"].dtype == mx.float32  # not yet
-    o = models.Options(alpha=0.9)
-    w_np, state = np.array(params["w"]), {"v": want}
-    for t, g in enumerate(grads[2:], start=3):
-        params = opt.apply_gradients({"w": mx.array(g)}, params)
-        mx.eval(params, opt.state)
-        w_np, state = model.quantized_step(g, w_np, state, LR, t, o)
-        assert_same_floats(f"step {t}", np.array(params["w"]), w_np)
-        assert_state(f"step {t}", opt.state["w"], state)
+    steps_beside_the_model(opt, params, np.array(params["w"]), {"v": want}, grads[2:], 3,
+                           models.Options(alpha=0.9))
 
 
 def test_rmsprop_step_quantizes_a_full_precision_state():
@@ -817,12 +818,7 @@ def test_switching_a_running_job_8bit_float32_8bit(dtype):
     back = RMSprop(LR, state_bits=8, **options_kw(o))
     back.state = wide.state
     state = {n: model.Quantized(*model.quantize(v, model.map_of(n))) for n, v in full.items()}
-    for t, g in enumerate(grads[2:4], start=5):
-        params = back.apply_gradients({"w": to_mx(g, dtype)}, params)
-        mx.eval(params, back.state)
-        w_np, state = model.quantized_step(g, w_np, state, LR, t, o, dtype)
-        assert_same_floats(f"8-bit again, step {t}", as_f32(params["w"]), w_np)
-        assert_state(f"8-bit again, step {t}", back.state["w"], state)
+    steps_beside_the_model(back, params, w_np, state, grads[2:4], 5, o, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -845,12 +841,7 @@ def test_setting_state_bits_between_steps_converts(dtype):
     state = {n: model.Quantized(*model.quantize(as_f32(v), model.map_of(n)))
              for n, v in opt.state["w"].items()}
     opt.state_bits = 8
-    w_np = as_f32(params["w"])
-    params = opt.apply_gradients({"w": to_mx(grads[2], dtype)}, params)
-    mx.eval(params, opt.state)
-    w_np, state = model.quantized_step(grads[2], w_np, state, LR, 3, o, dtype)
-    assert_same_floats("param", as_f32(params["w"]), w_np)
-    assert_state("after state_bits = 8", opt.state["w"], state)
+    params, w_np, _ = steps_beside_the_model(opt, params, as_f32(params["w"]), state, grads[2:3], 3, o, dtype)
     expected_full = opt.full_precision_state()["w"]
     opt.state_bits = None
     if dtype != "float32":
