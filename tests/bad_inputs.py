@@ -20,9 +20,9 @@ class TwoLayers(nn.Module):
         self.layers = [nn.Linear(3, 4), nn.Linear(4, 2)]
 
 
-def _trained():
+def _trained(**options):
     model = TwoLayers()
-    opt = RMSprop(0.01)
+    opt = RMSprop(0.01, **options)
     grads = {"layers": [{"weight": mx.ones((4, 3)), "bias": mx.ones((4,))},
                         {"weight": mx.ones((2, 4)), "bias": mx.ones((2,))}]}
     opt.update(model, grads)
@@ -62,11 +62,11 @@ def _variant_op(dtype=mx.float32, state_dtypes=(mx.float32,), names=None, **opti
     mx.eval(out)
 
 
-def _load_checkpoint(edit):
-    model, opt, grads = _trained()
+def _load_checkpoint(edit, **options):
+    model, opt, grads = _trained(**options)
     flat = dict(tree_flatten(opt.state))
     edit(flat)
-    fresh = RMSprop(0.01)
+    fresh = RMSprop(0.01, **options)
     fresh.state = tree_unflatten(list(flat.items()))
     fresh.update(model, grads)
 
@@ -98,6 +98,11 @@ CASES = [
      "RMSprop initial_scale should be a finite number >= 0, -1.0 was provided instead"),
     ("`RMSprop(lr, state_dtype=mx.float16)`", lambda: RMSprop(0.1, state_dtype=mx.float16), ValueError,
      "RMSprop state_dtype should be None (the parameter's dtype) or mlx.core.float32, mlx.core.float16 was provided instead"),
+    ("`RMSprop(lr, state_bits=4)`", lambda: RMSprop(0.1, state_bits=4), ValueError,
+     "RMSprop state_bits should be None (full precision) or 8, 4 was provided instead"),
+    ("`RMSprop(lr, state_bits=8, min_8bit_size=-1)`",
+     lambda: RMSprop(0.1, state_bits=8, min_8bit_size=-1), ValueError,
+     "RMSprop min_8bit_size should be an int >= 0, -1 was provided instead"),
     ("an integer parameter with a gradient",
      lambda: _step_with(lambda g: g["layers"][1].update(bias=mx.ones((2,), dtype=mx.int32)),
                         lambda m: m.layers[1].update({"bias": mx.zeros((2,), dtype=mx.int32)})),
@@ -147,6 +152,10 @@ CASES = [
      lambda: _load_checkpoint(lambda s: s.update({"layers.1.bias.v": mx.zeros((2,), dtype=mx.float16)})),
      ValueError,
      "RMSprop: the optimizer state entry 'layers.1.bias.v' is (2,) mlx.core.float16, but the parameter is (2,) mlx.core.float32"),
+    ("an 8-bit checkpoint with a mis-shaped `v_scale`",
+     lambda: _load_checkpoint(lambda s: s.update({"layers.0.weight.v_scale": mx.zeros((2,))}),
+                              state_bits=8, min_8bit_size=0), ValueError,
+     "RMSprop: the optimizer state entry 'layers.0.weight.v_scale' is (2,) mlx.core.float32, but the parameter is (4, 3) mlx.core.float32 (this entry: (1,) mlx.core.float32)"),
     ("a checkpoint without `step`",
      lambda: _load_checkpoint(lambda s: s.pop("step")), ValueError,
      "RMSprop: the optimizer state has no entry 'step'"),

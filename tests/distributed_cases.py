@@ -3,7 +3,11 @@
 Leaves of mixed sizes and dtypes, so that with 2 and 3 ranks leaves are split
 between ranks, one leaf (``scale``) is smaller than the number of ranks, and
 the gather runs one bucket per dtype (float32, float16, bfloat16) -- several
-per dtype with a small ``shard_bucket_bytes``.
+per dtype with a small ``shard_bucket_bytes``. The ``state8`` model has
+leaves of hundreds to thousands of elements for 8-bit state (with
+``min_8bit_size=256``: a float32, a bfloat16 and a float16 leaf quantized, a
+small bias not), so that with 2 and 3 ranks a rank boundary falls inside an
+8-bit leaf and moves to a block boundary.
 """
 
 from __future__ import annotations
@@ -21,7 +25,17 @@ SHAPES = {
 }
 
 
-def _tree(seed: int, scale: float) -> dict:
+STATE8_SHAPES = {
+    "layers": [
+        {"weight": ((50, 60), mx.float32), "bias": ((60,), mx.float32)},
+        {"weight": ((700,), mx.bfloat16)},
+    ],
+    "embed": ((20, 15), mx.float16),
+}
+MODELS = {"default": SHAPES, "state8": STATE8_SHAPES}
+
+
+def _tree(seed: int, scale: float, shapes: dict) -> dict:
     key = mx.random.key(seed)
 
     def make(spec):
@@ -34,17 +48,29 @@ def _tree(seed: int, scale: float) -> dict:
         key, sub = mx.random.split(key)
         return (scale * mx.random.normal(shape, key=sub)).astype(dtype)
 
-    return make(SHAPES)
+    return make(shapes)
 
 
-def initial_parameters() -> dict:
+def initial_parameters(model: str = "default") -> dict:
     """The parameters before the first step (the same on every rank)."""
-    return _tree(7, 1.0)
+    return _tree(7, 1.0, MODELS[model])
 
 
-def gradients_at(step: int, rank: int) -> dict:
+def gradients_at(step: int, rank: int, model: str = "default") -> dict:
     """Rank ``rank``'s gradients at ``step`` (deterministic)."""
-    return _tree(1000 + 131 * step + rank, 0.1)
+    return _tree(1000 + 131 * step + rank, 0.1, MODELS[model])
+
+
+def eight_bit_pieces(flat: dict) -> list[tuple[str, int, int]]:
+    """(path, start, stop) of each piece of an 8-bit leaf (codes as ``v``)
+    in a sharded_state_dict()."""
+    out = []
+    for key, record in flat.items():
+        path = key[: -len(".__shard__")]
+        if key.endswith(".__shard__") and flat.get(f"{path}.v", mx.zeros(0)).dtype == mx.uint8:
+            _, start, stop, *_ = record.tolist()
+            out.append((path, start, stop))
+    return out
 
 
 def same_bits(x: mx.array, y: mx.array) -> bool:

@@ -49,9 +49,12 @@ def state_elements(opt: fused.RMSprop) -> dict[str, int]:
 
 
 def train(cfg: dict, group: mx.distributed.Group, out: str, rank: int, tag: str) -> dict:
-    """Sharded and unsharded RMSprop side by side on the same averaged gradients."""
+    """Sharded and unsharded RMSprop side by side on the same averaged
+    gradients; with ``save_state``, also writes this rank's
+    sharded_state_dict and the unsharded optimizer's state."""
     kw = cfg.get("options", {})
-    params = initial_parameters()
+    model = cfg.get("model", "default")
+    params = initial_parameters(model)
     if cfg.get("lazy_parameters"):
         # Rank 0's weights broadcast (exactly: a gather, then its row), left
         # pending: the optimizer must run these collectives on every rank in
@@ -68,13 +71,16 @@ def train(cfg: dict, group: mx.distributed.Group, out: str, rank: int, tag: str)
     frozen = cfg.get("frozen", [])  # top-level keys that get no gradient
     for step in range(cfg["steps"]):
         # Each rank's own gradients, averaged as data-parallel training does.
-        grads = nn.average_gradients(gradients_at(step, rank), group=group)
+        grads = nn.average_gradients(gradients_at(step, rank, model), group=group)
         grads = {k: g for k, g in grads.items() if k not in frozen}
         # The update covers the gradients' leaves; the frozen ones stay (model.update).
         ps = {**ps, **sharded.apply_gradients(grads, ps)}
         pu = {**pu, **plain.apply_gradients(grads, pu)}
         mx.eval(ps, pu, sharded.state, plain.state)
     mx.save_safetensors(os.path.join(out, f"{tag}rank{rank}.safetensors"), dict(tree_flatten(ps)))
+    if cfg.get("save_state"):
+        mx.save_safetensors(os.path.join(out, f"{tag}state{rank}.safetensors"), sharded.sharded_state_dict())
+        mx.save_safetensors(os.path.join(out, f"{tag}plain{rank}.safetensors"), dict(tree_flatten(plain.state)))
     return {
         "equal_unsharded": equal_trees(ps, pu),
         "step": int(sharded.step),
@@ -107,7 +113,7 @@ def resume(cfg: dict, group: mx.distributed.Group, out: str, rank: int, tag: str
     opt = fused.RMSprop(cfg.get("lr", 1e-2), shard_group=group, **cfg.get("options", {}))
     opt.state = full  # a sharded optimizer takes an assigned state as a full one
     for step in range(cfg["first"], cfg["first"] + cfg["steps"]):
-        params = opt.apply_gradients(gradients_at(step, 0), params)
+        params = opt.apply_gradients(gradients_at(step, 0, cfg.get("model", "default")), params)
         mx.eval(params, opt.state)
     mx.save_safetensors(os.path.join(out, f"{tag}state{rank}.safetensors"), opt.sharded_state_dict())
     mx.save_safetensors(os.path.join(out, f"{tag}rank{rank}.safetensors"), dict(tree_flatten(params)))

@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 import mlx_fused_rmsprop as fused
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from distributed_cases import gradients_at, initial_parameters, same_bits  # noqa: E402
+from distributed_cases import eight_bit_pieces, gradients_at, initial_parameters, same_bits  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "distributed_worker.py"
@@ -129,13 +129,13 @@ def assert_trees_equal(a, b) -> None:
         assert same_bits(x, y), f"{key} differs"
 
 
-def reference(steps: int, options: dict, opt=None, params=None, first: int = 0):
+def reference(steps: int, options: dict, opt=None, params=None, first: int = 0, model: str = "default"):
     """The unsharded optimizer over the rank-independent gradients of steps
     first .. first+steps-1 (what the save/resume workers feed)."""
     opt = opt or fused.RMSprop(1e-2, **options)
-    params = initial_parameters() if params is None else params
+    params = initial_parameters(model) if params is None else params
     for step in range(first, first + steps):
-        params = opt.apply_gradients(gradients_at(step, 0), params)
+        params = opt.apply_gradients(gradients_at(step, 0, model), params)
         mx.eval(params, opt.state)
     return opt, params
 
@@ -248,6 +248,79 @@ def test_checkpoint_2_ranks_to_full_to_3_ranks(tmp_path):
             [mx.load(str(resume_dir / f"{i}-state{r}.safetensors")) for r in range(3)]
         )
         assert_trees_equal(again, ref5.state)
+
+
+# ---- Launched: 8-bit state.
+
+STATE8 = {"state_bits": 8, "min_8bit_size": 256}
+STATE8_CASES = [
+    {"options": {**STATE8, "momentum": 0.9, "nesterov": True, "bias_correction": True}, "bucket_bytes": 2**25},
+    {"options": {**STATE8, **VARIANT, "eps_in_sqrt": True}, "bucket_bytes": 64},
+]
+
+
+def assert_pieces_at_blocks(per_rank: list[dict], sizes: dict[str, int]) -> int:
+    """Every piece of an 8-bit leaf starts at a multiple of 256 of the leaf
+    and ends at one or at the leaf's end; returns how many pieces start
+    inside a leaf (the leaf is cut between ranks)."""
+    inside = 0
+    for flat in per_rank:
+        for path, start, stop in eight_bit_pieces(flat):
+            assert start % 256 == 0 and (stop % 256 == 0 or stop == sizes[path]), (path, start, stop)
+            inside += start > 0
+    return inside
+
+
+def test_8bit_state_sharded_on_2_ranks_then_resumed_on_3(tmp_path):
+    """8-bit state (the state8 model: leaves cut between ranks), plain and
+    with variants. On 2 ranks, 3 steps of averaged gradients: sharded equals
+    unsharded bit for bit on every rank, the ranks' state bytes add up to
+    the unsharded optimizer's; pieces of 8-bit leaves are cut at
+    block boundaries; assemble_state gives the unsharded state, and with
+    full_precision=True its full_precision_state(). Both assembled states
+    (8-bit and full precision) loaded into 3 ranks continue 2 steps
+    bit-identically to the unsharded optimizer loaded with them, whose state
+    the 3 ranks' pieces assemble to."""
+    train_dir, resume_dir = tmp_path / "train", tmp_path / "resume"
+    cases = [{"steps": 3, "model": "state8", "save_state": True, **case} for case in STATE8_CASES]
+    sizes = {path: p.size for path, p in tree_flatten(initial_parameters("state8"))}
+    resume_cases, expected = [], []
+    for i, (case, reports) in enumerate(zip(cases, launch(2, "train", cases, train_dir))):
+        options = case["options"]
+        assert all(r["equal_unsharded"] and r["step"] == 3 for r in reports), f"case {i}"
+        assert sum(r["state_nbytes"] for r in reports) == reports[0]["unsharded_state_nbytes"]
+        params = rank_parameters(train_dir, 2, i)
+        assert_trees_equal(params[1], params[0])
+        assert all(mx.isfinite(p).all().item() for _, p in tree_flatten(params[0]))
+        per_rank = [mx.load(str(train_dir / f"{i}-state{r}.safetensors")) for r in (1, 0)]
+        assert assert_pieces_at_blocks(per_rank, sizes) >= 1
+        plain = rank_parameters(train_dir, 2, i, kind="plain")[0]
+        assert plain["layers"][0]["weight"]["v"].dtype == mx.uint8
+        unsharded = fused.RMSprop(1e-2, **options)
+        unsharded.state = plain
+        for full_precision in (False, True):
+            full = fused.RMSprop.assemble_state(per_rank, full_precision=full_precision)
+            assert_trees_equal(full, unsharded.full_precision_state() if full_precision else plain)
+            path = tmp_path / f"{i}-{full_precision}-full.safetensors"
+            mx.save_safetensors(str(path), dict(tree_flatten(full)))
+            mx.save_safetensors(str(tmp_path / f"{i}-params.safetensors"), dict(tree_flatten(params[0])))
+            ref = fused.RMSprop(1e-2, **options)
+            ref.state = tree_unflatten(list(mx.load(str(path)).items()))
+            ref, p5 = reference(2, options, opt=ref, params=params[0], first=3, model="state8")
+            expected.append((ref, p5))
+            resume_cases.append({
+                "first": 3, "steps": 2, "options": options, "model": "state8",
+                "full_state": str(path), "parameters": str(tmp_path / f"{i}-params.safetensors"),
+            })
+
+    reports = launch(3, "resume", resume_cases, resume_dir)
+    for i, (ref, p5) in enumerate(expected):
+        assert [r["step"] for r in reports[i]] == [5, 5, 5]
+        for p in rank_parameters(resume_dir, 3, i):
+            assert_trees_equal(p, p5)
+        per_rank = [mx.load(str(resume_dir / f"{i}-state{r}.safetensors")) for r in range(3)]
+        assert assert_pieces_at_blocks(per_rank, sizes) >= 2
+        assert_trees_equal(fused.RMSprop.assemble_state(per_rank), ref.state)
 
 
 # ---- Launched: a bad rank.

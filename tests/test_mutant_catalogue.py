@@ -130,6 +130,11 @@ REQUIRED = [
     ("python/mlx_fused_rmsprop/__init__.py", "pin_"),
     ("cmake/mlx_pin.cmake", "pin_"),
     ("python/mlx_fused_rmsprop/verify.py", "verify_"),
+    ("csrc/quant_map.cpp", "state8_map_"),
+    ("csrc/cpu/chunks.h", "state8_"),
+    ("csrc/cpu/quantized_loops.h", "state8_"),
+    ("python/mlx_fused_rmsprop/_state.py", "state8_"),
+    ("python/mlx_fused_rmsprop/_sharding.py", "state8_"),
 ]
 
 

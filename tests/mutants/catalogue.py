@@ -44,6 +44,10 @@ CHECKS = "python/mlx_fused_rmsprop/_checks.py"
 PACKAGE_INIT = "python/mlx_fused_rmsprop/__init__.py"
 VERIFY = "python/mlx_fused_rmsprop/verify.py"
 PIN_CMAKE = "cmake/mlx_pin.cmake"
+QUANT_MAP = "csrc/quant_map.cpp"
+CHUNKS = "csrc/cpu/chunks.h"
+QUANT_LOOPS = "csrc/cpu/quantized_loops.h"
+STATE = "python/mlx_fused_rmsprop/_state.py"
 
 # Test selections, fastest first within each.
 NUMERICS = "tests/test_numerics.py"
@@ -108,6 +112,14 @@ FROZEN = "tests/test_frozen.py"
 CONTRACTS = "tests/test_contracts.py"
 AGREEMENT = "tests/test_agreement.py"
 INSTALL_CHECKS = "tests/test_install_checks.py"
+# Issue 18's 8-bit state against tests/state8_model.py.
+STATE8 = "tests/test_state8.py"
+STATE8_MAPS = "tests/test_state8.py::test_dynamic_map_is_the_published_construction"
+STATE8_TIES = "tests/test_state8.py::test_ties_at_the_bounds_in_the_kernel"
+STATE8_ZEROS = "tests/test_state8.py::test_zeros_and_non_finite_values_in_the_kernel"
+STATE8_LAYOUTS = "tests/test_state8.py::test_layouts_against_the_model"
+STATE8_FRESH = "tests/test_state8.py::test_the_parameter_is_updated_from_the_fresh_float32_state"
+STATE8_SHARDS = "tests/test_state8.py::test_sharded_pieces_start_at_blocks_and_assemble_to_the_state"
 # Forces the split across threads on small leaves.
 SPLIT_ENV = {"MLX_FUSED_RMSPROP_MIN_ELEMENTS_PER_THREAD": "64", "MLX_FUSED_RMSPROP_NUM_THREADS": "4"}
 
@@ -1975,4 +1987,85 @@ MUTANTS = [
       "Parts of a split pass are no longer whole cache lines.",
       [ROOFLINE_TEST],
       equivalent="performance only: parts still cover every word exactly once"),
+    # ---------------------------------------------------- 8-bit state (issue 18)
+    m("state8_map_bounds_rounded_up", QUANT_MAP,
+      "    map.bound[k] = static_cast<float>(mid);",
+      "    map.bound[k] = std::nextafter(static_cast<float>(mid), 2.0f);",
+      "The bounds sit one float32 step above the midpoints: ties go to the larger magnitude.",
+      [STATE8_MAPS, STATE8_TIES]),
+    m("state8_map_left_edges", QUANT_MAP,
+      "      double fraction = 0.1 + (k + 0.5) * 0.9 / parts;",
+      "      double fraction = 0.1 + k * 0.9 / parts;",
+      "The maps hold the left edges of the parts of [0.1, 1], not their midpoints.",
+      STATE8_MAPS),
+    m("state8_codes_ties_up_avx512", CHUNKS,
+      "    __mmask16 up = _mm512_cmpgt_epu32_mask(",
+      "    __mmask16 up = _mm512_cmpge_epu32_mask(",
+      "The AVX-512 code search sends a value exactly at a bound to the larger magnitude "
+      "(seen on CPUs with AVX-512 only).",
+      STATE8_TIES),
+    m("state8_nan_scale_quantized", CHUNKS,
+      "  if (!(scale > 0.0f)) {\n    std::memset",
+      "  if (scale == 0.0f) {\n    std::memset",
+      "A block with a non-finite value (scale NaN) gets codes from NaN quotients, not zero codes.",
+      STATE8_ZEROS),
+    m("state8_scale_stride_ignored", QUANT_LOOPS,
+      "        scales[e] = j.entry[e].scale[block * j.scale_stride[e]];",
+      "        scales[e] = j.entry[e].scale[block];",
+      "The general walk reads strided scales as if contiguous.",
+      STATE8_LAYOUTS),
+    m("state8_param_from_requantized_v", CHUNKS,
+      "      store_chunk<SF, kIsa>(s[e], a.state_out[e], n);\n    }\n  }\n}",
+      "      store_chunk<SF, kIsa>(s[e], a.state_out[e], n);\n    }\n  }\n"
+      "  if constexpr (kQ && !kC && !kM && kRound == RMSPROP_ROUND_NEAREST) {\n"
+      "    alignas(64) float back[kChunk];\n"
+      "    QuantizedChunkEntry e2 = q[0];\n"
+      "    e2.codes = q[0].codes_out;\n"
+      "    e2.scale = *q[0].scale_out;\n"
+      "    dequantize_chunk<kIsa>(e2, back, n);\n"
+      "    for (int64_t i = 0; i < n; ++i) {\n"
+      "      float gg = g[i] * k.grad_scale;\n"
+      "      float d = RMSPROP_SQRT(back[i] / k.bias_correction + k.eps_inside) + k.eps_outside;\n"
+      "      updated[i] = w[i] - (k.lr * gg) / d;\n"
+      "    }\n"
+      "    store_chunk<PF, kIsa>(updated, a.param_out, n);\n"
+      "  }\n}",
+      "The parameter is updated from the requantized v instead of the fresh float32 one.",
+      STATE8_FRESH),
+    m("state8_full_precision_unscaled", STATE,
+      "            out[name] = dequantize(value, scales, name)\n        elif",
+      "            out[name] = dequantize(value, mx.ones_like(scales), name)\n        elif",
+      "full_precision_state() forgets the blocks' scales.",
+      "tests/test_state8.py::test_full_precision_state_is_the_dequantized_state"),
+    m("state8_convert_with_the_unsigned_map", STATE,
+      "                out[name], out[scale_key] = quantize(value, name)",
+      "                out[name], out[scale_key] = quantize(value, \"v\")",
+      "A full-precision mean / momentum buffer is quantized with v's unsigned map (signs lost).",
+      "tests/test_state8.py::test_setting_state_bits_between_steps_converts"),
+    m("state8_small_half_leaves_keep_half_state", OPTIMIZER,
+      "        return mx.float32 if self.state_bits == 8 else self.state_dtype",
+      "        return self.state_dtype",
+      "With state_bits=8, the leaves too small to quantize keep bfloat16 / float16 state.",
+      "tests/test_state8.py::test_which_leaves_quantize"),
+    m("state8_nbytes_without_scales", OPTIMIZER,
+      "            if isinstance(value, mx.array):\n                total += value.nbytes",
+      "            if isinstance(value, mx.array) and not keys[-1].endswith(\"_scale\"):\n"
+      "                total += value.nbytes",
+      "state_nbytes() leaves out the 8-bit scales.",
+      "tests/test_state8.py::test_state_nbytes_of_quantized_leaves"),
+    m("state8_shard_cuts_inside_blocks", SHARDING,
+      "                owners = [(r, up(a), up(b)) for r, a, b in owners if up(a) < up(b)]",
+      "                owners = owners",
+      "A rank boundary inside an 8-bit leaf no longer moves to a block boundary.",
+      STATE8_SHARDS),
+    m("state8_assemble_ignores_full_precision", SHARDING,
+      "        if full_precision:\n            leaf_state = _state.full_precision(leaf_state)",
+      "        pass",
+      "assemble_state(full_precision=True) returns the 8-bit entries as they are.",
+      STATE8_SHARDS),
+    m("state8_loaded_scales_unchecked", STATE,
+      "        for name in names:\n            if name not in node:",
+      "        for name in [n for n in names if not n.endswith(SCALE_SUFFIX)]:\n            if name not in node:",
+      "A loaded 8-bit state's scale entries are not checked (missing or mis-shaped pass).",
+      "tests/test_state8.py::test_a_broken_8bit_checkpoint_names_the_entry"),
 ]
