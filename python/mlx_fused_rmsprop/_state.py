@@ -339,9 +339,18 @@ def _check_state_entries(node: Any, params: Any, path: str, layout: Layout) -> i
                     want += f" (this entry: {shape} {dtype})"
                 elif dtype != params.dtype:
                     want += f" (its state: {dtype})"
+                hint = ""
+                if (
+                    isinstance(value, mx.array)
+                    and value.shape == shape
+                    and value.dtype == mx.float32
+                    and dtype in (mx.float16, mx.bfloat16)
+                ):
+                    # e.g. full_precision_state() of a 16-bit model.
+                    hint = "; to keep float32 state beside it, use RMSprop(..., state_dtype=mx.float32)"
                 raise ValueError(
                     f"RMSprop: the optimizer state entry '{path}.{name}' is {got}, "
-                    f"but the parameter is {want}"
+                    f"but the parameter is {want}{hint}"
                 )
         return 1
     entries = _entries(node)

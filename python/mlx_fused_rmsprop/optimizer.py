@@ -672,9 +672,10 @@ class RMSprop(Optimizer):
         dequantized (their scales dropped), float16 / bfloat16 ones widened
         (float64 stays; ``compensation`` keeps the parameter's dtype), the
         scalar entries as they are -- what ``state_dtype=mx.float32`` would
-        hold, which this class (any options) and
-        :class:`mlx.optimizers.RMSprop` load. For a sharded optimizer,
-        assemble the ranks' states first (:meth:`assemble_state`)."""
+        hold: what this class loads (with ``state_dtype=mx.float32`` beside
+        float16 / bfloat16 parameters) and :class:`mlx.optimizers.RMSprop`
+        too. For a sharded optimizer, assemble the ranks' states instead
+        (:meth:`assemble_state` with ``full_precision=True``)."""
         if self.shard_group is not None:
             raise ValueError(
                 "RMSprop.full_precision_state: this rank holds pieces of the state; "
