@@ -5,6 +5,7 @@ bfloat16 weights with stochastic rounding or Kahan summation, against float32.
     python examples/memory_lean.py                         # all four experiments (docs/memory/)
     python examples/memory_lean.py --only digits-8bit lm-8bit   # a subset
     python examples/memory_lean.py --quick                 # a smoke run: tiny models, 20 steps
+    python examples/memory_lean.py --out docs/memory --replot   # redraw the plots from the CSVs
 
 Four experiments, each training one model from the same initial weights on
 the same batches in several optimizer modes (``--seed`` fixes everything):
@@ -376,32 +377,46 @@ def smoothed(values: list[float], window: int) -> np.ndarray:
     return (sums[ends] - sums[starts]) / (ends - starts)
 
 
-def plot(path: Path, experiment: Experiment, runs: list[Run]) -> None:
+def plot(out: Path, experiment: str) -> Path:
+    """Draws ``<experiment>.png`` from the files in ``out`` (curves.csv,
+    summary.csv): what a run wrote is what the plot shows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with open(out / "summary.csv") as f:
+        summary = [row for row in csv.DictReader(f) if row["experiment"] == experiment]
+    with open(out / "curves.csv") as f:
+        curves = [row for row in csv.DictReader(f) if row["experiment"] == experiment]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-    window = max(1, len(runs[0].train_losses) // 20)
-    for r, style in zip(runs, ["-", "--", "-.", ":", (0, (5, 1, 1, 1))]):
-        left.plot(np.arange(1, len(r.train_losses) + 1), smoothed(r.train_losses, window),
-                  linestyle=style, label=r.mode.label)
-        steps = sorted(r.eval_losses)
-        right.plot(steps, [r.eval_losses[s] for s in steps], linestyle=style, marker=".",
-                   label=f"{r.mode.label}: {r.final_loss:.4f}")
+    steps = int(summary[0]["steps"])
+    window = max(1, steps // 20)
+    for run, style in zip(summary, ["-", "--", "-.", ":", (0, (5, 1, 1, 1))]):
+        rows = [r for r in curves if r["mode"] == run["mode"]]
+        train = [float(r["train_loss"]) for r in rows if r["train_loss"]]
+        held = [(int(r["step"]), float(r["held_out_loss"])) for r in rows if r["held_out_loss"]]
+        left.plot(np.arange(1, len(train) + 1), smoothed(train, window), linestyle=style,
+                  label=run["label"])
+        right.plot(*zip(*held), linestyle=style, marker=".",
+                   label=f"{run['label']}: {float(run['final_loss']):.4f}")
     left.set_title(f"training loss ({window}-step moving average)", fontsize=9)
     right.set_title("held-out loss (float32 evaluation)", fontsize=9)
     for ax in (left, right):
         ax.set_xlabel("step")
-        ax.set_ylabel("cross entropy")
-        ax.grid(alpha=0.3)
+        low, high = ax.get_ylim()
+        wide = low > 0 and high / low > 10  # losses near zero: a log scale shows the end
+        ax.set_yscale("log" if wide else "linear")
+        ax.set_ylabel("cross entropy" + (" (log scale)" if wide else ""))
+        ax.grid(alpha=0.3, which="both")
     right.legend(fontsize=7)
-    fig.suptitle(f"{experiment.name}: {experiment.task.describe}, RMSprop lr {experiment.lr}",
-                 fontsize=8)
+    fig.suptitle(f"{experiment}: {int(summary[0]['parameters']):,} parameters, "
+                 f"RMSprop lr {summary[0]['lr']}, {steps} steps", fontsize=9)
     fig.tight_layout()
+    path = out / f"{experiment}.png"
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    return path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -416,6 +431,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="state_bits=8 quantizes leaves of at least this many elements "
                         "(1024: every weight matrix, no bias or norm)")
     p.add_argument("--eval-every", type=int, default=25, help="steps between held-out losses")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the PNGs from the CSV files already in --out")
     digits = p.add_argument_group("digits MLP")
     digits.add_argument("--steps", type=int, default=300)
     digits.add_argument("--batch-size", type=int, default=64)
@@ -441,6 +458,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     out = Path(args.out)
+    if args.replot:
+        for name in args.only:
+            print(f"redrawn: {plot(out, name)}")
+        return []
     out.mkdir(parents=True, exist_ok=True)
     experiments = [build(name, args) for name in args.only]
     results: dict[str, list[Run]] = {}
@@ -449,12 +470,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{e.name}: {e.task.describe}, RMSprop lr {e.lr}", flush=True)
         results[e.name] = e.run(args.seed, args.eval_every)
         rows += summary_rows(e, results[e.name])
-        plot(out / f"{e.name}.png", e, results[e.name])
     write_curves(out / "curves.csv", results)
     print()
     print(write_summary(out, rows, experiments))
-    print(f"written to {out}/: curves.csv, summary.csv, summary.md, "
-          + ", ".join(f"{e.name}.png" for e in experiments))
+    plots = [plot(out, e.name).name for e in experiments]
+    print(f"written to {out}/: curves.csv, summary.csv, summary.md, " + ", ".join(plots))
     return rows
 
 
