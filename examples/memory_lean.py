@@ -142,7 +142,7 @@ class Task:
     describe: str
 
     def loss(self, model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
-        if x.dtype in (mx.float32, mx.bfloat16):  # real-valued inputs: the model's dtype
+        if mx.issubdtype(x.dtype, mx.floating):  # images, not tokens: the weights' dtype
             x = x.astype(weight_dtype(model))
         # Cross entropy in float32 whatever the weights' dtype.
         return nn.losses.cross_entropy(model(x).astype(mx.float32), y, reduction="mean")
