@@ -156,6 +156,12 @@ def run_example(tmp_path: Path, *only: str) -> dict:
 def test_the_example_runs_end_to_end(tmp_path):
     summary = run_example(tmp_path, "lm-8bit", "lm-bf16")
     assert float(summary["lm-bf16", "bf16-kahan"]["bytes_per_parameter"]) == 6.0
+    # --replot redraws a plot from the CSV files alone.
+    png = tmp_path / "out" / "lm-bf16.png"
+    png.unlink()
+    subprocess.run([sys.executable, str(EXAMPLE), "--replot", "--out", str(tmp_path / "out"),
+                    "--only", "lm-bf16"], check=True, capture_output=True, timeout=120)
+    assert png.read_bytes().startswith(b"\x89PNG")
 
 
 @needs_sklearn
