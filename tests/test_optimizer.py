@@ -167,25 +167,50 @@ def test_compiled_step_matches_eager_and_does_not_retrace_on_schedule():
     assert bit_equal(compiled_opt.learning_rate, eager_opt.learning_rate)
 
 
+def compiled_training(model, opt, steps, x, y):
+    """``steps`` steps of a step compiled as mlx-lm's trainer compiles it:
+    the model's and the optimizer's state dicts, captured once, as inputs
+    and outputs."""
+    state = [model.state, opt.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(x, y):
+        loss, grads = nn.value_and_grad(model, loss_fn)(model, x, y)
+        opt.update(model, grads)
+        return loss
+
+    return [step(x, y).item() for _ in range(steps)]
+
+
 def test_compiled_full_training_step_trains_like_reference():
     x, y = data()
     models = {"ours": make_model(), "ref": None}
     models["ref"] = clone(models["ours"])
     opts = {"ours": RMSprop(1e-2), "ref": optim.RMSprop(1e-2)}
-    losses = {}
-    for name in ("ours", "ref"):
-        model, opt = models[name], opts[name]
-        state = [model.state, opt.state]
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def step(x, y):
-            loss, grads = nn.value_and_grad(model, loss_fn)(model, x, y)
-            opt.update(model, grads)
-            return loss
-
-        losses[name] = [step(x, y).item() for _ in range(10)]
+    losses = {name: compiled_training(models[name], opts[name], 10, x, y) for name in models}
     assert losses["ours"][-1] < losses["ours"][0]
     assert losses["ours"] == pytest.approx(losses["ref"], rel=1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"state_bits": 8, "min_8bit_size": 0}])
+def test_a_compiled_run_resumed_from_an_assigned_state_continues_exactly(options):
+    """The README's mlx-lm resume recipe without mlx-lm: a state assigned to
+    a new optimizer and then stepped under mx.compile. The assigned state is
+    converted and checked at the first step, inside the trace: the dict the
+    compiled step captured must stay the optimizer's state (a replaced dict
+    left the optimizer holding the trace's placeholders)."""
+    x, y = data()
+    once_model, once = make_model(), RMSprop(1e-2, **options)
+    once_losses = compiled_training(once_model, once, 6, x, y)
+    model, first = make_model(), RMSprop(1e-2, **options)
+    losses = compiled_training(model, first, 3, x, y)
+    resumed = RMSprop(1e-2, **options)
+    resumed.state = tree_map(lambda a: mx.array(a), first.state)
+    losses += compiled_training(model, resumed, 3, x, y)
+    assert losses == once_losses
+    assert resumed.state["step"].item() == 6
+    assert_trees_bit_equal(resumed.state, once.state)
+    assert_trees_bit_equal(model.parameters(), once_model.parameters())
 
 
 @pytest.mark.parametrize("direction", ["ours_to_mlx", "mlx_to_ours"])

@@ -828,7 +828,12 @@ class RMSprop(Optimizer):
             _state.check_assigned(state, gradients, parameters, layout, _state.SCALAR_ENTRIES)
             if not convert:
                 return options
-            self._state = state
+            # In place, not a new dict: mx.compile (e.g. mlx-lm's trainer)
+            # captured this dict as the step's inputs and outputs, and reads
+            # the step's results back from it.
+            if state is not self._state:
+                self._state.clear()
+                self._state.update(state)
             self._state_needs_check = False
             self._layout_key = signature
         if not self._initialized:
