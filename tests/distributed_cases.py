@@ -21,7 +21,19 @@ SHAPES = {
 }
 
 
-def _tree(seed: int, scale: float) -> dict:
+# For the memory-lean options: E = 5 + 407 + 29 = 441 elements, so 2 ranks
+# split the bfloat16 leaf "w" (at its element 216, or 256 when it is 8-bit
+# with min_8bit_size=256: a block never spans ranks).
+LEAN_SHAPES = {
+    "a": ((5,), mx.float32),
+    "w": ((37, 11), mx.bfloat16),
+    "h": ((29,), mx.float16),
+}
+
+MODELS = {"default": SHAPES, "lean": LEAN_SHAPES}
+
+
+def _tree(seed: int, scale: float, shapes: dict = SHAPES) -> dict:
     key = mx.random.key(seed)
 
     def make(spec):
@@ -34,17 +46,17 @@ def _tree(seed: int, scale: float) -> dict:
         key, sub = mx.random.split(key)
         return (scale * mx.random.normal(shape, key=sub)).astype(dtype)
 
-    return make(SHAPES)
+    return make(shapes)
 
 
-def initial_parameters() -> dict:
+def initial_parameters(model: str = "default") -> dict:
     """The parameters before the first step (the same on every rank)."""
-    return _tree(7, 1.0)
+    return _tree(7, 1.0, MODELS[model])
 
 
-def gradients_at(step: int, rank: int) -> dict:
+def gradients_at(step: int, rank: int, model: str = "default") -> dict:
     """Rank ``rank``'s gradients at ``step`` (deterministic)."""
-    return _tree(1000 + 131 * step + rank, 0.1)
+    return _tree(1000 + 131 * step + rank, 0.1, MODELS[model])
 
 
 def same_bits(x: mx.array, y: mx.array) -> bool:

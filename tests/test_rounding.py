@@ -726,3 +726,34 @@ def test_compiled_training_equals_eager_without_retracing(options):
     assert int(o.step) == 6
     assert_trees_bit_equal_in_any_order(m.parameters(), m_eager.parameters())
     assert_trees_bit_equal_in_any_order(o.state, o_eager.state)
+
+
+# ---- Sharded over launched ranks.
+
+LEAN_OPTIONS = [
+    {"stochastic_rounding": True, "seed": 7},
+    {"stochastic_rounding": True, "seed": 7, "state_bits": 8, "min_8bit_size": 256, "momentum": 0.9},
+    {"kahan_summation": True, "centered": True},
+]
+
+
+def test_sharded_rounding_on_two_ranks_equals_unsharded(tmp_path):
+    """2 launched ranks, 3 steps of averaged gradients over leaves whose
+    bfloat16 one is split between the ranks (at its element 216, or 256
+    with 8-bit state): with SR (the element's index is taken in the whole
+    leaf), SR + 8-bit state and Kahan, every rank's parameters equal the
+    unsharded optimizer's bit for bit."""
+    from distributed_cases import initial_parameters
+    from mlx_fused_rmsprop._sharding import make_plan
+    from test_distributed import assert_trees_equal, launch, rank_parameters
+
+    params = initial_parameters("lean")
+    for quantizes, cut in ((None, 216), (lambda size, dtype: size >= 256, 256)):
+        plan = make_plan(params, 2, 0, 2**25, quantizes)
+        w_pieces = [(p.rank, p.start, p.stop) for p in plan.pieces if plan.leaves[p.leaf].path == "w"]
+        assert w_pieces == [(0, 0, cut), (1, cut, 407)]
+    cases = [{"model": "lean", "steps": 3, "options": o} for o in LEAN_OPTIONS]
+    for i, reports in enumerate(launch(2, "train", cases, tmp_path)):
+        assert all(r["equal_unsharded"] and r["step"] == 3 for r in reports), (LEAN_OPTIONS[i], reports)
+        ranks = rank_parameters(tmp_path, 2, i)
+        assert_trees_equal(ranks[1], ranks[0])
