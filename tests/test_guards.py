@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_fused_rmsprop import RMSprop, _ext
+from mlx_fused_rmsprop import RMSprop, _ext, rmsprop_update
 from oracle import assert_trees_bit_equal_in_any_order, bit_equal, count_worse_than_reference
 
 LR, ALPHA, EPS = 1e-2, 0.9, 1e-8
@@ -105,13 +105,19 @@ def test_clipping_is_bit_identical_to_clip_grad_norm_then_the_update(kind, clipp
     assert int(fused.skipped_steps) == 0  # clipping alone never skips
 
 
+def _v_entries(state: dict) -> dict:
+    return {k[: -len(".v")]: v for k, v in tree_flatten(state) if k.endswith(".v")}
+
+
 def test_float16_norm_equals_clip_grad_norm_and_the_update_is_at_least_as_accurate():
     """float16 gradients: grad_norm is clip_grad_norm's total bit for bit
     (both sum float16 squares in float32). The update scales the gradient
-    in float32 and does not round it to 16 bits before using it, so per
-    element it is at least as close to the float64 truth of the step with the
-    clipped gradient as clip_grad_norm (which rounds g * c to float16) then
-    mlx.optimizers.RMSprop (which rounds after every operation)."""
+    in float32 and does not round it to 16 bits: each step is its float32
+    twin's (parameter, state and g * c in float32) rounded once to float16,
+    so per element it is at least as close to the float64 truth of the step
+    with the clipped gradient as clip_grad_norm (which rounds g * c to
+    float16) then mlx.optimizers.RMSprop (which rounds after every
+    operation)."""
     model = _model("mlp", mx.float16)
     opt = RMSprop(LR, ALPHA, EPS, max_grad_norm=0.05)
     opt.init(model.trainable_parameters())
@@ -119,30 +125,25 @@ def test_float16_norm_equals_clip_grad_norm_and_the_update_is_at_least_as_accura
         _, grads = nn.value_and_grad(model, _loss)(model, x, y)
         clipped, total = optim.clip_grad_norm(grads, 0.05)
         factor = mx.minimum(0.05 / (total + 1e-6), 1.0)
-        before = (tree_map(lambda p: p, model.parameters()), tree_map(lambda s: s, opt.state))
+        params_before, v_before = dict(tree_flatten(model.parameters())), _v_entries(opt.state)
         reference = optim.RMSprop(LR, ALPHA, EPS)
-        reference.state = {k: v for k, v in tree_map(lambda s: s, opt.state).items()
+        reference.state = {k: tree_map(lambda a: a, v) for k, v in opt.state.items()
                            if k not in ("grad_norm", "skipped_steps")}
-        ref_params = reference.apply_gradients(clipped, before[0])
+        ref_params = dict(tree_flatten(reference.apply_gradients(clipped, model.parameters())))
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, ref_params, reference.state)
         assert bit_equal(opt.grad_norm, total)
         assert total.item() > 0.05
-        flat = dict(tree_flatten(model.parameters()))
+        ours, ours_v, ref_v = dict(tree_flatten(model.parameters())), _v_entries(opt.state), _v_entries(reference.state)
         for key, g in tree_flatten(grads):
-            keys = key.split(".")
-            state_before = before[1]
-            ref_state = reference.state
-            for k in keys:
-                state_before = state_before[int(k) if k.isdigit() else k]
-                ref_state = ref_state[int(k) if k.isdigit() else k]
-            new_v = dict(tree_flatten(opt.state))[key + ".v"]
-            # The truth of the step with the clipped gradient, as float32
-            # g * c (exact: what the kernel multiplies).
+            scaled = g.astype(mx.float32) * factor  # exact: what the kernel multiplies
+            twin_w, twin_v = rmsprop_update(scaled, params_before[key].astype(mx.float32),
+                                            v_before[key].astype(mx.float32), LR, alpha=ALPHA, eps=EPS)
+            assert bit_equal(ours[key], twin_w.astype(mx.float16)), key
+            assert bit_equal(ours_v[key], twin_v.astype(mx.float16)), key
             counts = count_worse_than_reference(
-                (flat[key], new_v), (dict(tree_flatten(ref_params))[key], ref_state["v"]),
-                g.astype(mx.float32) * factor, dict(tree_flatten(before[0]))[key],
-                state_before["v"], LR, ALPHA, EPS)
+                (ours[key], ours_v[key]), (ref_params[key], ref_v[key]), scaled,
+                params_before[key], v_before[key], LR, ALPHA, EPS)
             assert counts == {"param": 0, "v": 0}, (key, counts)
 
 
