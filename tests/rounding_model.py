@@ -17,7 +17,7 @@ U32 = np.uint32
 
 
 def _u32(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.uint64).astype(U32) if not isinstance(x, np.ndarray) else x.astype(U32)
+    return np.asarray(x, dtype=np.uint64).astype(U32)
 
 
 def _mul(a: np.ndarray, c: int) -> np.ndarray:

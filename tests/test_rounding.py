@@ -23,9 +23,13 @@ import pytest
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 import rounding_model as model
+from distributed_cases import initial_parameters
 from mlx_fused_rmsprop import RMSprop, _ext, rmsprop_step
+from mlx_fused_rmsprop._sharding import make_plan
 from oracle import assert_trees_bit_equal_in_any_order, bit_equal
 from test_cpu_isa import _cpu_runs, _widest_isa
+from test_distributed import assert_trees_equal, launch, rank_parameters
+from test_optimizer import MLP
 from test_variants import op_kwargs, option_grid
 
 HALVES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -575,7 +579,7 @@ def test_every_variant_rounds_its_float32_result(rounding, form):
         "kahan_summation": True}
     for o in SAMPLE:
         kw = {**op_kwargs(o), **extra}
-        for dtype, name in ((mx.float16, "float16"), (mx.bfloat16, "bfloat16")):
+        for name, dtype in HALVES.items():
             w = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
             g = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
             state = _state_for(o.state_names(), shape, form, dtype, rng)
@@ -668,15 +672,6 @@ def _continue(opt: RMSprop, params: dict) -> dict:
     return params
 
 
-class _MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = [nn.Linear(16, 32), nn.Linear(32, 4)]
-
-    def __call__(self, x):
-        return self.layers[1](nn.relu(self.layers[0](x)))
-
-
 @pytest.mark.parametrize("options", [
     {"stochastic_rounding": True, "seed": 5},
     {"kahan_summation": True},
@@ -687,8 +682,8 @@ def test_compiled_training_equals_eager_without_retracing(options):
     outputs) ends bit-identical to the eager run, traced once: the step
     count and the seed are inputs, not constants."""
     rng = np.random.default_rng(0)
-    batches = [(mx.array(rng.standard_normal((8, 16)).astype(np.float32)).astype(mx.bfloat16),
-                mx.array(rng.standard_normal((8, 4)).astype(np.float32)).astype(mx.bfloat16))
+    batches = [(mx.array(rng.standard_normal((8, 12)).astype(np.float32)).astype(mx.bfloat16),
+                mx.array(rng.standard_normal((8, 3)).astype(np.float32)).astype(mx.bfloat16))
                for _ in range(6)]
 
     def loss_fn(m, x, y):
@@ -696,7 +691,7 @@ def test_compiled_training_equals_eager_without_retracing(options):
 
     def fresh():
         mx.random.seed(42)
-        m = _MLP()
+        m = MLP()
         m.set_dtype(mx.bfloat16)
         o = RMSprop(1e-2, **options)
         o.init(m.trainable_parameters())
@@ -743,10 +738,6 @@ def test_sharded_rounding_on_two_ranks_equals_unsharded(tmp_path):
     with 8-bit state): with SR (the element's index is taken in the whole
     leaf), SR + 8-bit state and Kahan, every rank's parameters equal the
     unsharded optimizer's bit for bit."""
-    from distributed_cases import initial_parameters
-    from mlx_fused_rmsprop._sharding import make_plan
-    from test_distributed import assert_trees_equal, launch, rank_parameters
-
     params = initial_parameters("lean")
     for quantizes, cut in ((None, 216), (lambda size, dtype: size >= 256, 256)):
         plan = make_plan(params, 2, 0, 2**25, quantizes)
