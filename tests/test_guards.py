@@ -52,12 +52,12 @@ def _loss(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
     return mx.mean(mx.square(model(x).astype(mx.float32) - y))
 
 
-def _batches(kind: str, steps: int, dtype: mx.Dtype = mx.float32, scale: float = 1.0):
+def _batches(kind: str, steps: int, dtype: mx.Dtype = mx.float32) -> list:
     rng = np.random.default_rng(1)
     shape = (16, 12) if kind == "mlp" else (4, 6, 12)
     out_shape = shape[:-1] + (3,)
-    return [(mx.array(scale * rng.standard_normal(shape).astype(np.float32)).astype(dtype),
-             mx.array(scale * rng.standard_normal(out_shape).astype(np.float32)))
+    return [(mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype),
+             mx.array(rng.standard_normal(out_shape).astype(np.float32)))
             for _ in range(steps)]
 
 
