@@ -20,9 +20,9 @@ namespace mx = mlx::core;
  * `g.astype(float32).square().sum()`: on the CPU stream of this Linux build
  * the fused primitive below adds the squares in MLX's own order for such a
  * reduction (one sequential float32 sum over the buffer in memory order, or
- * in row-major order for a layout that is not dense; a broadcast gradient,
- * whose data is smaller than the array, gets the right value, possibly in
- * another order than MLX's); elsewhere (the GPU, or
+ * in row-major order for a layout that is not contiguous; over a broadcast
+ * of contiguous data, in the order of MLX's reduction plan, a partial sum per
+ * contiguous run); elsewhere (the GPU, or
  * a macOS CPU, whose MLX reduces in SIMD lanes of an order we do not
  * reproduce) it is those very MLX ops. bfloat16 gradients are summed in
  * float32 too (clip_grad_norm squares and sums them in bfloat16: ours is at

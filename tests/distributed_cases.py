@@ -32,10 +32,19 @@ STATE8_SHAPES = {
     ],
     "embed": ((20, 15), mx.float16),
 }
-MODELS = {"default": SHAPES, "state8": STATE8_SHAPES}
+# For the memory-lean options: E = 5 + 407 + 29 = 441 elements, so 2 ranks
+# split the bfloat16 leaf "w" (at its element 216, or 256 when it is 8-bit
+# with min_8bit_size=256: a block never spans ranks).
+LEAN_SHAPES = {
+    "a": ((5,), mx.float32),
+    "w": ((37, 11), mx.bfloat16),
+    "h": ((29,), mx.float16),
+}
+
+MODELS = {"default": SHAPES, "state8": STATE8_SHAPES, "lean": LEAN_SHAPES}
 
 
-def _tree(seed: int, scale: float, shapes: dict) -> dict:
+def _tree(seed: int, scale: float, shapes: dict = SHAPES) -> dict:
     key = mx.random.key(seed)
 
     def make(spec):

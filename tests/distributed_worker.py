@@ -24,6 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 import mlx_fused_rmsprop as fused
+from mlx_fused_rmsprop._state import SCALAR_ENTRIES
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from distributed_cases import gradients_at, initial_parameters, same_bits  # noqa: E402
@@ -41,7 +42,7 @@ def state_elements(opt: fused.RMSprop) -> dict[str, int]:
     """Elements of each state name this rank holds (v, mean, momentum_buffer)."""
     out: dict[str, int] = {}
     for key, value in tree_flatten(opt.state):
-        if key in ("step", "learning_rate"):
+        if key in SCALAR_ENTRIES:
             continue
         name = key.rsplit(".", 1)[1]
         out[name] = out.get(name, 0) + value.size
@@ -220,7 +221,51 @@ def disagree(cfg: dict, group: mx.distributed.Group, out: str, rank: int, tag: s
     }
 
 
-SCENARIOS = {"train": train, "save": save, "resume": resume, "bad_leaf": bad_leaf, "disagree": disagree}
+def guards(cfg: dict, group: mx.distributed.Group, out: str, rank: int, tag: str) -> dict:
+    """Guarded sharded RMSprop over 4 steps of the rank-independent
+    gradients, except at step 1, where `how` is "nan" / "inf" (rank
+    `bad_rank`'s own gradient gets one non-finite element) or "different"
+    (every rank takes its own, unaveraged gradients). Reports that step's
+    error, whether it changed anything, and whether the run then equals the
+    unsharded optimizer that never saw step 1's batch."""
+    options = cfg["options"]
+    opt = fused.RMSprop(1e-2, shard_group=group, **options)
+    plain = fused.RMSprop(1e-2, **options)
+    ps = pu = initial_parameters()
+    error, unchanged = None, None
+    for step in range(4):
+        if step != 1:
+            ps = opt.apply_gradients(gradients_at(step, 0), ps)
+            pu = plain.apply_gradients(gradients_at(step, 0), pu)
+            mx.eval(ps, pu, opt.state, plain.state)
+            continue
+        grads = gradients_at(step, rank if cfg["how"] == "different" else 0)
+        if cfg["how"] in ("nan", "inf") and rank == cfg["bad_rank"]:
+            w = grads["layers"][0]["weight"]
+            grads["layers"][0]["weight"] = mx.where(
+                mx.arange(w.size).reshape(w.shape) == 7, float(cfg["how"]), w)
+        before = tree_map(lambda x: mx.array(x), {"p": ps, "s": opt.state})
+        try:
+            ps = opt.apply_gradients(grads, ps)
+            mx.eval(ps, opt.state)
+        except fused.ShardedStepError as e:
+            error = {"type": type(e).__name__, "message": str(e), "rank_errors": e.rank_errors}
+        counters = ("grad_norm", "skipped_steps")
+        unchanged = equal_trees(
+            {"p": before["p"], "s": {k: v for k, v in before["s"].items() if k not in counters}},
+            {"p": ps, "s": {k: v for k, v in opt.state.items() if k not in counters}})
+    mx.save_safetensors(os.path.join(out, f"{tag}rank{rank}.safetensors"), dict(tree_flatten(ps)))
+    return {
+        "error": error,
+        "unchanged": unchanged,
+        "equal_unsharded": equal_trees(ps, pu),
+        "step": int(opt.step),
+        "skipped_steps": int(opt.skipped_steps),
+    }
+
+
+SCENARIOS = {"train": train, "save": save, "resume": resume, "bad_leaf": bad_leaf, "disagree": disagree,
+             "guards": guards}
 
 
 def main() -> None:

@@ -619,8 +619,8 @@ class RMSprop(Optimizer):
 
     @property
     def skipped_steps(self) -> Optional[mx.array]:
-        """How many steps ``skip_nonfinite`` skipped (0-d uint64); None
-        without it."""
+        """How many steps ``skip_nonfinite`` skipped (0-d uint64; 0 with
+        ``max_grad_norm`` alone); None without either."""
         return self._state.get(_guards.SKIPPED_STEPS)
 
     @property
