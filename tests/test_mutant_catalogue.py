@@ -121,7 +121,7 @@ REQUIRED = [
     ("python/mlx_fused_rmsprop/ops.py", "ops_"),
     ("python/mlx_fused_rmsprop/optimizer.py", "frozen_"),
     ("python/mlx_fused_rmsprop/optimizer.py", "valid_"),
-    ("python/mlx_fused_rmsprop/_checks.py", "valid_"),
+    ("python/mlx_fused_rmsprop/_options.py", "valid_"),
     ("python/mlx_fused_rmsprop/ops.py", "valid_"),
     ("csrc/rmsprop.cpp", "valid_"),
     ("python/mlx_fused_rmsprop/optimizer.py", "agree_digest_"),

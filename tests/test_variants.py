@@ -367,7 +367,8 @@ def test_a_checkpoint_of_float32_state_for_bfloat16_parameters_loads_and_continu
     narrow = make()
     narrow.state = tree_unflatten(list(mx.load(path).items()))
     with pytest.raises(ValueError, match=r"entry '(a|b\.0)\.v' is \([0-9, ]+\) mlx.core.float32, "
-                       r"but the parameter is \([0-9, ]+\) mlx.core.bfloat16$"):
+                       r"but the parameter is \([0-9, ]+\) mlx.core.bfloat16; to keep float32 "
+                       r"state beside it, use RMSprop\(\.\.\., state_dtype=mx.float32\)$"):
         narrow.apply_gradients(grads_of(params, 0), params)
 
 

@@ -47,6 +47,7 @@ from mlx.utils import tree_map, tree_unflatten
 
 from . import _ext
 from . import _guards
+from . import _options
 from . import _state
 from ._state import SCALAR_ENTRIES
 
@@ -607,9 +608,7 @@ class ShardedState:
         opt = self.opt
         opt._check_settings()
         options = opt._make_options()
-        from .optimizer import _optimizer_step  # the integer-leaf hint
-
-        _optimizer_step(
+        _options.optimizer_step(
             gradients, parameters, {}, None, None, options, opt._half_state_dtype(),
             False, allow_missing_state=True,
         )
@@ -648,11 +647,9 @@ class ShardedState:
 
     def init(self, parameters: Any) -> None:
         """Lay the state out for ``parameters`` (see RMSprop.init)."""
-        from .optimizer import _optimizer_step
-
         opt = self.opt
         options = opt._make_options()
-        _optimizer_step(
+        _options.optimizer_step(
             parameters, parameters, {}, None, None, options, opt._half_state_dtype(),
             False, allow_missing_state=True,
         )

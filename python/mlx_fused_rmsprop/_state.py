@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import mlx.core as mx
 
-from . import _checks, _ext
+from . import _ext, _options
 
 # Entries of the state that are not per parameter; the first two are always
 # there (mlx.optimizers keeps them), the others with the options that use
@@ -285,7 +285,7 @@ def _scalar_entry_problem(name: str, value: Any) -> Optional[str]:
     read: the step may run under mx.compile, where a value cannot."""
     integer = name in ("step", "seed", "skipped_steps")
     if isinstance(value, mx.array):
-        kind_ok = mx.issubdtype(value.dtype, mx.integer) if integer else _checks.is_real_number(value)
+        kind_ok = mx.issubdtype(value.dtype, mx.integer) if integer else _options.is_real_number(value)
         if value.size == 1 and kind_ok:
             return None
         want = "one integer element" if integer else "one real element"

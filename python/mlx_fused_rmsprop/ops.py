@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 
 import mlx.core as mx
 
-from . import _checks, _ext, _state
+from . import _ext, _options, _state
 
 
 def rmsprop_update(
@@ -49,7 +49,7 @@ def rmsprop_update(
     Returns:
         tuple(array, array): The updated parameter and ``v``.
     """
-    _checks.check_op_arguments("rmsprop_update", lr, {"alpha": alpha, "eps": eps}, {})
+    _options.check_op_arguments("rmsprop_update", lr, {"alpha": alpha, "eps": eps}, {})
     return _ext.rmsprop_update(grad, param, v, lr, alpha=alpha, eps=eps, stream=stream)
 
 
@@ -111,7 +111,7 @@ def rmsprop_step(
         tuple(array, dict): The new parameter and the new state, in the
         options' form.
     """
-    _checks.check_op_arguments(
+    _options.check_op_arguments(
         "rmsprop_step", lr,
         {"alpha": alpha, "eps": eps, "momentum": momentum, "weight_decay": weight_decay},
         {"nesterov": nesterov, "centered": centered,
@@ -128,7 +128,7 @@ def rmsprop_step(
             f"[rmsprop_step] step must be None, an int >= 1 or an mlx.core.array, got {step!r}."
         )
     _check_memory_arguments(state_bits, min_8bit_size, stochastic_rounding, seed, kahan_summation, leaf)
-    options = _ext.RMSpropOptions(
+    options = _options.make_options(
         alpha=alpha,
         eps=eps,
         momentum=momentum,
@@ -140,9 +140,9 @@ def rmsprop_step(
         bias_correction=bias_correction,
         maximize=maximize,
         lr_inside_momentum=lr_inside_momentum,
-        rounding=_ext.ROUND_STOCHASTIC if stochastic_rounding
-        else _ext.ROUND_KAHAN if kahan_summation else _ext.ROUND_NEAREST,
-        state_bits=state_bits or 0,
+        stochastic_rounding=stochastic_rounding,
+        kahan_summation=kahan_summation,
+        state_bits=state_bits,
         min_8bit_size=min_8bit_size,
     )
     if not isinstance(state, dict) or not isinstance(param, mx.array):

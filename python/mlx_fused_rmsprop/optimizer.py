@@ -2,73 +2,24 @@
 
 from __future__ import annotations
 
-import functools
 import math
-import re
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Optional, Union
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
 
-from . import _checks
 from . import _ext
+from . import _options
 from . import _guards
 from . import _sharding
 from . import _state
+from ._options import PACKAGE_OPTIONS
+from ._options import optimizer_step as _optimizer_step
 from ._sharding import ShardedStepError
 
 
 LearningRate = Union[float, Callable[[mx.array], mx.array]]
 
-# The constructor's options by kind, for the check of their kinds (ranges are
-# checked by the constructor and, every step, by the op).
-_OPTION_KINDS = {
-    "alpha": "number", "eps": "number", "momentum": "number",
-    "weight_decay": "number", "initial_scale": "number",
-    "nesterov": "flag", "centered": "flag", "decoupled_weight_decay": "flag",
-    "eps_in_sqrt": "flag", "bias_correction": "flag", "maximize": "flag",
-    "lr_inside_momentum": "flag",
-}
-
-_Preset = TypeVar("_Preset", bound=Callable[..., Any])
-
-
-def _names_its_arguments(**names: str) -> Callable[[_Preset], _Preset]:
-    """A preset's errors name the preset and its own arguments: the
-    constructor's ``RMSprop alpha should be ...`` becomes ``RMSprop.from_keras
-    rho should be ...`` (``names``: constructor's name -> the preset's)."""
-
-    def decorate(preset: _Preset) -> _Preset:
-        @functools.wraps(preset)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return preset(*args, **kwargs)
-            except ValueError as e:
-                head, _, rest = str(e).partition(" ")
-                name, space, tail = rest.partition(" ")
-                if head != "RMSprop" or not space:
-                    raise
-                raise ValueError(
-                    f"RMSprop.{preset.__name__} {names.get(name, name)} {tail}"
-                ) from None
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
-
-
-# The options of this package (not of the library a preset ports), which
-# every preset also takes.
-PACKAGE_OPTIONS = (
-    "state_dtype",
-    "state_bits",
-    "min_8bit_size",
-    "stochastic_rounding",
-    "seed",
-    "kahan_summation",
-    "max_grad_norm",
-    "skip_nonfinite",
-)
 
 
 class RMSprop(Optimizer):
@@ -295,8 +246,8 @@ class RMSprop(Optimizer):
         # Kinds first: a str or None would fail the comparisons below with a
         # TypeError that names nothing.
         arguments = locals()
-        _check_learning_rate(learning_rate, schedule=True)
-        _check_option_types({name: arguments[name] for name in _OPTION_KINDS})
+        _options.check_learning_rate(learning_rate, schedule=True)
+        _options.check_option_types({name: arguments[name] for name in _options.OPTION_KINDS})
         self._maybe_schedule("learning_rate", learning_rate)
         self.alpha = alpha
         self.eps = eps
@@ -337,7 +288,7 @@ class RMSprop(Optimizer):
                 f"RMSprop state_dtype should be None (the parameter's dtype) or "
                 f"mlx.core.float32, {state_dtype} was provided instead"
             )
-        _check_memory_options(
+        _options.check_memory_options(
             state_bits, min_8bit_size, stochastic_rounding, seed, kahan_summation,
             max_grad_norm, skip_nonfinite,
         )
@@ -361,7 +312,7 @@ class RMSprop(Optimizer):
         if stochastic_rounding:
             # Drawn from mlx's generator (seeded by mx.random.seed) unless
             # given; a state entry, so checkpoints resume bit-exactly.
-            self._state["seed"] = _draw_seed() if seed is None else mx.array(seed, mx.uint32)
+            self._state["seed"] = _options.draw_seed() if seed is None else mx.array(seed, mx.uint32)
         if self._guarded:
             self._state.update(_guards.initial_entries())
         _sharding.check_sharding(shard_group, shard_bucket_bytes)
@@ -377,7 +328,7 @@ class RMSprop(Optimizer):
     # ---- One-line ports from other libraries.
 
     @classmethod
-    @_names_its_arguments(learning_rate="lr", epsilon="eps")
+    @_options.names_its_arguments(learning_rate="lr", epsilon="eps")
     def from_torch(
         cls,
         lr: LearningRate = 0.01,
@@ -415,11 +366,11 @@ class RMSprop(Optimizer):
             centered=centered,
             weight_decay=weight_decay,
             maximize=maximize,
-            **_package_options("from_torch", options),
+            **_options.package_options("from_torch", options),
         )
 
     @classmethod
-    @_names_its_arguments(alpha="decay", epsilon="eps")
+    @_options.names_its_arguments(alpha="decay", epsilon="eps")
     def from_optax(
         cls,
         learning_rate: LearningRate,
@@ -450,7 +401,7 @@ class RMSprop(Optimizer):
         :meth:`sharded`.
         """
         mu = 0.0 if momentum is None else momentum
-        _check_option_types({"momentum": mu, "nesterov": nesterov})  # before `nesterov and ...`
+        _options.check_option_types({"momentum": mu, "nesterov": nesterov})  # before `nesterov and ...`
         return cls(
             learning_rate,
             alpha=decay,
@@ -462,11 +413,11 @@ class RMSprop(Optimizer):
             initial_scale=initial_scale,
             bias_correction=bias_correction,
             lr_inside_momentum=True,
-            **_package_options("from_optax", options),
+            **_options.package_options("from_optax", options),
         )
 
     @classmethod
-    @_names_its_arguments(alpha="rho", eps="epsilon")
+    @_options.names_its_arguments(alpha="rho", eps="epsilon")
     def from_keras(
         cls,
         learning_rate: LearningRate = 0.001,
@@ -503,7 +454,7 @@ class RMSprop(Optimizer):
             decoupled_weight_decay=True,
             eps_in_sqrt=True,
             lr_inside_momentum=True,
-            **_package_options("from_keras", options),
+            **_options.package_options("from_keras", options),
         )
 
     # ---- The state.
@@ -517,12 +468,7 @@ class RMSprop(Optimizer):
             raise ValueError(
                 "RMSprop: stochastic_rounding and kahan_summation exclude each other"
             )
-        rounding = (
-            _ext.ROUND_STOCHASTIC if self.stochastic_rounding
-            else _ext.ROUND_KAHAN if self.kahan_summation
-            else _ext.ROUND_NEAREST
-        )
-        return _ext.RMSpropOptions(
+        return _options.make_options(
             alpha=self.alpha,
             eps=self.eps,
             momentum=self.momentum,
@@ -534,9 +480,10 @@ class RMSprop(Optimizer):
             bias_correction=self.bias_correction,
             maximize=self.maximize,
             lr_inside_momentum=self.lr_inside_momentum,
-            rounding=rounding,
+            stochastic_rounding=self.stochastic_rounding,
+            kahan_summation=self.kahan_summation,
             guarded=self._guarded,
-            state_bits=self.state_bits or 0,
+            state_bits=self.state_bits,
             min_8bit_size=self.min_8bit_size,
         )
 
@@ -547,7 +494,7 @@ class RMSprop(Optimizer):
 
     @learning_rate.setter
     def learning_rate(self, learning_rate: Union[float, mx.array]) -> None:
-        _check_learning_rate(learning_rate, schedule=False)
+        _options.check_learning_rate(learning_rate, schedule=False)
         self.state["learning_rate"] = mx.array(learning_rate)
 
     def _check_settings(self) -> None:
@@ -555,7 +502,7 @@ class RMSprop(Optimizer):
         ...``) beyond what the op checks: the options' kinds, what a new state
         is made with (initial_scale, state_dtype, the memory options) or
         sharded by."""
-        _check_option_types({name: getattr(self, name) for name in _OPTION_KINDS})
+        _options.check_option_types({name: getattr(self, name) for name in _options.OPTION_KINDS})
         if not (math.isfinite(self.initial_scale) and self.initial_scale >= 0.0):
             raise ValueError(
                 f"RMSprop initial_scale should be a finite number >= 0, "
@@ -569,7 +516,7 @@ class RMSprop(Optimizer):
                 f"mlx.core.float32, {self.state_dtype} was provided instead"
             )
         # (The seed lives in the state: a loaded one is checked with it.)
-        _check_memory_options(
+        _options.check_memory_options(
             self.state_bits, self.min_8bit_size, self.stochastic_rounding, None,
             self.kahan_summation, self.max_grad_norm, self.skip_nonfinite,
         )
@@ -859,7 +806,7 @@ class RMSprop(Optimizer):
         turned on since, or a state saved without it): stochastic rounding's
         seed, the guards' report."""
         if self.stochastic_rounding and "seed" not in state:
-            state["seed"] = _draw_seed()
+            state["seed"] = _options.draw_seed()
         if self._guarded:
             for name, value in _guards.initial_entries().items():
                 state.setdefault(name, value)
@@ -948,140 +895,3 @@ class RMSprop(Optimizer):
         it exactly and come from one model and one step.
         """
         return _sharding.assemble(per_rank_states, full_precision)
-
-
-def _check_option_types(values: dict[str, Any]) -> None:
-    """Raise ValueError naming the option unless each value (by
-    ``_OPTION_KINDS``) is a real number (not a bool) or True / False."""
-    for name, value in values.items():
-        if _OPTION_KINDS[name] == "flag":
-            if not isinstance(value, bool):
-                raise ValueError(
-                    f"RMSprop {name} should be True or False, {value!r} was provided instead"
-                )
-        elif not _checks.is_real_number(value):
-            raise ValueError(
-                f"RMSprop {name} should be a real number, {value!r} "
-                f"({type(value).__name__}) was provided instead"
-            )
-
-
-def _check_learning_rate(value: Any, schedule: bool) -> None:
-    """A number (any value, as mlx.optimizers), an array (checked at the
-    step) or, when ``schedule``, a callable of the step count."""
-    if _checks.is_learning_rate(value) or (schedule and callable(value)):
-        return
-    kinds = "a number, an mlx.core.array or a schedule" if schedule else "a number or an mlx.core.array"
-    raise ValueError(
-        f"RMSprop learning_rate should be {kinds}, {value!r} "
-        f"({type(value).__name__}) was provided instead"
-    )
-
-
-def _draw_seed() -> mx.array:
-    """A stochastic-rounding seed from mlx's generator: a 0-d uint32."""
-    return mx.random.randint(0, 2**31 - 1, (), dtype=mx.int32).astype(mx.uint32)
-
-
-def _package_options(preset: str, options: dict) -> dict:
-    """A preset's extra keywords: this package's own options only."""
-    unknown = sorted(set(options) - set(PACKAGE_OPTIONS))
-    if unknown:
-        raise TypeError(
-            f"RMSprop.{preset}() got an unexpected keyword argument '{unknown[0]}' "
-            f"(besides its library's arguments it takes {', '.join(PACKAGE_OPTIONS)})"
-        )
-    return options
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_memory_options(
-    state_bits: Any,
-    min_8bit_size: Any,
-    stochastic_rounding: Any,
-    seed: Any,
-    kahan_summation: Any,
-    max_grad_norm: Any,
-    skip_nonfinite: Any,
-) -> None:
-    """Raise ValueError naming the option unless the memory-lean options and
-    the guards are valid."""
-    if state_bits is not None and not (_is_int(state_bits) and state_bits == 8):
-        raise ValueError(
-            f"RMSprop state_bits should be None (full precision) or 8, "
-            f"{state_bits!r} was provided instead"
-        )
-    if not (_is_int(min_8bit_size) and min_8bit_size >= 0):
-        raise ValueError(
-            f"RMSprop min_8bit_size should be an int >= 0, {min_8bit_size!r} was provided instead"
-        )
-    for name, value in (
-        ("stochastic_rounding", stochastic_rounding),
-        ("kahan_summation", kahan_summation),
-        ("skip_nonfinite", skip_nonfinite),
-    ):
-        if not isinstance(value, bool):
-            raise ValueError(f"RMSprop {name} should be a bool, {value!r} was provided instead")
-    if isinstance(seed, mx.array):
-        if seed.size != 1 or mx.issubdtype(seed.dtype, mx.floating):
-            raise ValueError(f"RMSprop seed should be a single integer, {seed!r} was provided instead")
-    elif seed is not None and not (_is_int(seed) and 0 <= seed < 2**32):
-        raise ValueError(
-            f"RMSprop seed should be None or an int in [0, 2**32), {seed!r} was provided instead"
-        )
-    if stochastic_rounding and kahan_summation:
-        raise ValueError(
-            "RMSprop stochastic_rounding and kahan_summation exclude each other: pick one"
-        )
-    if max_grad_norm is not None and not (
-        isinstance(max_grad_norm, (int, float))
-        and not isinstance(max_grad_norm, bool)
-        and math.isfinite(max_grad_norm)
-        and max_grad_norm >= 0
-    ):
-        raise ValueError(
-            f"RMSprop max_grad_norm should be None or a finite number >= 0, "
-            f"{max_grad_norm!r} was provided instead"
-        )
-
-
-def _optimizer_step(gradients: Any, parameters: Any, *args: Any, **kwargs: Any) -> Any:
-    """``_ext.optimizer_step``, with the fix named when a leaf is an integer
-    or boolean array (see :func:`_not_trainable_hint`)."""
-    try:
-        return _ext.optimizer_step(gradients, parameters, *args, **kwargs)
-    except ValueError as e:
-        hint = _not_trainable_hint(str(e))
-        if hint is None:
-            raise
-        raise ValueError(f"{e} {hint}") from None
-
-
-_NOT_FLOAT = re.compile(
-    r"^RMSprop: leaf '(?P<path>.*)': \[rmsprop_(update|step)\] parameter dtype "
-    r"(?P<dtype>bool|u?int\d+) is not supported"
-)
-
-
-def _not_trainable_hint(message: str) -> Optional[str]:
-    """For an integer or boolean leaf (e.g. a step counter stored on the
-    model), how to keep it out of training; None for any other error.
-
-    mlx.optimizers.RMSprop silently turns such a leaf into float32; this
-    optimizer refuses it, and says how to leave it out of the gradients."""
-    match = _NOT_FLOAT.match(message)
-    if match is None:
-        return None
-    *holder, key = match["path"].split(".")
-    module = "model" + "".join(f"[{k}]" if k.isdigit() else f".{k}" for k in holder)
-    key = int(key) if key.isdigit() else key
-    return (
-        f"This {match['dtype']} array is not a trainable parameter (mlx's RMSprop "
-        f"would silently make it float32): freeze it before computing "
-        f"gradients, e.g. `{module}.freeze(keys=[{key!r}], recurse=False)`, or "
-        f"keep it out of `model.trainable_parameters()` (a Python number, or "
-        f"an attribute whose name starts with '_')."
-    )
