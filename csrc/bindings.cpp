@@ -511,6 +511,49 @@ NB_MODULE(_ext, m) {
       "(empty for 'contiguous').");
 
   m.def(
+      "_gpu_dispatch",
+      [](const std::vector<mx::array>& arrays,
+         const std::vector<mx::array>& scales,
+         bool quantized,
+         unsigned int rounding) {
+        std::vector<mx::array> all(arrays);
+        all.insert(all.end(), scales.begin(), scales.end());
+        mx::eval(all); // layouts are known once evaluated
+        mlx_fused_rmsprop::LeafConfig config;
+        config.quantized = quantized;
+        config.rounding = rounding;
+        std::span<const mx::array> walked(arrays);
+        auto dispatch = mlx_fused_rmsprop::choose_gpu_dispatch(walked, config, scales);
+        nb::dict out;
+        out["kernel"] = mlx_fused_rmsprop::rmsprop_kernel_kind(dispatch.kernel);
+        out["shape"] =
+            std::vector<int>(dispatch.layout.shape.begin(), dispatch.layout.shape.end());
+        std::vector<std::vector<int64_t>> strides;
+        for (const auto& st : dispatch.layout.strides) {
+          strides.emplace_back(st.begin(), st.end());
+        }
+        out["strides"] = strides;
+        out["outputs_like_param"] = dispatch.outputs_like_param;
+        if (quantized) {
+          out["outputs_fit"] = mlx_fused_rmsprop::quantized_outputs_fit(
+              walked, scales, config.compensated());
+        }
+        return out;
+      },
+      "arrays"_a,
+      "scales"_a = std::vector<mx::array>{},
+      "quantized"_a = false,
+      "rounding"_a = RMSPROP_ROUND_NEAREST,
+      "For tests (the Metal-as-C++ harness): how eval_gpu dispatches a leaf "
+      "whose walked arrays are `arrays` (grad, param, the state or codes, "
+      "[compensation]) and, 8-bit, whose scales are `scales`, rounded as "
+      "`rounding` says: 'kernel' ('contiguous', 'general_idx32', "
+      "'general_idx64'), the general kernels' collapsed 'shape' and each "
+      "array's 'strides', 'outputs_like_param' (param is dense), and for "
+      "8-bit state 'outputs_fit': per output, whether its input's layout "
+      "lets it take the input's buffer (allocate_quantized_outputs).");
+
+  m.def(
       "_cpu_walk",
       [](nb::args args) {
         auto arrays = nb::cast<std::vector<mx::array>>(args);
@@ -609,8 +652,10 @@ NB_MODULE(_ext, m) {
       &mlx_fused_rmsprop::gpu_array_slots,
       "options"_a,
       "plain"_a,
+      "compensated"_a = false,
       "For tests (the harness): which walked array (0 grad, 1 param, 2... "
-      "the state) each array buffer of the GPU kernel takes.");
+      "the state, then the compensation) each array buffer of the GPU kernel "
+      "takes.");
 
   m.def(
       "_metal_library_plan",

@@ -520,24 +520,46 @@ bool needs_64bit_index(const CollapsedLayout& layout) {
   return false;
 }
 
-GpuDispatch choose_gpu_dispatch(std::span<const mx::array> arrays) {
-  if (is_flat_layout(arrays)) {
-    return {RMSpropKernel::contiguous, {}};
+GpuDispatch choose_gpu_dispatch(
+    std::span<const mx::array> arrays,
+    const LeafConfig& config,
+    std::span<const mx::array> scales) {
+  const auto& param = arrays[1];
+  bool flat;
+  if (config.quantized) {
+    flat = true;
+    for (const auto& a : arrays) {
+      flat = flat && a.flags().row_contiguous;
+    }
+    for (const auto& a : scales) {
+      flat = flat && a.flags().row_contiguous;
+    }
+  } else {
+    flat = is_flat_layout(arrays) &&
+        (!config.stochastic() || param.flags().row_contiguous);
+  }
+  const bool like_param = is_dense(param);
+  if (flat) {
+    return {RMSpropKernel::contiguous, {}, like_param};
   }
   auto layout = collapse_layout(arrays);
   auto kernel = needs_64bit_index(layout) ? RMSpropKernel::general_idx64
                                           : RMSpropKernel::general_idx32;
-  return {kernel, std::move(layout)};
+  return {kernel, std::move(layout), like_param};
 }
 
-std::vector<size_t> gpu_array_slots(const RMSpropOptions& options, bool plain) {
+std::vector<size_t> gpu_array_slots(
+    const RMSpropOptions& options,
+    bool plain,
+    bool compensated) {
   if (plain) {
     return {0, 1, 2};
   }
   size_t next = 3;
   size_t mean = options.centered ? next++ : 2;
   size_t buffer = options.momentum > 0.0 ? next++ : 2;
-  return {0, 1, 2, mean, buffer};
+  size_t compensation = compensated ? next++ : 1;
+  return {0, 1, 2, mean, buffer, compensation};
 }
 
 void release_sibling_inputs(
@@ -555,6 +577,26 @@ void release_sibling_inputs(
   }
 }
 
+std::vector<bool> quantized_outputs_fit(
+    std::span<const mx::array> walked,
+    std::span<const mx::array> scales,
+    bool compensated) {
+  const auto& param = walked[1];
+  const bool like_param = is_dense(param);
+  const size_t walked_outputs = walked.size() - 1;
+  std::vector<bool> fit(walked_outputs + scales.size());
+  for (size_t i = 0; i < fit.size(); ++i) {
+    const bool is_scale = i >= walked_outputs;
+    const auto& in = is_scale ? scales[i - walked_outputs] : walked[1 + i];
+    // param' and the compensation follow param's layout; the codes and the
+    // scales are row-major.
+    const bool param_shaped = i == 0 || (compensated && i == walked_outputs - 1);
+    fit[i] = param_shaped ? like_param && laid_like(in, param)
+                          : in.flags().row_contiguous;
+  }
+  return fit;
+}
+
 void allocate_quantized_outputs(
     std::span<const mx::array> walked,
     std::span<const mx::array> scales,
@@ -563,16 +605,13 @@ void allocate_quantized_outputs(
   const auto& param = walked[1];
   const bool like_param = is_dense(param);
   const size_t walked_outputs = walked.size() - 1;
+  const auto fits = quantized_outputs_fit(walked, scales, compensated);
   for (size_t i = 0; i < outputs.size(); ++i) {
     auto& out = outputs[i];
     const bool is_scale = i >= walked_outputs;
     const auto& in = is_scale ? scales[i - walked_outputs] : walked[1 + i];
-    // param' and the compensation follow param's layout; the codes and the
-    // scales are row-major.
     const bool param_shaped = i == 0 || (compensated && i == walked_outputs - 1);
-    bool fits = param_shaped ? like_param && laid_like(in, param)
-                             : in.flags().row_contiguous;
-    if (fits && mx::is_donatable(in, out)) {
+    if (fits[i] && mx::is_donatable(in, out)) {
       out.copy_shared_buffer(in);
     } else if (param_shaped && like_param) {
       out.set_data(

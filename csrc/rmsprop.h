@@ -354,21 +354,37 @@ bool needs_64bit_index(const CollapsedLayout& layout);
 /**
  * The GPU kernel for a leaf and, for the general kernels, the layout it walks
  * (empty for the contiguous kernel). eval_gpu binds exactly this; the
- * harness asks for it through the extension.
+ * harness asks for it through the extension. The contiguous kernel runs
+ * where every walked array can be indexed by one flat index: the flat layout
+ * (is_flat_layout), with param row-contiguous too under stochastic rounding
+ * (the index is then the row-major one the random bits hash); for 8-bit
+ * state every walked array and scale row-contiguous (as the CPU's flat
+ * walk). outputs_like_param: param is dense, so a quantized leaf's param'
+ * and compensation' take its layout (allocate_quantized_outputs).
  */
 struct GpuDispatch {
   RMSpropKernel kernel;
   CollapsedLayout layout;
+  bool outputs_like_param = false;
 };
-GpuDispatch choose_gpu_dispatch(std::span<const mx::array> arrays);
+GpuDispatch choose_gpu_dispatch(
+    std::span<const mx::array> arrays,
+    const LeafConfig& config = {},
+    std::span<const mx::array> scales = {});
 
 /**
  * The arrays a GPU kernel takes, as indices into the walked arrays: the plain
- * kernels {grad, param, v}; the variant ones {grad, param, v, mean, buffer},
- * where state the options do not keep is v (bound, never read or written).
- * Output i of the kernel is the primitive's output slots[i] - 1 (i >= 1).
+ * kernels {grad, param, v}; the variant and 8-bit ones {grad, param, v, mean,
+ * buffer, compensation}, where state the options do not keep is v and a
+ * missing compensation (no Kahan summation) is param (bound, never read or
+ * written). Output i of the kernel is the primitive's output slots[i] - 1
+ * (i >= 1). For 8-bit state, state slot 2 + e takes scales[slots[2 + e] - 2]
+ * and writes the primitive's output (walked outputs) + slots[2 + e] - 2.
  */
-std::vector<size_t> gpu_array_slots(const RMSpropOptions& options, bool plain);
+std::vector<size_t> gpu_array_slots(
+    const RMSpropOptions& options,
+    bool plain,
+    bool compensated = false);
 
 /**
  * make_arrays gives each output its own copy of the input list, so every
@@ -407,6 +423,17 @@ void allocate_quantized_outputs(
     std::span<const mx::array> walked,
     std::span<const mx::array> scales,
     std::span<mx::array> outputs,
+    bool compensated);
+
+/**
+ * For each output of a quantized leaf, in allocate_quantized_outputs' order:
+ * whether its input is laid out as the output is (param' and compensation'
+ * laid like a dense param, the codes' and scales' row-contiguous), i.e. may
+ * give it its buffer (when donatable).
+ */
+std::vector<bool> quantized_outputs_fit(
+    std::span<const mx::array> walked,
+    std::span<const mx::array> scales,
     bool compensated);
 
 class FusedRMSprop : public mx::Primitive {

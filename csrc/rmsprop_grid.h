@@ -52,6 +52,13 @@ inline std::string rmsprop_variant_kernel_name(
       "_" + state_dtype;
 }
 
+// Host name of the 8-bit state's kernel for a parameter dtype name, e.g.
+// rmsprop_q8_general_idx32_bfloat16 (the state is uint8 codes and float32
+// scales whatever the parameter's dtype).
+inline std::string rmsprop_q8_kernel_name(RMSpropKernel kernel, const std::string& dtype) {
+  return "rmsprop_q8_" + rmsprop_kernel_kind(kernel) + "_" + dtype;
+}
+
 // Threads of a dispatch over n elements. The contiguous kernel: one thread per
 // RMSPROP_BYTES_PER_THREAD chunk. The general kernel: one thread per run of
 // RMSPROP_GENERAL_ELEMENTS_PER_THREAD elements of each row of `inner`
@@ -90,6 +97,28 @@ inline RMSpropGrid rmsprop_grid(uint64_t threads, uint32_t max_threads_per_group
       static_cast<uint32_t>(width),
       static_cast<uint32_t>(height),
       static_cast<uint32_t>(group == 0 ? 1 : group)};
+}
+
+// Threads of an 8-bit state's dispatch over n elements (any kind): one
+// SIMD-group of RMSPROP_SIMD_WIDTH threads per block of RMSPROP_BLOCK
+// elements, the last block possibly partial.
+inline uint64_t rmsprop_q8_threads(uint64_t n) {
+  return (n + RMSPROP_BLOCK - 1) / RMSPROP_BLOCK * RMSPROP_SIMD_WIDTH;
+}
+
+static_assert(
+    RMSPROP_GRID_MAX_WIDTH % RMSPROP_SIMD_WIDTH == 0,
+    "grid rows must be whole SIMD-groups");
+
+// Grid of an 8-bit state's dispatch (threads: rmsprop_q8_threads): grid rows
+// and threadgroups are whole SIMD-groups -- `threads` is a multiple of
+// RMSPROP_SIMD_WIDTH, so is the widest row, and the threadgroup width is
+// rounded down to one (max_threads_per_group >= RMSPROP_SIMD_WIDTH, which
+// eval_gpu checks) -- so the SIMD-group of a thread is its linear index /
+// RMSPROP_SIMD_WIDTH, as the kernels assume, and the padding threads of a 2-D
+// grid fill whole SIMD-groups.
+inline RMSpropGrid rmsprop_q8_grid(uint64_t threads, uint32_t max_threads_per_group) {
+  return rmsprop_grid(threads, max_threads_per_group / RMSPROP_SIMD_WIDTH * RMSPROP_SIMD_WIDTH);
 }
 
 } // namespace mlx_fused_rmsprop

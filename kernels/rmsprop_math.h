@@ -428,8 +428,9 @@ struct RMSpropQuantMap {
 template <typename MapPtr>
 RMSPROP_INLINE unsigned int rmsprop_magnitude_rank(float a, MapPtr map) {
   unsigned int rank = 0u;
-  for (unsigned int half = 128u; half > 0u; half >>= 1u) {
-    rank += map->bound[rank + half - 1u] < a ? half : 0u;
+  // (Not named `half`: that is a type in the Metal Shading Language.)
+  for (unsigned int width = 128u; width > 0u; width >>= 1u) {
+    rank += map->bound[rank + width - 1u] < a ? width : 0u;
   }
   return rank;
 }
@@ -500,12 +501,29 @@ RMSPROP_INLINE float rmsprop_block_scale(float max_key) {
 // paid once per run, and the run itself advances by adding strides.
 #define RMSPROP_GENERAL_ELEMENTS_PER_THREAD 4
 
-// The step's constant scalars as bound at buffer(6); lr is a separate 0-d
-// buffer so a schedule never changes the kernel's arguments' shape.
+// The plain kernels' constant scalars as bound at buffer(6); lr is element
+// RMSPROP_STEP_LR of the step's packed scalars (buffer(3)), an input array,
+// so a schedule never changes the kernel's arguments.
 struct RMSpropDeviceScalars {
   float alpha;
   float one_minus_alpha;
   float eps;
+};
+
+// The 8-bit state's kernels give each block of RMSPROP_BLOCK elements one
+// SIMD-group of RMSPROP_SIMD_WIDTH threads (Apple GPUs' threadExecutionWidth;
+// eval_gpu checks it), each thread RMSPROP_BLOCK / RMSPROP_SIMD_WIDTH
+// elements: lane l takes elements l, l + RMSPROP_SIMD_WIDTH, ... of the block.
+#define RMSPROP_SIMD_WIDTH 32
+#define RMSPROP_Q8_ELEMENTS_PER_LANE (RMSPROP_BLOCK / RMSPROP_SIMD_WIDTH)
+
+// What the general 8-bit kernels know of the layout beyond the walked
+// arrays' collapsed one: each entry's scale stride (elements; v, mean,
+// momentum buffer) and whether param' and the compensation' take param's
+// layout (param dense: allocate_quantized_outputs) rather than row-major.
+struct RMSpropQuantizedLayout {
+  long scale_stride[3];
+  unsigned int outputs_like_param;
 };
 
 #endif // MLX_FUSED_RMSPROP_MATH_H

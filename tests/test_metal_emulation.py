@@ -7,17 +7,22 @@ grid csrc/rmsprop_grid.h computes. Two sources are compiled: the REAL
 kernels/rmsprop.metal, and the source embedded in the extension
 (``_ext.metal_source``: the same file with rmsprop_math.h inlined, the exact
 bytes eval_gpu compiles at run time on a Mac without a metallib). Their outputs
-must equal ``rmsprop_update(..., stream=mx.cpu)`` bit for bit for every dtype,
-size, layout (flat, transposed, sliced, reversed, broadcast), both index widths
-of the general kernel, and with the outputs aliasing the inputs (in place).
-This proves the shader's indexing, tails, strides, aliasing and math; it does
-not prove that Apple's Metal compiler accepts the file, which only a macOS
-build can.
+must equal the CPU primitive's (``rmsprop_update`` / ``_ext.rmsprop_step`` on
+``mx.cpu``) bit for bit for every dtype, size, layout (flat, transposed,
+sliced, reversed, broadcast), both index widths of the general kernel, and
+with the outputs aliasing the inputs (in place): the plain kernels, the
+variant kernels (every option, stochastic rounding, Kahan summation, the
+step's clip factor and skip flag) and the 8-bit state's kernels (one
+SIMD-group per block of 256 elements; the shim runs a SIMD-group's 32 lanes
+as concurrent threads meeting in simd_max). This proves the shader's
+indexing, lanes, tails, strides, aliasing and math; it does not prove that
+Apple's Metal compiler accepts the file, which only a macOS build can.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import re
@@ -147,6 +152,7 @@ def _build(cxx: str, out: Path, extra: list[str], includes: list[str]) -> tuple[
         cxx,
         "-std=c++20",
         "-g",
+        "-pthread",  # the 8-bit kernels' SIMD-group lanes are threads
         "-ffp-contract=off",
         "-Wall",
         "-Wextra",
@@ -238,13 +244,6 @@ def drivers(tmp_path_factory) -> dict[str, Driver]:
 
 
 # ---------------------------------------------------------------- layouts
-
-
-def _dispatch_layout(arrays):
-    """(kernel kind, shape, strides) from the extension's own
-    choose_gpu_dispatch(): the kernel and general-kernel layout eval_gpu binds
-    for these arrays (grad, param, state...)."""
-    return _ext._dispatch_layout(*arrays)
 
 
 @dataclass
@@ -386,32 +385,146 @@ STATE_LAYOUTS = ["state_apart"]  # general only where a variant walks mean / buf
 GENERAL_LAYOUTS = [k for k in LAYOUTS if k not in FLAT_LAYOUTS + STATE_LAYOUTS]
 
 
+# The 8-bit cases' layouts: n maps to the specs of grad, param, each state
+# entry's codes (the last one repeats), the compensation, and each entry's
+# scales (functions of the block count; the last one repeats). 3n elements
+# each, as (n, 3) matrices or flat vectors. Flat (the contiguous kernel):
+# every array and scale row-contiguous; anything else runs the general one.
+def _q8_layout(grad, param=None, codes=None, compensation=None, scales=None):
+    param = param or grad
+    return dict(
+        grad=grad, param=param, codes=codes or [param],
+        compensation=compensation or param,
+        scales=scales or [lambda b: (b, [])],
+    )
+
+
+def _matrix(n):
+    return (3 * n, [("reshape", (n, 3))])
+
+
+def _transposed(n):
+    return (3 * n, [("reshape", (3, n)), ("transpose", (1, 0))])
+
+
+Q8_LAYOUTS = {
+    "contiguous": lambda n: _q8_layout(_plain(3 * n)),
+    "offset": lambda n: _q8_layout(
+        (3 * n + 5, [("slice", slice(5, None))]),
+        (3 * n + 2, [("slice", slice(2, None))]),
+        [(3 * n + 1, [("slice", slice(1, None))]), (3 * n + 7, [("slice", slice(7, None))]),
+         _plain(3 * n)],
+        (3 * n + 3, [("slice", slice(3, None))]),
+        [lambda b: (b + 1, [("slice", slice(1, None))]), lambda b: (b + 4, [("slice", slice(4, None))])],
+    ),
+    "matrix": lambda n: _q8_layout(_matrix(n)),
+    # nn.Linear's weight gradient: column-major beside a row-major parameter.
+    "transposed_grad": lambda n: _q8_layout(_transposed(n), _matrix(n)),
+    # Everything column-major (param dense: param' and the compensation' in
+    # its layout; the codes' fresh row-major ones).
+    "transposed_all": lambda n: _q8_layout(_transposed(n)),
+    # A strided (not dense) parameter: param' and the compensation' row-major.
+    "strided_param": lambda n: _q8_layout(
+        (3, [("reshape", (1, 3)), ("broadcast", (n, 3))]),
+        (6 * n, [("reshape", (n, 6)), ("slice", (slice(None), slice(None, None, 2)))]),
+        [_matrix(n)],
+        _transposed(n),
+    ),
+    # Flat arrays, scales that are not: strided and reversed.
+    "strided_scales": lambda n: _q8_layout(
+        _plain(3 * n),
+        scales=[lambda b: (2 * b, [("slice", slice(None, None, 2))]),
+                lambda b: (3 * b + 1, [("slice", slice(1, None, 3))])],
+    ),
+    "reversed_scales": lambda n: _q8_layout(
+        _plain(3 * n), scales=[lambda b: (b, [("slice", slice(None, None, -1))])]
+    ),
+    # Each entry's codes and scales in a layout of their own.
+    "mixed": lambda n: _q8_layout(
+        _transposed(n),
+        _matrix(n),
+        [_transposed(n), _matrix(n),
+         (6 * n, [("reshape", (n, 6)), ("slice", (slice(None), slice(None, None, 2)))])],
+        _transposed(n),
+        [lambda b: (2 * b, [("slice", slice(None, None, 2))]), lambda b: (b, []),
+         lambda b: (b, [("slice", slice(None, None, -1))])],
+    ),
+}
+Q8_FLAT_LAYOUTS = ["contiguous", "offset", "matrix"]
+Q8_GENERAL_LAYOUTS = [k for k in Q8_LAYOUTS if k not in Q8_FLAT_LAYOUTS]
+
+
 # ---------------------------------------------------------------- inputs
 
+# The elements' share of special values (zeros, signed zeros, subnormals,
+# infinities, NaN, huge values). The 8-bit cases use far fewer: one
+# non-finite value makes its whole block's state NaN (scale NaN, every code
+# the map's zero), which would hide the requantization most blocks need to
+# show.
+SPECIALS = 0.03
+Q8_SPECIALS = 0.001
 
-def _random_bits(rng, dtype_name, count, kind) -> np.ndarray:
+
+def _random_bits(rng, dtype_name, count, kind, specials=SPECIALS) -> np.ndarray:
     """Values of grad / param / state (v >= 0 mostly) in the dtype, as bits,
     with zeros, signed zeros, subnormals, infinities, NaN and huge values
-    mixed in."""
+    mixed in. kind "compensation": small values (what rounding dropped)."""
     dtype, uint, _ = DTYPES[dtype_name]
     x = rng.standard_normal(count).astype(np.float32)
     x *= (10.0 ** rng.uniform(-4, 2, count)).astype(np.float32)
     if kind == "v":
         x = np.abs(x)
+    if kind == "compensation":
+        x *= np.float32(1e-4)
     if count:
-        specials = np.array(
+        specials_list = np.array(
             [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, 6e-8, 3e38, 6e4, -1.0],
             dtype=np.float32,
         )
-        picks = rng.random(count) < 0.03
-        x[picks] = rng.choice(specials, picks.sum())
+        picks = rng.random(count) < specials
+        x[picks] = rng.choice(specials_list, picks.sum())
     bits = mx.array(x).astype(dtype).view(MX_UINT[uint])
     return np.array(bits)
 
 
+def _random_codes(rng, count, kind) -> np.ndarray:
+    """8-bit codes (any of the 256 is a value of either map), drawn so that a
+    centered leaf's state is mostly consistent (mean^2 <= v: else its
+    variance is negative, the update NaN and so the whole block's state):
+    v's mostly from the unsigned map's top decade (>= 0.1 scale), the mean's
+    within 30 codes of the signed map's zero (< 0.01 scale); the momentum
+    buffer's anything."""
+    codes = rng.integers(0, 256, count, dtype=np.uint8)
+    if kind == "v":
+        top = rng.integers(128, 256, count, dtype=np.uint8)
+        codes = np.where(rng.random(count) < 0.97, top, codes)
+    elif kind == "mean":
+        zero = _ext.dynamic_map(True)["zero_code"]
+        codes = rng.integers(zero - 30, zero + 31, count).astype(np.uint8)
+    return codes
+
+
+# Decades of the block scales per entry: the mean's below v's (with the
+# codes above, mean^2 < v).
+SCALE_DECADES = {"v": (-2, 1), "mean": (-4, -1), "momentum_buffer": (-4, 1)}
+
+
+def _random_scales(rng, count, kind) -> np.ndarray:
+    """Block scales (float32 bits): positive magnitudes over several
+    decades, with the odd all-zero block (scale 0) and non-finite one (NaN)."""
+    low, high = SCALE_DECADES[kind]
+    x = np.abs(rng.standard_normal(count)).astype(np.float32) + np.float32(0.1)
+    x *= (10.0 ** rng.uniform(low, high, count)).astype(np.float32)
+    if count:
+        picks = rng.random(count)
+        x[picks < 0.03] = 0.0
+        x[(picks >= 0.03) & (picks < 0.04)] = np.nan
+    return x.view(np.uint32)
+
+
 # The variants the harness runs (options of _ext.RMSpropOptions), and the
-# step count they run at (bias correction reads it). "plain" is the plain
-# kernel family (mlx.optimizers.RMSprop's math).
+# step count they run at (bias correction and stochastic rounding read it).
+# "plain" is the plain kernel family (mlx.optimizers.RMSprop's math).
 VARIANTS = {
     "plain": None,
     "momentum": dict(momentum=0.9),
@@ -424,91 +537,233 @@ VARIANTS = {
         weight_decay=0.05, decoupled_weight_decay=True, momentum=0.5
     ),
     "flags_off": {},  # the variant kernels with no option on
+    # Each set of state entries (v; v, mean; v, momentum_buffer; all three)
+    # with other options, for the 8-bit kernels.
+    "maximize_bias": dict(maximize=True, bias_correction=True),
+    "centered_decay_eps_in_sqrt": dict(
+        centered=True, weight_decay=0.01, decoupled_weight_decay=True, eps_in_sqrt=True
+    ),
+    "momentum_nesterov_decay": dict(momentum=0.9, nesterov=True, weight_decay=0.02),
 }
 VARIANT_STEP = 3
+
+ROUNDINGS = {
+    "nearest": _ext.ROUND_NEAREST,
+    "stochastic": _ext.ROUND_STOCHASTIC,
+    "kahan": _ext.ROUND_KAHAN,
+}
+# The step's guards: (clip factor, skip flag), or None (options not guarded).
+GUARDS = {
+    "none": None,
+    "clip": (0.37109375, 0.0),
+    "skip": (0.5, 1.0),
+    "unit_clip": (1.0, 0.0),
+}
+# Elements before the view in the whole leaf (stochastic rounding hashes the
+# index in the leaf), cycled over the cases: 0, small, past 2^32.
+ELEMENT_OFFSETS = [0, 1000, (1 << 32) + 77, (5 << 32) - 3]
 
 
 @dataclass
 class Case:
+    family: str  # "plain", "variant", "q8"
     dtype: str
-    state_dtype: str
+    state_dtype: str  # the state's (variants); "uint8" codes (q8)
     variant: str  # a VARIANTS key
     layout: str
     size_arg: int
     inplace: bool
     reverse: bool
     hyper: tuple
-    views: list  # grad, param, then the state
+    views: list  # the walked arrays: grad, param, the state (or codes), [compensation]
     kernel: str  # a KERNEL_KINDS entry; general ones walk general_shape/strides
     general_shape: list
     general_strides: list
-    expected: list = None  # param', then the state's: logical, bits
+    rounding: str = "nearest"
+    guard: str = "none"
+    leaf: int = 0
+    element_offset: int = 0
+    seed: int = 0
+    max_group: int = THREADGROUP
+    scale_views: list = field(default_factory=list)  # q8: one per state entry
+    outputs_like_param: bool = False
+    outputs_fit: list = None  # q8: per output, may be donated
+    expected: list = None  # every output's logical bits
 
     @property
     def flat(self) -> bool:
         return self.kernel == "contiguous"
 
     @property
+    def quantized(self) -> bool:
+        return self.family == "q8"
+
+    @property
     def options(self):
         lr, alpha, eps = self.hyper
         kwargs = VARIANTS[self.variant]
-        return _ext.RMSpropOptions(alpha=alpha, eps=eps, **(kwargs or {}))
+        return _ext.RMSpropOptions(
+            alpha=alpha, eps=eps, rounding=ROUNDINGS[self.rounding],
+            guarded=GUARDS[self.guard] is not None, **(kwargs or {})
+        )
 
     @property
     def plain(self) -> bool:
-        return VARIANTS[self.variant] is None
+        return self.family == "plain"
+
+    @property
+    def leaf_rounding(self) -> int:
+        """The leaf's rounding: the options' for 16-bit parameters only."""
+        return ROUNDINGS[self.rounding] if self.dtype != "float32" else _ext.ROUND_NEAREST
+
+    @property
+    def compensated(self) -> bool:
+        return self.leaf_rounding == _ext.ROUND_KAHAN
+
+    @property
+    def entry_names(self) -> list:
+        """The state entries in the primitive's order (options.entry_names)."""
+        return self.options.entry_names(self.quantized, DTYPES[self.dtype][0])
 
     def dtype_of(self, array: int) -> str:
-        return self.dtype if array < 2 else self.state_dtype
+        """The dtype of walked array `array` (0 grad, 1 param, ...), or of
+        scale array `array - len(views)`."""
+        states = len(self.options.state_names())
+        if array < 2:
+            return self.dtype
+        if array < 2 + states:
+            return self.state_dtype
+        if self.compensated and array == 2 + states:
+            return self.dtype
+        return "float32"  # a scale
+
+    def block_count(self) -> int:
+        size = int(np.prod(self.views[1].shape, dtype=np.int64))
+        return -(-size // BLOCK)
+
+
+BLOCK = _ext.BLOCK
+
+
+def _view_of(rng, case, dtype_name, spec, kind, specials=SPECIALS, scale=False) -> View:
+    length, ops = spec
+    if dtype_name == "uint8":
+        base = _random_codes(rng, length, kind)
+    elif scale:
+        base = _random_scales(rng, length, kind)
+    else:
+        base = _random_bits(rng, dtype_name, length, kind, specials)
+    return View(base, ops)
 
 
 def _make_case(
     rng, dtype_name, layout, n, inplace, reverse, index, force_idx64=False,
-    variant="plain", state_dtype=None,
+    variant="plain", state_dtype=None, rounding="nearest", guard="none",
+    family=None, max_group=THREADGROUP,
 ) -> Case | None:
     """One case, on the kernel eval_gpu picks (with force_idx64, a general
     case runs the 64-bit index kernel instead of the 32-bit one). The state
     arrays beyond v are laid out like v unless the layout gives each its own
-    (grad, param, v, mean, momentum buffer)."""
-    spec = LAYOUTS[layout](n)
+    (grad, param, v, mean, momentum buffer); the compensation like param."""
+    family = family or ("plain" if variant == "plain" else "variant")
+    quantized = family == "q8"
+    spec = (Q8_LAYOUTS if quantized else LAYOUTS)[layout](n)
     if spec is None:
         return None
     case = Case(
-        dtype=dtype_name, state_dtype=state_dtype or dtype_name, variant=variant,
-        layout=layout, size_arg=n, inplace=inplace, reverse=reverse,
+        family=family, dtype=dtype_name,
+        state_dtype="uint8" if quantized else (state_dtype or dtype_name),
+        variant=variant, layout=layout, size_arg=n, inplace=inplace, reverse=reverse,
         hyper=HYPERPARAMETERS[index % len(HYPERPARAMETERS)], views=[],
-        kernel="", general_shape=[], general_strides=[],
+        kernel="", general_shape=[], general_strides=[], rounding=rounding, guard=guard,
+        leaf=(index * 7919) % 1000, element_offset=ELEMENT_OFFSETS[index % len(ELEMENT_OFFSETS)],
+        seed=int(rng.integers(0, 1 << 32)), max_group=max_group,
     )
-    names = ["grad", "param", *case.options.state_names()]
-    for i, name in enumerate(names):
-        slot = ["grad", "param", "v", "mean", "momentum_buffer"].index(name)
-        length, ops = spec[min(slot, len(spec) - 1)]  # v's layout unless it has its own
+    specials = Q8_SPECIALS if quantized else SPECIALS
+    slots = ["grad", "param", "v", "mean", "momentum_buffer"]
+    state = case.options.state_names()
+    for i, name in enumerate(["grad", "param", *state]):
+        if quantized:
+            codes = spec["codes"]
+            role_spec = spec[name] if i < 2 else codes[min(i - 2, len(codes) - 1)]
+        else:
+            slot = slots.index(name)
+            role_spec = spec[min(slot, len(spec) - 1)]  # v's layout unless it has its own
         kind = "v" if name == "v" else name
-        case.views.append(View(_random_bits(rng, case.dtype_of(i), length, kind), ops))
+        case.views.append(_view_of(rng, case, case.dtype_of(i), role_spec, kind, specials))
+    if case.compensated:
+        comp_spec = spec["compensation"] if quantized else spec[1]
+        case.views.append(_view_of(rng, case, dtype_name, comp_spec, "compensation", specials))
+    if quantized:
+        blocks = case.block_count()
+        for e in range(len(state)):
+            scale_spec = spec["scales"][min(e, len(spec["scales"]) - 1)](blocks)
+            case.scale_views.append(
+                _view_of(rng, case, "float32", scale_spec, state[e], scale=True)
+            )
     shapes = {v.shape for v in case.views}
     assert len(shapes) == 1, f"{layout}: shapes differ {shapes}"
-    case.kernel, case.general_shape, case.general_strides = _dispatch_layout(_mx_arrays(case))
+    assert [name for name in case.entry_names] == (
+        state + (["compensation"] if case.compensated else [])
+        + ([f"{s}_scale" for s in state] if quantized else [])
+    )
+    dispatch = _ext._gpu_dispatch(
+        _mx_arrays(case), _mx_scales(case), quantized=quantized, rounding=case.leaf_rounding
+    )
+    case.kernel = dispatch["kernel"]
+    case.general_shape = dispatch["shape"]
+    case.general_strides = dispatch["strides"]
+    case.outputs_like_param = dispatch["outputs_like_param"]
+    case.outputs_fit = dispatch.get("outputs_fit")
     if force_idx64 and case.kernel == "general_idx32":
         case.kernel = "general_idx64"
+    if not quantized and not case.flat:
+        # eval_gpu donates nothing to the general plain / variant kernels
+        # (e.g. a flat layout under stochastic rounding whose param is not
+        # row-contiguous): those run with fresh outputs.
+        case.inplace = False
     return case
 
 
 def _mx_arrays(case: Case) -> list:
-    return [view.to_mx(DTYPES[case.dtype_of(i)][0]) for i, view in enumerate(case.views)]
+    return [
+        view.to_mx(DTYPES[case.dtype_of(i)][0] if case.dtype_of(i) != "uint8" else mx.uint8)
+        for i, view in enumerate(case.views)
+    ]
+
+
+def _mx_scales(case: Case) -> list:
+    return [view.to_mx(mx.float32) for view in case.scale_views]
+
+
+def _uint_of(dtype_name: str):
+    return np.uint8 if dtype_name == "uint8" else DTYPES[dtype_name][1]
 
 
 def _cpu_reference(case: Case) -> None:
     lr, alpha, eps = case.hyper
-    g, w, *state = _mx_arrays(case)
+    g, w, *entries = _mx_arrays(case)
     lr = mx.array(np.float32(lr))
     if case.plain:
-        outputs = rmsprop_update(g, w, state[0], lr, alpha=alpha, eps=eps, stream=mx.cpu)
+        outputs = rmsprop_update(g, w, entries[0], lr, alpha=alpha, eps=eps, stream=mx.cpu)
     else:
-        outputs = _ext.rmsprop_step(g, w, state, lr, VARIANT_STEP, case.options, stream=mx.cpu)
+        kwargs = {}
+        guard = GUARDS[case.guard]
+        if guard is not None:
+            kwargs["clip"] = mx.array(np.float32(guard[0]))
+            kwargs["skip"] = mx.array(np.float32(guard[1]))
+        if case.leaf_rounding == _ext.ROUND_STOCHASTIC:
+            kwargs["seed"] = mx.array(case.seed, dtype=mx.uint32)
+        outputs = _ext.rmsprop_step(
+            g, w, entries + _mx_scales(case), lr, VARIANT_STEP, case.options,
+            stream=mx.cpu, quantized=case.quantized, leaf=case.leaf,
+            element_offset=case.element_offset, **kwargs,
+        )
     mx.eval(outputs)
+    dtypes = [case.dtype_of(a) for a in range(1, len(case.views) + len(case.scale_views))]
     case.expected = [
-        np.array(out.view(MX_UINT[DTYPES[case.dtype_of(i + 1)][1]]))
-        for i, out in enumerate(outputs)
+        np.array(out.view(mx.uint8) if d == "uint8" else out.view(MX_UINT[DTYPES[d][1]]))
+        for out, d in zip(outputs, dtypes)
     ]
 
 
@@ -519,6 +774,21 @@ def _bits32(x) -> str:
     return f"{int(np.float32(x).view(np.uint32)):08x}"
 
 
+def _donations(case: Case) -> list:
+    """Per output (param', the walked state', the scales'): whether eval_gpu
+    gives it its input's buffer in this case. In place, the plain and variant
+    kernels donate every output on the flat layout (allocate_outputs), the
+    8-bit ones each output whose input is laid out as it is
+    (allocate_quantized_outputs)."""
+    outputs = len(case.views) - 1 + len(case.scale_views)
+    if not case.inplace:
+        return [False] * outputs
+    if case.quantized:
+        return list(case.outputs_fit)
+    assert case.flat, "in place only where eval_gpu donates"
+    return [True] * outputs
+
+
 def _write_manifest(cases: list[Case], workdir: Path) -> Path:
     lines = []
     for i, case in enumerate(cases):
@@ -526,33 +796,44 @@ def _write_manifest(cases: list[Case], workdir: Path) -> Path:
         options = case.options
         size = int(np.prod(case.views[1].shape, dtype=np.int64))
         inp = workdir / f"case{i}.in"
+        views = case.views + case.scale_views
         with open(inp, "wb") as f:
-            for view in case.views:
+            for view in views:
                 f.write(view.base.tobytes())
-        # The buffer eval_gpu binds in the bias-correction slot: what the op
-        # computes from the step array (1 - alpha^t in double, rounded once
-        # to float32), or -- without bias correction -- the learning rate
-        # again, which the kernel must not read.
-        bias_correction = 1.0 - alpha**VARIANT_STEP if options.bias_correction else lr
-        slots = _ext._gpu_array_slots(options, case.plain)
+        # The packed step scalars eval_gpu binds: lr, the bias correction the
+        # op computes from the step array (1 - alpha^t in double, rounded once
+        # to float32) or 1, the clip factor (1 without clipping), the skip flag.
+        bias_correction = 1.0 - alpha**VARIANT_STEP if options.bias_correction else 1.0
+        clip, skip = GUARDS[case.guard] or (1.0, 0.0)
+        slots = _ext._gpu_array_slots(options, case.plain, case.compensated)
+        items = [
+            1 if case.dtype_of(a) == "uint8" else DTYPES[case.dtype_of(a)][2]
+            for a in range(len(views))
+        ]
         lines += [
-            f"dtype {case.dtype} {case.state_dtype}",
-            f"variant {int(not case.plain)}",
+            f"family {case.family}",
+            f"dtype {case.dtype} {case.state_dtype if not case.quantized else case.dtype}",
             f"kernel {case.kernel}",
             f"size {size}",
+            f"max_group {case.max_group}",
             f"alpha {float(alpha).hex()}",
             f"eps {float(eps).hex()}",
             f"momentum {float(options.momentum).hex()}",
             f"weight_decay {float(options.weight_decay).hex()}",
             f"flags {options.flags()}",
-            f"lr_bits {_bits32(lr)}",
-            f"bc_bits {_bits32(bias_correction)}",
+            "step_bits " + " ".join(_bits32(x) for x in (lr, bias_correction, clip, skip)),
+            f"rounding {case.leaf_rounding}",
+            f"leaf {case.leaf}",
+            f"offset {case.element_offset}",
+            f"key {case.seed} {VARIANT_STEP}",
             f"order {'reverse' if case.reverse else 'forward'}",
-            f"inplace {int(case.inplace)}",
-            f"arrays {len(case.views)}",
+            f"walked {len(case.views)}",
+            f"scales {len(case.scale_views)}",
+            "items " + " ".join(map(str, items)),
             f"input {inp}",
-            "elements " + " ".join(str(view.base.size) for view in case.views),
-            "offsets " + " ".join(str(view.offset) for view in case.views),
+            "elements " + " ".join(str(view.base.size) for view in views),
+            "offsets " + " ".join(str(view.offset) for view in views),
+            "donate " + " ".join(str(int(d)) for d in _donations(case)),
             "slots " + " ".join(map(str, slots)),
         ]
         if not case.flat:
@@ -561,6 +842,11 @@ def _write_manifest(cases: list[Case], workdir: Path) -> Path:
                 f"strides {a} " + " ".join(map(str, st))
                 for a, st in enumerate(case.general_strides)
             ]
+            if case.quantized:
+                lines.append(
+                    "scale_strides " + " ".join(str(v.strides[0]) for v in case.scale_views)
+                )
+                lines.append(f"like_param {int(case.outputs_like_param)}")
         lines += [f"output {workdir / f'case{i}.out'}", "end"]
     manifest = workdir / "manifest.txt"
     manifest.write_text("\n".join(lines) + "\n")
@@ -568,23 +854,34 @@ def _write_manifest(cases: list[Case], workdir: Path) -> Path:
 
 
 def _harness_outputs(case: Case, raw: bytes) -> list:
-    """The harness's outputs (param', then the state's) as logical arrays of
-    bits, checking that an in-place update left the rest of each buffer
-    untouched."""
+    """The harness's outputs (param', the walked state', the scales') as
+    logical arrays of bits, checking that an in-place update left the rest of
+    each buffer untouched."""
     param = case.views[1]
     size = int(np.prod(param.shape, dtype=np.int64))
+    walked = len(case.views)
+    donated = _donations(case)
     outs = []
     at = 0
-    for a in range(1, len(case.views)):
-        view = case.views[a]
-        uint = DTYPES[case.dtype_of(a)][1]
+    for a in range(1, walked + len(case.scale_views)):
+        view = case.views[a] if a < walked else case.scale_views[a - walked]
+        shape = param.shape if a < walked else (case.block_count(),)
+        count_logical = int(np.prod(shape, dtype=np.int64))
+        uint = _uint_of(case.dtype_of(a))
         item = np.dtype(uint).itemsize
-        count = view.base.size if case.inplace else size
+        count = view.base.size if donated[a - 1] else count_logical
         buf = np.frombuffer(raw, dtype=uint, count=count, offset=at)
         at += count * item
-        if case.inplace:
+        # Where a fresh output keeps its elements: param's layout for param'
+        # and the compensation' (the flat plain / variant kernels; the 8-bit
+        # ones when param is dense), else row-major.
+        param_shaped = a == 1 or (case.compensated and a == walked - 1) or not case.quantized
+        like_param = (case.flat and not case.quantized) or (
+            case.quantized and param_shaped and case.outputs_like_param
+        )
+        if donated[a - 1]:
             # Elements outside the view must be untouched.
-            lo, hi = view.offset, view.offset + size
+            lo, hi = _view_extent(view)
             outside = np.concatenate([buf[:lo], buf[hi:]])
             base_outside = np.concatenate([view.base[:lo], view.base[hi:]])
             assert np.array_equal(outside, base_outside), (
@@ -592,20 +889,25 @@ def _harness_outputs(case: Case, raw: bytes) -> list:
             )
             outs.append(
                 np.lib.stride_tricks.as_strided(
-                    buf[view.offset:], param.shape, [s * item for s in view.strides]
-                ) if size else buf[:0].reshape(param.shape)
+                    buf[view.offset:], shape, [s * item for s in view.strides]
+                ) if count_logical else buf[:0].reshape(shape)
             )
-        elif case.flat and size:
-            # Outputs take param's strides (allocate_outputs on the flat layout).
+        elif like_param and count_logical:
             outs.append(
                 np.lib.stride_tricks.as_strided(
-                    buf, param.shape, [s * item for s in param.strides]
+                    buf, shape, [s * item for s in param.strides]
                 )
             )
         else:
-            outs.append(buf.reshape(param.shape))
+            outs.append(buf.reshape(shape))
     assert at == len(raw), f"driver wrote {len(raw)} bytes, expected {at}"
     return outs
+
+
+def _view_extent(view: View) -> tuple:
+    """[lo, hi): the base elements a dense view (in place) covers."""
+    size = int(np.prod(view.shape, dtype=np.int64))
+    return view.offset, view.offset + size
 
 
 # Bits of exponent + mantissa, and the largest such value that is not NaN.
@@ -621,7 +923,10 @@ def _is_nan(bits: np.ndarray, dtype_name: str) -> np.ndarray:
 def _same_bits(got: np.ndarray, want: np.ndarray, dtype_name: str) -> np.ndarray:
     """Elementwise: equal bits, or both NaN. IEEE 754 leaves the sign and
     payload of a NaN result unspecified; x86 even flips the sign depending on
-    which operand the compiler put first, so only NaN-ness is compared."""
+    which operand the compiler put first, so only NaN-ness is compared
+    (codes, uint8, exactly)."""
+    if dtype_name == "uint8":
+        return got == want
     return (got == want) | (_is_nan(got, dtype_name) & _is_nan(want, dtype_name))
 
 
@@ -646,19 +951,21 @@ def _run_cases(driver: Driver, cases: list[Case], workdir: Path) -> None:
         text=True,
         env=env,
         cwd=driver.workdir,
-        timeout=300,
+        timeout=600,
     )
     assert proc.returncode == 0, f"driver failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
     for i, case in enumerate(cases):
         raw = (workdir / f"case{i}.out").read_bytes()
         got = _harness_outputs(case, raw)
         label = (
-            f"{case.dtype}/{case.state_dtype} {case.variant} {case.layout} n={case.size_arg} "
+            f"{case.family} {case.dtype}/{case.state_dtype} {case.variant} {case.layout} "
+            f"n={case.size_arg} {case.rounding} guard={case.guard} "
             f"{'in-place' if case.inplace else 'out-of-place'} "
             f"{'reverse' if case.reverse else 'forward'} "
             f"{case.kernel} kernel"
         )
-        names = ["param'", *(f"{name}'" for name in case.options.state_names())]
+        names = ["param'", *(f"{name}'" for name in case.entry_names)]
+        assert len(got) == len(case.expected) == len(names)
         for a, (name, out, want) in enumerate(zip(names, got, case.expected)):
             dtype = case.dtype_of(a + 1)
             assert out.shape == want.shape, f"{label}: {name} shape {out.shape} != {want.shape}"
@@ -668,16 +975,25 @@ def _run_cases(driver: Driver, cases: list[Case], workdir: Path) -> None:
 
 def _cases(
     dtype_name, layouts, sizes, inplace_modes, seed, force_idx64=False,
-    variant="plain", state_dtype=None,
+    variant="plain", state_dtype=None, roundings=("nearest",), guards=("none",),
+    family=None, max_group=THREADGROUP,
 ):
+    """Every layout x in-place mode x size; the (rounding, guard) pairs
+    cycled over them, shifted by one on each pass over the sizes so that no
+    pair stays with one size."""
     rng = np.random.default_rng(seed)
     cases = []
     for layout in layouts:
         for inplace in inplace_modes:
             for i, n in enumerate(sizes):
+                k = len(cases)
+                pair = k + k // len(sizes)
                 case = _make_case(
-                    rng, dtype_name, layout, n, inplace, i % 2 == 1, len(cases),
+                    rng, dtype_name, layout, n, inplace, i % 2 == 1, k,
                     force_idx64, variant, state_dtype,
+                    roundings[pair % len(roundings)],
+                    guards[(pair // len(roundings)) % len(guards)],
+                    family, max_group,
                 )
                 if case is not None:
                     cases.append(case)
@@ -799,6 +1115,10 @@ def test_every_kernel_is_registered_under_eval_gpus_names(drivers, build):
         f"rmsprop_variant_{kind}_{dtype}_{state}": [size[dtype], size[state], *index[kind]]
         for kind in KERNEL_KINDS
         for dtype, state in DTYPE_PAIRS
+    } | {
+        f"rmsprop_q8_{kind}_{dtype}": [size[dtype], *index[kind]]
+        for kind in KERNEL_KINDS
+        for dtype in DTYPES
     }
     assert {name: list(map(int, sizes.split(","))) for name, sizes in registered.items()} == expected
 
@@ -886,7 +1206,33 @@ def test_embedded_source_matches_cpu(drivers, tmp_path, dtype_name):
                 dtype_name, [layout], sizes, [inplace], _seed(dtype_name, variant, state_dtype),
                 force_idx64, variant, state_dtype,
             )
+    # The rounding options and the step's guards on the variant kernels, and
+    # the 8-bit kernels (every state set), each rounding and guard.
+    roundings = tuple(ROUNDINGS) if dtype_name != "float32" else ("nearest",)
+    for layout, inplace, force_idx64 in [
+        ("contiguous", True, False),
+        ("transposed", False, False),  # flat, but not row-major: general under SR
+        ("mixed", False, True),
+    ]:
+        cases += _cases(
+            dtype_name, [layout], VARIANT_SIZES, [inplace],
+            _seed(dtype_name, "embedded-rounding", layout), force_idx64,
+            "centered_nesterov_inside", roundings=roundings, guards=tuple(GUARDS),
+        )
+    for layout, inplace, force_idx64, variant in [
+        ("contiguous", True, False, "centered_nesterov_inside"),
+        ("offset", False, False, "flags_off"),
+        ("mixed", False, False, "centered_bias_eps_in_sqrt"),
+        ("transposed_grad", True, True, "momentum"),
+    ]:
+        cases += _cases(
+            dtype_name, [layout], Q8_SIZES, [inplace], _seed(dtype_name, "embedded-q8", layout),
+            force_idx64, variant, roundings=roundings, guards=tuple(GUARDS), family="q8",
+        )
     assert {c.kernel for c in cases} == set(KERNEL_KINDS)
+    assert {(c.family, c.kernel) for c in cases if c.family == "q8"} == {
+        ("q8", kind) for kind in KERNEL_KINDS
+    }
     _run_cases(drivers["embedded"], cases, tmp_path)
 
 
@@ -894,7 +1240,11 @@ VARIANT_SIZES = [0, 1, 3, 4, 5, 8, 9, 17, 255, 257, 1025, 4097]
 
 
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=lambda p: "_".join(p))
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "plain"])
+@pytest.mark.parametrize(
+    "variant",
+    ["momentum", "centered_nesterov_inside", "centered_bias_eps_in_sqrt",
+     "coupled_decay_maximize", "decoupled_decay_momentum", "flags_off"],
+)
 def test_variant_kernels_match_cpu(drivers, tmp_path, pair, variant):
     """Every variant kernel (both index widths of the general one), each
     option, flat in place and fresh, general layouts, sizes around the chunk
@@ -911,6 +1261,115 @@ def test_variant_kernels_match_cpu(drivers, tmp_path, pair, variant):
                  force_idx64=True, variant=variant, state_dtype=state_dtype)
     )
     assert {c.kernel for c in cases} == set(KERNEL_KINDS)
+    _run_cases(drivers["sanitized"], cases, tmp_path)
+
+
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=lambda p: "_".join(p))
+@pytest.mark.parametrize(
+    "variant", ["flags_off", "centered_nesterov_inside", "decoupled_decay_momentum"]
+)
+def test_variant_rounding_and_guards_match_cpu(drivers, tmp_path, pair, variant):
+    """The variant kernels with stochastic rounding (the index in the whole
+    leaf, past 2^32 too), Kahan summation (the compensation in and out, in
+    place too) and the step's guards (clip factor, skip flag: every output
+    equals its input, in place and fresh), cycled over the cases: flat
+    layouts in place and fresh (a flat layout whose param is not row-major
+    runs the general kernel under stochastic rounding), general layouts on
+    both index widths; bit for bit with the CPU primitive. float32
+    parameters are stored as computed whatever the rounding option says."""
+    dtype_name, state_dtype = pair
+    seed = _seed(pair, variant, "rounding")
+    common = dict(
+        variant=variant, state_dtype=state_dtype, roundings=tuple(ROUNDINGS),
+        guards=tuple(GUARDS),
+    )
+    cases = (
+        _cases(dtype_name, ["contiguous", "offset", "transposed", "permuted_3d"], VARIANT_SIZES,
+               [False, True], seed, **common)
+        + _cases(dtype_name, ["transposed_grad", "mixed", "state_apart", "broadcast_grad"],
+                 VARIANT_SIZES, [False], seed + 1, **common)
+        + _cases(dtype_name, ["strided", "reversed"], VARIANT_SIZES, [False], seed + 2,
+                 force_idx64=True, **common)
+    )
+    assert {c.kernel for c in cases} == set(KERNEL_KINDS)
+    big = [c for c in cases if c.size_arg > 1]
+    assert {(c.rounding, c.guard) for c in big} == {(r, g) for r in ROUNDINGS for g in GUARDS}
+    assert any(c.inplace and c.guard == "skip" for c in cases)
+    assert any(c.inplace and c.rounding == "kahan" for c in cases)
+    if dtype_name != "float32":
+        # SR on a flat layout whose param is not row-major: the general kernel.
+        assert any(c.layout == "transposed" and c.rounding == "stochastic"
+                   and c.kernel != "contiguous" for c in big)
+        assert any(c.compensated for c in cases)
+    _run_cases(drivers["sanitized"], cases, tmp_path)
+
+
+# The 8-bit kernels' sizes: the layouts hold 3n elements, so 3 (one partial
+# block), 33, 255, 258, 513 and 900 (partial last blocks after 0 to 3 full
+# ones), and for the flat layouts 0.
+Q8_SIZES = [1, 11, 85, 86, 171, 300]
+# The variants the 8-bit tests run, by the state entries they keep: v; v
+# and mean; v and momentum_buffer; all three.
+Q8_STATE_SETS = {
+    "v": ("flags_off", "maximize_bias", "coupled_decay_maximize"),
+    "v_mean": ("centered_bias_eps_in_sqrt", "centered_decay_eps_in_sqrt"),
+    "v_momentum": ("momentum", "momentum_nesterov_decay", "decoupled_decay_momentum"),
+    "v_mean_momentum": ("centered_nesterov_inside",),
+}
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("state_set", list(Q8_STATE_SETS))
+def test_q8_kernels_match_cpu(drivers, tmp_path, dtype_name, state_set):
+    """The 8-bit state's kernels (one SIMD-group per block of 256, lanes as
+    concurrent threads meeting in simd_max): every kind on every layout --
+    flat (the contiguous kernel), a transposed gradient, everything
+    column-major, a strided parameter, strided and reversed scales, and
+    each entry in a layout of its own (the general kernels, both index
+    widths) --, partial last blocks, in place (every output whose layout
+    allows it donated) and fresh, each rounding (16-bit parameters) and each
+    guard (clip factor != 1, skip) cycled over the cases, with the variant
+    options of this set of state entries: codes, scales, param' and the
+    compensation' bit for bit with the CPU primitive."""
+    variants = Q8_STATE_SETS[state_set]
+    roundings = tuple(ROUNDINGS) if dtype_name != "float32" else ("nearest",)
+    cases = []
+    for i, layout in enumerate(Q8_LAYOUTS):
+        general = layout in Q8_GENERAL_LAYOUTS
+        sizes = Q8_SIZES if general else [0, *Q8_SIZES]
+        for force_idx64 in (False, True) if general else (False,):
+            cases += _cases(
+                dtype_name, [layout], sizes, [False, True],
+                _seed("q8", dtype_name, state_set, layout, force_idx64), force_idx64,
+                variants[i % len(variants)], roundings=roundings, guards=tuple(GUARDS),
+                family="q8",
+            )
+    assert {c.kernel for c in cases} == set(KERNEL_KINDS)
+    assert {(c.rounding, c.guard) for c in cases} == {(r, g) for r in roundings for g in GUARDS}
+    # In place: some outputs donated, and on the general kernels too.
+    assert any(c.inplace and not c.flat and all(_donations(c)) for c in cases)
+    assert any(c.inplace and not c.flat and not all(_donations(c)) for c in cases)
+    _run_cases(drivers["sanitized"], cases, tmp_path)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_q8_kernels_match_cpu_on_many_blocks(drivers, tmp_path, dtype_name):
+    """Hundreds of blocks: many SIMD-groups per threadgroup (1024 threads),
+    several threadgroups, lanes of different SIMD-groups running at once;
+    the contiguous kernel in place with every state entry and the 64-bit
+    general kernel on a transposed gradient."""
+    half = dtype_name != "float32"
+    n = (1 << 15) + 77  # 98535 elements: 385 blocks, the last one partial
+    cases = _cases(
+        dtype_name, ["contiguous"], [n], [True], _seed("q8-big", dtype_name), False,
+        "centered_nesterov_inside", roundings=("stochastic",) if half else ("nearest",),
+        guards=("clip",), family="q8",
+    ) + _cases(
+        dtype_name, ["transposed_grad"], [n // 2], [False], _seed("q8-big-g", dtype_name), True,
+        "momentum", roundings=("kahan",) if half else ("nearest",), family="q8",
+    )
+    assert [c.kernel for c in cases] == ["contiguous", "general_idx64"]
+    assert all(c.block_count() > 128 for c in cases)
     _run_cases(drivers["sanitized"], cases, tmp_path)
 
 
@@ -976,6 +1435,69 @@ def test_two_d_grids_match_cpu(drivers, tmp_path, dtype_name):
     _run_cases(driver, cases, tmp_path)
 
 
+def _q8_grid(driver: Driver, n: int, max_group: int) -> list[int]:
+    """(threads, width, height, group_width, max_width) of an 8-bit dispatch."""
+    out = subprocess.run(
+        [str(driver.path), "q8grid", str(n), str(max_group)],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    return list(map(int, out))
+
+
+@pytest.mark.parametrize("max_group", [1024, 1000, 576, 33, 32])
+def test_q8_grid_is_whole_simd_groups(drivers, max_group):
+    """rmsprop_q8_threads() and rmsprop_q8_grid() at the real width: a
+    SIMD-group of 32 threads per block of 256 elements; grid rows and
+    threadgroups are whole SIMD-groups (a pipeline's maximum threadgroup
+    size rounded down to one), so a thread's SIMD-group is its linear index
+    / 32 and padding threads (past 2^31 threads, 2-D) fill whole
+    SIMD-groups."""
+    driver = drivers["sanitized"]
+    simd = _math_define("RMSPROP_SIMD_WIDTH")
+    assert simd == 32 and BLOCK == 256
+    for n in [0, 1, 255, 256, 257, 1 << 20, (1 << 36) + 5, (1 << 40) + 3, 1 << 44]:
+        threads, width, height, group, max_width = _q8_grid(driver, n, max_group)
+        assert max_width == REAL_MAX_WIDTH
+        assert threads == -(-n // BLOCK) * simd, n
+        assert width == min(threads, REAL_MAX_WIDTH)
+        assert height == (0 if width == 0 else -(-threads // width))
+        if threads:
+            assert width % simd == 0 and group % simd == 0
+            assert group == min(max_group // simd * simd, width)
+            assert (width * height - threads) % simd == 0
+            assert (height - 1) * width < threads
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_q8_two_d_grids_match_cpu(drivers, tmp_path, dtype_name):
+    """With rows of 64 threads (2 SIMD-groups), the 8-bit kernels run 2-D
+    grids whose last row may be a padding SIMD-group, with threadgroups of
+    one SIMD-group (max 32 threads) or of a whole row: the kernels' 2-D
+    block index and early return, the same code that runs past 2^31
+    threads."""
+    driver = drivers["small_grid"]
+    assert _q8_grid(driver, 3 * BLOCK, 1024) == [96, 64, 2, 64, FAKE_MAX_WIDTH]
+    half = dtype_name != "float32"
+    roundings = tuple(ROUNDINGS) if half else ("nearest",)
+    sizes = [1, 100, 171, 300, 400]  # 1 to 5 blocks
+    cases = []
+    for max_group in (32, 1024):
+        seed = _seed(dtype_name, "q8-2d", max_group)
+        cases += (
+            _cases(dtype_name, ["contiguous", "offset"], sizes, [False, True], seed,
+                   variant="centered_nesterov_inside", roundings=roundings,
+                   guards=tuple(GUARDS), family="q8", max_group=max_group)
+            + _cases(dtype_name, ["mixed"], sizes, [False, True], seed + 1,
+                     variant="momentum", roundings=roundings, guards=("none", "skip"),
+                     family="q8", max_group=max_group)
+            + _cases(dtype_name, ["transposed_grad"], sizes, [False], seed + 2, True,
+                     "centered_bias_eps_in_sqrt", roundings=roundings, family="q8",
+                     max_group=max_group)
+        )
+    assert {c.kernel for c in cases} == set(KERNEL_KINDS)
+    _run_cases(driver, cases, tmp_path)
+
+
 def _gcov_json(driver: Driver) -> dict:
     # gcov must come from the GCC that compiled the driver.
     major = subprocess.run(
@@ -995,11 +1517,33 @@ def _gcov_json(driver: Driver) -> dict:
     return json.loads(proc.stdout.splitlines()[0])
 
 
+def _product_cases(dtype_name, runs, sizes, seed, variants, roundings=("nearest",),
+                   guards=("none",), family=None, state_dtype=None):
+    """Every (layout, in place, 64-bit index) run x variant x rounding x guard
+    x size: explicit combinations, where _cases cycles them."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for (layout, inplace, force_idx64), variant, rounding, guard in itertools.product(
+        runs, variants, roundings, guards
+    ):
+        for i, n in enumerate(sizes):
+            case = _make_case(
+                rng, dtype_name, layout, n, inplace, i % 2 == 1, len(cases), force_idx64,
+                variant, state_dtype, rounding, guard, family,
+            )
+            if case is not None:
+                cases.append(case)
+    return cases
+
+
 def test_every_shader_line_and_kernel_runs(drivers, tmp_path):
     """gcov on the small-grid build: every executable line, both ways of
     every branch and every instantiated function of the shader run in a
     compact run of the harness (per dtype and kernel: a tail-only array and a
-    2-D grid with full chunks or runs, a short run and padding threads)."""
+    2-D grid with full chunks or runs, a short run and padding threads; the
+    variant and 8-bit kernels with and without centered and momentum, each
+    rounding of 16-bit parameters, skipped steps in place and fresh; the
+    8-bit general kernels with param' in param's layout and row-major)."""
     driver = drivers["small_grid"]
     if not driver.coverage:
         pytest.skip("coverage needs GCC's gcov; the compiler here is not GCC")
@@ -1020,7 +1564,9 @@ def test_every_shader_line_and_kernel_runs(drivers, tmp_path):
                 dtype_name, ["transposed_grad"], general_sizes, [False], _seed(dtype_name, "cov-g64"), True
             )
         )
-        # Every variant instantiation with centered and momentum each way.
+        roundings = tuple(ROUNDINGS) if dtype_name != "float32" else ("nearest",)
+        # Every variant instantiation with centered and momentum each way;
+        # each rounding and a skipped step (in place and fresh).
         for state_dtype in sorted({dtype_name, "float32"}):
             for variant in ("momentum", "centered_nesterov_inside", "centered_bias_eps_in_sqrt",
                             "flags_off"):
@@ -1033,6 +1579,29 @@ def test_every_shader_line_and_kernel_runs(drivers, tmp_path):
                     + _cases(dtype_name, ["transposed_grad"], general_sizes, [False], seed + 2,
                              True, variant, state_dtype)
                 )
+            cases += _product_cases(
+                dtype_name,
+                [("contiguous", True, False), ("contiguous", False, False),
+                 ("transposed_grad", False, False), ("transposed_grad", False, True)],
+                sizes[:1], _seed(dtype_name, state_dtype, "cov-rounding"),
+                ["centered_nesterov_inside"], roundings, ("none", "skip"),
+                state_dtype=state_dtype,
+            )
+        # The 8-bit kernels: a partial block alone, and 3 blocks on a 2-D
+        # grid (2 SIMD-groups a row) whose last SIMD-group pads.
+        q8_runs = [
+            (layout, inplace, force_idx64)
+            for layout in ("contiguous", "transposed_grad")
+            for inplace in (True, False)
+            for force_idx64 in ((False, True) if layout != "contiguous" else (False,))
+        ] + [("strided_param", False, False), ("strided_param", True, True)]
+        cases += _product_cases(
+            dtype_name, q8_runs, [1, 171], _seed(dtype_name, "cov-q8"),
+            ["centered_nesterov_inside", "flags_off"], roundings, ("none", "skip"), "q8",
+        ) + _product_cases(
+            dtype_name, q8_runs, [171], _seed(dtype_name, "cov-q8-one"),
+            ["centered_bias_eps_in_sqrt", "momentum"], family="q8",
+        )
         assert {c.kernel for c in cases} == set(KERNEL_KINDS)
         _run_cases(driver, cases, tmp_path / dtype_name)
 
@@ -1068,6 +1637,8 @@ def test_every_shader_line_and_kernel_runs(drivers, tmp_path):
         if n.startswith(("void rmsprop_variant_contiguous<", "void rmsprop_variant_general<"))
     ]
     assert len(variants) == len(KERNEL_KINDS) * len(DTYPE_PAIRS), variants
+    q8 = [n for n in names if n.startswith(("void rmsprop_q8_contiguous<", "void rmsprop_q8_general<"))]
+    assert len(q8) == len(KERNEL_KINDS) * len(DTYPES), q8
 
 
 def _actionlint() -> str | None:

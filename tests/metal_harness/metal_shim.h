@@ -12,7 +12,12 @@
 #pragma once
 
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <type_traits>
 
 #if __cplusplus >= 201703L
@@ -74,6 +79,81 @@ struct uint2 {
   constexpr uint2(uint x_, uint y_) : x(x_), y(y_) {}
 };
 
+// ---- as_type<T>(x): Metal's bit cast between types of one size.
+template <typename To, typename From>
+inline To as_type(From x) {
+  static_assert(sizeof(To) == sizeof(From), "as_type needs types of one size");
+  static_assert(
+      std::is_trivially_copyable<To>::value && std::is_trivially_copyable<From>::value,
+      "as_type casts plain values");
+  To to;
+  std::memcpy(&to, &x, sizeof(To));
+  return to;
+}
+
+// ---- SIMD-groups. A SIMD-group's lanes run concurrently on a GPU and a
+// SIMD-group function (simd_max) combines the values of all of them. Here
+// each lane of a SIMD-group is a real OS thread (the driver runs the lanes
+// of the SIMD-groups of a dispatch on a pool of RMSPROP_SHIM_SIMD_WIDTH
+// threads, tests/metal_harness/driver.cpp), and simd_max is a rendezvous:
+// every lane leaves its value and waits until the last one of the SIMD-group
+// has arrived, which computes the maximum for all of them.
+//
+// Stricter than Metal on purpose: every lane of the SIMD-group must call
+// the same simd_max (same source line) in the same round. A lane that
+// returned from the kernel while others wait in simd_max, or lanes meeting
+// at different calls, abort the driver with a message: the kernels are
+// written so that no SIMD-group function ever runs with inactive lanes.
+#define RMSPROP_SHIM_SIMD_WIDTH 32
+
+namespace rmsprop_shim {
+
+struct SimdGroup {
+  std::mutex mutex;
+  std::condition_variable done;
+  unsigned lanes = 0; // threads of this SIMD-group
+  unsigned running = 0; // of them, those that have not returned yet
+  unsigned arrived = 0; // of them, those waiting in the current round
+  unsigned long long round = 0;
+  unsigned char value[RMSPROP_SHIM_SIMD_WIDTH][8];
+  int line[RMSPROP_SHIM_SIMD_WIDTH];
+  bool here[RMSPROP_SHIM_SIMD_WIDTH];
+  unsigned char result[8];
+};
+
+// The SIMD-group and lane the calling OS thread runs (set by the driver).
+struct LaneContext {
+  SimdGroup* group;
+  unsigned lane;
+};
+inline LaneContext& current_lane() {
+  static thread_local LaneContext context = {nullptr, 0};
+  return context;
+}
+
+[[noreturn]] inline void simd_fail(const char* what, unsigned a, unsigned b) {
+  std::fprintf(stderr, "metal shim: %s (%u, %u)\n", what, a, b);
+  std::fflush(stderr);
+  std::abort();
+}
+
+// Called by the driver when a lane's thread returns from the kernel.
+inline void lane_returned() {
+  LaneContext& me = current_lane();
+  SimdGroup& g = *me.group;
+  std::lock_guard<std::mutex> lock(g.mutex);
+  --g.running;
+  if (g.arrived > 0) {
+    simd_fail(
+        "a lane returned while others of its SIMD-group wait in simd_max "
+        "(lanes waiting, lanes running)",
+        g.arrived, g.running);
+  }
+  me.group = nullptr;
+}
+
+} // namespace rmsprop_shim
+
 // ---- The metal:: functions the shader uses, float only (precise = IEEE
 // correctly rounded, like the CPU's std::sqrt and operator/). Other argument
 // types are deleted so an accidental double or half overload fails to build.
@@ -90,6 +170,58 @@ T sqrt(T) = delete;
 template <typename T>
 T divide(T, T) = delete;
 } // namespace precise
+
+// The maximum of x over the lanes of the calling SIMD-group (see
+// rmsprop_shim::SimdGroup). `line` (the caller's source line, filled in by
+// the compiler) checks that every lane meets at the same call.
+template <typename T>
+T simd_max(T x, int line = __builtin_LINE()) {
+  static_assert(std::is_arithmetic<T>::value && sizeof(T) <= 8, "simd_max of a scalar");
+  rmsprop_shim::LaneContext& me = rmsprop_shim::current_lane();
+  if (me.group == nullptr) {
+    rmsprop_shim::simd_fail("simd_max called outside a SIMD-group (line, 0)", unsigned(line), 0);
+  }
+  rmsprop_shim::SimdGroup& g = *me.group;
+  std::unique_lock<std::mutex> lock(g.mutex);
+  std::memcpy(g.value[me.lane], &x, sizeof(T));
+  g.line[me.lane] = line;
+  g.here[me.lane] = true;
+  const unsigned long long round = g.round;
+  if (++g.arrived == g.running) {
+    // The last lane to arrive: every lane of the SIMD-group must be here.
+    if (g.running != g.lanes) {
+      rmsprop_shim::simd_fail(
+          "simd_max with inactive lanes (lanes calling, lanes of the SIMD-group)",
+          g.running, g.lanes);
+    }
+    T best = x;
+    for (unsigned l = 0; l < RMSPROP_SHIM_SIMD_WIDTH; ++l) {
+      if (!g.here[l]) {
+        continue;
+      }
+      if (g.line[l] != line) {
+        rmsprop_shim::simd_fail(
+            "lanes of a SIMD-group meet at different simd_max calls (lines)",
+            unsigned(g.line[l]), unsigned(line));
+      }
+      T value;
+      std::memcpy(&value, g.value[l], sizeof(T));
+      best = value > best ? value : best;
+      g.here[l] = false;
+    }
+    std::memcpy(g.result, &best, sizeof(T));
+    g.arrived = 0;
+    ++g.round;
+    g.done.notify_all();
+  } else {
+    g.done.wait(lock, [&] { return g.round != round; });
+  }
+  // The next round cannot end before this lane arrives again: the result
+  // stays until it is read.
+  T result;
+  std::memcpy(&result, g.result, sizeof(T));
+  return result;
+}
 } // namespace metal
 
 // ---- Address spaces. `device` memory is plain memory; `constant` memory is
@@ -105,4 +237,5 @@ T divide(T, T) = delete;
 #define buffer(index)
 #define thread_position_in_grid
 #define threads_per_grid
+#define thread_index_in_simdgroup
 #define host_name(name)

@@ -7,4 +7,5 @@
 #undef buffer
 #undef thread_position_in_grid
 #undef threads_per_grid
+#undef thread_index_in_simdgroup
 #undef host_name

@@ -81,6 +81,10 @@ SHADER_TESTS = ["tests/test_metal_emulation.py", "-k", "not actionlint"]
 # The variant kernels in the harness, against the CPU primitive (which walks
 # grad, param and the state through every CPU walk of the variants).
 SHADER_VARIANTS = "tests/test_metal_emulation.py::test_variant_kernels_match_cpu"
+SHADER_ROUNDING = "tests/test_metal_emulation.py::test_variant_rounding_and_guards_match_cpu"
+SHADER_Q8 = "tests/test_metal_emulation.py::test_q8_kernels_match_cpu"
+SHADER_Q8_2D = "tests/test_metal_emulation.py::test_q8_two_d_grids_match_cpu"
+SHADER_Q8_GRID = "tests/test_metal_emulation.py::test_q8_grid_is_whole_simd_groups"
 OPTIMIZER_TESTS = "tests/test_optimizer.py"
 RELIABILITY = "tests/test_reliability.py"
 BAD_INPUTS = "tests/test_bad_inputs.py"
@@ -929,8 +933,8 @@ MUTANTS = [
       "The GPU picks 32-bit index math exactly when it does not fit.",
       LAYOUT),
     m("dispatch_contiguous_when_param_dense", OP,
-      "  if (is_flat_layout(arrays)) {\n    return {RMSpropKernel::contiguous, {}};",
-      "  if (is_dense(arrays[1])) {\n    return {RMSpropKernel::contiguous, {}};",
+      "    flat = is_flat_layout(arrays) &&\n",
+      "    flat = is_dense(arrays[1]) &&\n",
       "The GPU runs the contiguous kernel whenever param is dense, whatever the other arrays' layout.",
       [LAYOUT] + SHADER_TESTS),
     m("gpu_slots_buffer_is_mean", OP,
@@ -939,9 +943,26 @@ MUTANTS = [
       "With centered momentum the GPU kernels get the mean's array in the momentum buffer's slot.",
       SHADER_VARIANTS),
     m("gpu_slots_mean_and_buffer_swapped", OP,
-      "return {0, 1, 2, mean, buffer};", "return {0, 1, 2, buffer, mean};",
+      "return {0, 1, 2, mean, buffer, compensation};",
+      "return {0, 1, 2, buffer, mean, compensation};",
       "The GPU kernels get the momentum buffer's array in the mean's slot and vice versa.",
       SHADER_VARIANTS),
+    m("gpu_slots_compensation_is_param", OP,
+      "size_t compensation = compensated ? next++ : 1;", "size_t compensation = 1;",
+      "Kahan-compensated GPU kernels read and write param's buffers as the compensation.",
+      SHADER_ROUNDING),
+    m("dispatch_q8_contiguous_with_strided_scales", OP,
+      "    for (const auto& a : scales) {\n      flat = flat && a.flags().row_contiguous;\n    }\n",
+      "",
+      "An 8-bit leaf whose scales are strided or reversed runs the contiguous kernel, which "
+      "reads the scales at the block's index.",
+      SHADER_Q8),
+    m("dispatch_stochastic_flat_when_param_not_row_major", OP,
+      "(!config.stochastic() || param.flags().row_contiguous);",
+      "true;",
+      "Stochastic rounding on a flat layout whose param is not row-major (all transposed) runs "
+      "the contiguous kernel, which hashes the memory index instead of the row-major one.",
+      SHADER_ROUNDING),
 
     # ------------------------------------------------------------- grid
     m("grid_threads_floor", GRID,
@@ -972,6 +993,17 @@ MUTANTS = [
       "Off-by-one in the width clamp.",
       SHADER_TESTS,
       equivalent="at threads == max_width both branches give the same width"),
+    m("grid_q8_threads_floor", GRID,
+      "return (n + RMSPROP_BLOCK - 1) / RMSPROP_BLOCK * RMSPROP_SIMD_WIDTH;",
+      "return n / RMSPROP_BLOCK * RMSPROP_SIMD_WIDTH;",
+      "An 8-bit leaf's partial last block gets no SIMD-group.",
+      SHADER_Q8),
+    m("grid_q8_group_not_whole_simd_groups", GRID,
+      "max_threads_per_group / RMSPROP_SIMD_WIDTH * RMSPROP_SIMD_WIDTH);",
+      "max_threads_per_group);",
+      "A pipeline whose maximum threadgroup is not a multiple of 32 threads cuts the 8-bit "
+      "kernels' blocks across SIMD-groups.",
+      SHADER_Q8_GRID),
     m("grid_variant_name_order", GRID,
       'rmsprop_kernel_kind(kernel) + "_" + param_dtype +\n      "_" + state_dtype;',
       'rmsprop_kernel_kind(kernel) + "_" + state_dtype +\n      "_" + param_dtype;',
@@ -1021,7 +1053,8 @@ MUTANTS = [
       "The short last run of a row runs past the row's end.",
       SHADER_TESTS),
     m("shader_general_offset_divmod", SHADER,
-      "    rest /= extent;\n", "    rest %= extent;\n",
+      "    rest /= extent;\n    for (int a = 0; a < K; ++a) {",
+      "    rest %= extent;\n    for (int a = 0; a < K; ++a) {",
       "The general kernels' per-dim coordinates all come from the same remainder "
       "(wrong from the third collapsed dim on).",
       SHADER_TESTS),
@@ -1044,10 +1077,10 @@ MUTANTS = [
       "The plain general kernel reads param at v's offsets and v at param's.",
       SHADER_TESTS),
     m("shader_general_alpha_swapped", SHADER,
-      "  RMSpropCoefficients<float> k = {\n      lr[0], scalars.alpha, scalars.one_minus_alpha, scalars.eps};\n"
-      "  for (IdxT i",
-      "  RMSpropCoefficients<float> k = {\n      lr[0], scalars.one_minus_alpha, scalars.alpha, scalars.eps};\n"
-      "  for (IdxT i",
+      "  RMSpropCoefficients<float> k = {\n      step[RMSPROP_STEP_LR], scalars.alpha, "
+      "scalars.one_minus_alpha, scalars.eps};\n  for (IdxT i",
+      "  RMSpropCoefficients<float> k = {\n      step[RMSPROP_STEP_LR], scalars.one_minus_alpha, "
+      "scalars.alpha, scalars.eps};\n  for (IdxT i",
       "The plain general kernel swaps alpha and 1 - alpha.",
       SHADER_TESTS),
     m("shader_index_widths_swapped", SHADER,
@@ -1096,21 +1129,24 @@ MUTANTS = [
       "eval_gpu binds in the mean's place).",
       SHADER_VARIANTS),
     m("shader_variant_contiguous_no_bias_correction", SHADER,
-      "bias_correction[0], constants);\n  for (ulong i", "1.0f, constants);\n  for (ulong i",
+      "step[RMSPROP_STEP_BIAS_CORRECTION],\n      step[RMSPROP_STEP_CLIP], constants);\n  const RMSpropRounding rounding = rmsprop_leaf_rounding(leaf, rounding_key);\n  for (ulong i",
+      "1.0f,\n      step[RMSPROP_STEP_CLIP], constants);\n  const RMSpropRounding rounding = rmsprop_leaf_rounding(leaf, rounding_key);\n  for (ulong i",
       "The variant contiguous kernel ignores the bias correction.",
       SHADER_VARIANTS),
     m("shader_variant_general_bias_correction_is_lr", SHADER,
-      "bias_correction[0], constants);\n  for (IdxT i", "lr[0], constants);\n  for (IdxT i",
+      "step[RMSPROP_STEP_BIAS_CORRECTION],\n      step[RMSPROP_STEP_CLIP], constants);\n  const RMSpropRounding rounding = rmsprop_leaf_rounding(leaf, rounding_key);\n  for (IdxT i",
+      "step[RMSPROP_STEP_LR],\n      step[RMSPROP_STEP_CLIP], constants);\n  const RMSpropRounding rounding = rmsprop_leaf_rounding(leaf, rounding_key);\n  for (IdxT i",
       "The variant general kernels divide by the learning rate instead of 1 - alpha^t.",
       SHADER_VARIANTS),
     m("shader_variant_general_mean_at_buffer_offsets", SHADER,
-      "run.offset[3] + i * run.step[3]", "run.offset[4] + i * run.step[4]",
+      "      at[a] = run.offset[a] + i * run.step[a];\n    }\n",
+      "      at[a] = run.offset[a] + i * run.step[a];\n    }\n    at[3] = at[4];\n",
       "The variant general kernels read the mean at the momentum buffer's offsets "
       "(wrong where the two are laid out differently).",
       SHADER_VARIANTS),
     m("shader_variant_general_v_at_param_offsets", SHADER,
-      "run.offset[2] + i * run.step[2], run.offset[3]",
-      "run.offset[1] + i * run.step[1], run.offset[3]",
+      "      at[a] = run.offset[a] + i * run.step[a];\n    }\n",
+      "      at[a] = run.offset[a] + i * run.step[a];\n    }\n    at[2] = at[1];\n",
       "The variant general kernels read v at param's offsets.",
       SHADER_VARIANTS),
     m("shader_variant_state_rounded_to_param_type", SHADER,
@@ -1118,11 +1154,95 @@ MUTANTS = [
       "The variant kernels round v' to the parameter's type before storing it: float32 "
       "state beside half parameters keeps only half precision.",
       SHADER_VARIANTS),
+    m("shader_variant_clip_ignored", SHADER,
+      "step[RMSPROP_STEP_CLIP], constants);\n  const RMSpropRounding rounding = "
+      "rmsprop_leaf_rounding(leaf, rounding_key);\n  for (ulong i",
+      "1.0f, constants);\n  const RMSpropRounding rounding = "
+      "rmsprop_leaf_rounding(leaf, rounding_key);\n  for (ulong i",
+      "The variant contiguous kernel ignores the step's clip factor.",
+      SHADER_ROUNDING),
+    m("shader_variant_skip_copies_nothing", SHADER,
+      "  if (out == in) {\n    return;\n  }", "  if (out != in) {\n    return;\n  }",
+      "A skipped step leaves fresh outputs of the variant contiguous kernel unwritten.",
+      SHADER_ROUNDING),
+    m("shader_variant_sr_index_within_thread", SHADER,
+      "buffer_out, compensation_out, at, i, i, k, constants.flags, rounding);",
+      "buffer_out, compensation_out, at, i, i - start, k, constants.flags, rounding);",
+      "Stochastic rounding hashes the element's index within its thread's chunk, not within "
+      "the leaf.",
+      SHADER_ROUNDING),
+    m("shader_kahan_compensation_not_updated", SHADER,
+      "compensation_out[out] = static_cast<T>(rmsprop_kahan_remainder<float>(\n"
+      "          w, static_cast<float>(stored), kahan.change));",
+      "compensation_out[out] = compensation[at_c];",
+      "Kahan summation never updates the compensation.",
+      SHADER_ROUNDING),
+    m("shader_kahan_rounds_nearest", SHADER,
+      "    } else if (r.mode == RMSPROP_ROUND_KAHAN) {",
+      "    } else if (r.mode == 99u) {",
+      "Kahan-compensated parameters are rounded to nearest and the compensation is not written.",
+      SHADER_ROUNDING),
+
+    # ------------------------------------------------- shader: 8-bit state
+    m("shader_q8_lane_stride", SHADER,
+      "const IdxT i = IdxT(lane) + IdxT(j * RMSPROP_SIMD_WIDTH);\n    s[0][j] = 0.0f;",
+      "const IdxT i = IdxT(lane) + IdxT(j * 16);\n    s[0][j] = 0.0f;",
+      "The lanes of a block update elements lane + 16 j: some twice, the block's last half never.",
+      SHADER_Q8),
+    m("shader_q8_simd_max_skipped", SHADER,
+      "rmsprop_block_scale(RMSPROP_BITS_FLOAT(metal::simd_max(max_key)))",
+      "rmsprop_block_scale(RMSPROP_BITS_FLOAT(max_key))",
+      "Each lane requantizes with its own elements' maximum instead of the block's.",
+      SHADER_Q8),
+    m("shader_q8_every_lane_writes_its_scale", SHADER,
+      "  if (lane == 0u) {\n    scale_out[block] = scale;\n  }",
+      "  scale_out[block] = rmsprop_block_scale(RMSPROP_BITS_FLOAT(max_key));",
+      "Every lane writes the block's scale from its own maximum (the last writer wins).",
+      SHADER_Q8),
+    m("shader_q8_sr_index_within_block", SHADER,
+      "ulong(first + i), rounding);", "ulong(i), rounding);",
+      "Stochastic rounding of an 8-bit leaf hashes the element's index within its block, not "
+      "within the leaf.",
+      SHADER_Q8),
+    m("shader_q8_skip_ignored", SHADER,
+      "  if (rmsprop_skips(step)) {\n    // Every output equals its input. (Entries",
+      "  if (false) {\n    // Every output equals its input. (Entries",
+      "The 8-bit kernels update the leaf on a skipped step.",
+      SHADER_Q8),
+    m("shader_q8_block_ignores_grid_row", SHADER,
+      "const ulong block = rmsprop_thread_index(gid, grid_dims) / RMSPROP_SIMD_WIDTH;\n"
+      "  const ulong first",
+      "const ulong block = ulong(gid.x) / RMSPROP_SIMD_WIDTH;\n  const ulong first",
+      "Past the first row of a 2-D grid the contiguous 8-bit kernel updates the first row's "
+      "blocks again.",
+      SHADER_Q8_2D),
+    m("shader_q8_scale_stride_ignored", SHADER,
+      "long(block) * quantized_layout.scale_stride[1]", "long(block)",
+      "The general 8-bit kernels read a strided or reversed mean scale at the block's index.",
+      SHADER_Q8),
+    m("shader_q8_param_out_row_major", SHADER,
+      "out = like_param ? at[1] : index;", "out = index;",
+      "The general 8-bit kernels write param' row-major where it has param's layout.",
+      SHADER_Q8),
 
     # ------------------------------------------- eval_gpu (built on macOS only)
-    m("metal_bias_correction_always_lr", METAL,
-      "options_.bias_correction ? scalars[1] : lr", "lr",
-      "On a GPU bias-corrected variants divide by the learning rate instead of 1 - alpha^t.",
+    m("metal_rounding_key_is_step_scalars", METAL,
+      "encoder.set_input_array(in.key ? *in.key : packed, at++);",
+      "encoder.set_input_array(packed, at++);",
+      "On a GPU stochastic rounding hashes the packed step scalars' bits instead of the seed "
+      "and step.",
+      GPU_STUB, equivalent=REVIEW_ONLY),
+    m("metal_q8_scales_in_entry_order", METAL,
+      "encoder.set_input_array(in.scales[slots[2 + e] - 2], at++);",
+      "encoder.set_input_array(in.scales[e], at++);",
+      "The 8-bit kernels get scales past the leaf's entries (or the wrong entry's) instead of "
+      "following gpu_array_slots.",
+      GPU_STUB, equivalent=REVIEW_ONLY),
+    m("metal_q8_width_unchecked", METAL,
+      "kernel->threadExecutionWidth() != RMSPROP_SIMD_WIDTH ||",
+      "false ||",
+      "A GPU whose SIMD-groups are not 32 threads runs the 8-bit kernels, whose blocks then "
+      "mix lanes of several SIMD-groups.",
       GPU_STUB, equivalent=REVIEW_ONLY),
     m("metal_output_slots_in_order", METAL,
       "encoder.set_output_array(outputs[slots[i] - 1], at++);",
