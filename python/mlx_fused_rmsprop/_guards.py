@@ -54,6 +54,16 @@ def compute(gradients: Any, max_grad_norm: Optional[float], skip_nonfinite: bool
     return Guards(norm, clip, skip)
 
 
+def step_values(guards: Optional[Guards], seed: Optional[mx.array]) -> dict:
+    """The native step's values beside lr and the step count: the clip
+    factor and skip flag (None without guards), the rounding seed."""
+    return {
+        "clip": guards.clip if guards else None,
+        "skip": guards.skip if guards else None,
+        "seed": seed,
+    }
+
+
 def initial_entries() -> dict[str, mx.array]:
     """The guards' state entries before the first step."""
     return {GRAD_NORM: mx.array(0.0, mx.float32), SKIPPED_STEPS: mx.array(0, mx.uint64)}

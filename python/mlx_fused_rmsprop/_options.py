@@ -215,6 +215,72 @@ def check_memory_options(
 
 
 
+def check_ranges(
+    alpha: float,
+    eps: float,
+    momentum: float,
+    weight_decay: float,
+    initial_scale: float,
+    nesterov: bool,
+) -> None:
+    """Raise ValueError naming the option unless the numbers are in range
+    (with mlx.optimizers.RMSprop's own messages for alpha and eps)."""
+    if alpha < 0.0:
+        raise ValueError(f"RMSprop alpha should be >=0, {alpha} was provided instead")
+    if eps <= 0.0:
+        raise ValueError(f"RMSprop epsilon should be >0, {eps} was provided instead")
+    # mlx.optimizers.RMSprop accepts inf and NaN here and fails (or trains on
+    # NaN) later; the fused op rejects them, so say it now.
+    for name, value in (("alpha", alpha), ("epsilon", eps)):
+        if not math.isfinite(value):
+            raise ValueError(
+                f"RMSprop {name} should be a finite number, {value} was provided instead"
+            )
+    for name, value in (
+        ("momentum", momentum),
+        ("weight_decay", weight_decay),
+        ("initial_scale", initial_scale),
+    ):
+        if not (math.isfinite(value) and value >= 0.0):
+            raise ValueError(
+                f"RMSprop {name} should be a finite number >= 0, "
+                f"{value} was provided instead"
+            )
+    if nesterov and momentum <= 0.0:
+        raise ValueError(
+            f"RMSprop nesterov=True needs momentum > 0, {momentum} was provided instead"
+        )
+
+
+def check_state_dtype(state_dtype: Any) -> None:
+    if state_dtype is not None and not (
+        isinstance(state_dtype, mx.Dtype) and state_dtype == mx.float32
+    ):
+        raise ValueError(
+            f"RMSprop state_dtype should be None (the parameter's dtype) or "
+            f"mlx.core.float32, {state_dtype} was provided instead"
+        )
+
+
+def check_settings(opt: Any) -> None:
+    """Raise ValueError naming the option unless what may have been assigned
+    to ``opt`` since construction is valid: the options' kinds, what a new
+    state is made with (initial_scale, state_dtype), the memory-lean options
+    and the guards. (alpha, eps, momentum and weight_decay's ranges the op
+    checks at every step; the seed lives in the state, checked with it.)"""
+    check_option_types({name: getattr(opt, name) for name in OPTION_KINDS})
+    if not (math.isfinite(opt.initial_scale) and opt.initial_scale >= 0.0):
+        raise ValueError(
+            f"RMSprop initial_scale should be a finite number >= 0, "
+            f"{opt.initial_scale} was provided instead"
+        )
+    check_state_dtype(opt.state_dtype)
+    check_memory_options(
+        opt.state_bits, opt.min_8bit_size, opt.stochastic_rounding, None,
+        opt.kahan_summation, opt.max_grad_norm, opt.skip_nonfinite,
+    )
+
+
 def rounding_mode(stochastic_rounding: bool, kahan_summation: bool) -> int:
     """The primitive's rounding mode (RMSPROP_ROUND_*) of the two options."""
     if stochastic_rounding:

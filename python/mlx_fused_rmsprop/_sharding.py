@@ -668,7 +668,7 @@ class ShardedState:
             raise ValueError(f"RMSprop: the optimizer state has no entry '{missing[0]}'")
         opt = self.opt
         scalars = {name: state[name] for name in SCALAR_ENTRIES if name in state}
-        opt._state = opt._converted(scalars, {}, opt._layout())
+        opt._state = _state.converted(scalars, {}, opt._layout(), opt._add_scalar_entries)
         self.pending_full = state
         self.plan = None
         opt._initialized = False

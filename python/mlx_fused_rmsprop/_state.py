@@ -205,6 +205,64 @@ def full_precision(leaf_state: dict) -> dict:
     return out
 
 
+def nbytes(state: dict) -> int:
+    """The bytes of a state's per-parameter entries (not the scalar ones)."""
+    from ._sharding import flatten  # tree_flatten's order, any leaf
+
+    return sum(
+        value.nbytes
+        for keys, value in flatten(state)
+        if isinstance(value, mx.array) and not (len(keys) == 1 and keys[0] in SCALAR_ENTRIES)
+    )
+
+
+def full_precision_tree(state: dict) -> dict:
+    """A whole optimizer state in the plain layout (see full_precision): the
+    scalar entries as they are, every parameter's state converted."""
+
+    def convert(tree: Any) -> Any:
+        if isinstance(tree, dict) and tree and all(isinstance(v, mx.array) for v in tree.values()):
+            return full_precision(tree)
+        if isinstance(tree, dict):
+            return {k: convert(v) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(convert(v) for v in tree)
+        return tree
+
+    scalars = {k: v for k, v in state.items() if k in SCALAR_ENTRIES}
+    rest = {k: v for k, v in state.items() if k not in SCALAR_ENTRIES}
+    return {**scalars, **convert(rest)}
+
+
+def converted(
+    state: Any,
+    parameters: Any,
+    layout: "Layout",
+    add_scalar_entries: Callable[[dict], None],
+) -> Any:
+    """An assigned state in ``layout``'s form (each parameter's state through
+    Layout.convert), with the scalar entries the options need added."""
+    if not isinstance(state, dict):
+        return state
+    leaves = {k: v for k, v in state.items() if k not in SCALAR_ENTRIES}
+    out = {k: v for k, v in state.items() if k in SCALAR_ENTRIES}
+    out.update(map_leaves(leaves, parameters, layout.convert))
+    add_scalar_entries(out)
+    return out
+
+
+def add_scalar_entries(state: dict, stochastic_rounding: bool, guarded: bool) -> None:
+    """The scalar entries ``state`` lacks for these options: stochastic
+    rounding's seed (drawn from mx.random), the guards' report."""
+    from . import _guards  # (a module of the same layer)
+
+    if stochastic_rounding and "seed" not in state:
+        state["seed"] = _options.draw_seed()
+    if guarded:
+        for name, value in _guards.initial_entries().items():
+            state.setdefault(name, value)
+
+
 def map_leaves(
     state: Any,
     parameters: Any,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Optional, Union
 
 import mlx.core as mx
@@ -10,6 +9,7 @@ from mlx.optimizers import Optimizer
 
 from . import _ext
 from . import _options
+from . import _presets
 from . import _guards
 from . import _sharding
 from . import _state
@@ -69,149 +69,90 @@ class RMSprop(Optimizer):
              w - \lambda \frac{g}{d}
 
     Args:
-        learning_rate (float or callable): The learning rate :math:`\lambda`,
-          or a schedule of the step count.
-        alpha (float, optional): The smoothing constant :math:`\alpha`.
-          Default: ``0.99``
-        eps (float, optional): The term :math:`\epsilon` added to the denominator
-          to improve numerical stability. Default: ``1e-8``
-        momentum (float, optional): The momentum :math:`\mu` (>= 0); > 0 keeps a
-          ``momentum_buffer`` state. Default: ``0``
-        nesterov (bool, optional): Nesterov momentum (needs ``momentum > 0``).
+        learning_rate (float or callable): :math:`\lambda`, or a schedule of
+          the step count.
+        alpha (float, optional): :math:`\alpha`. Default: ``0.99``
+        eps (float, optional): :math:`\epsilon`. Default: ``1e-8``
+        momentum (float, optional): :math:`\mu` (>= 0; > 0 keeps a
+          ``momentum_buffer``). Default: ``0``
+        nesterov (bool, optional): Nesterov momentum (needs momentum).
           Default: ``False``
-        centered (bool, optional): Normalize by the variance estimate
-          :math:`v - m^2`; keeps a ``mean`` state. Default: ``False``
-        weight_decay (float, optional): The weight decay :math:`\beta` (>= 0).
-          Default: ``0``
-        decoupled_weight_decay (bool, optional): Decay the weights directly
-          (:math:`w \leftarrow w - \lambda \beta w`) instead of adding
-          :math:`\beta w` to the gradient. Default: ``False``
-        eps_in_sqrt (bool, optional): :math:`\sqrt{\sigma^2 + \epsilon}` instead
-          of :math:`\sqrt{\sigma^2} + \epsilon`. Default: ``False``
-        initial_scale (float, optional): The value :math:`v` starts at (>= 0).
-          Default: ``0``
-        bias_correction (bool, optional): Divide :math:`v` (and :math:`m`) by
-          :math:`1 - \alpha^t`. Default: ``False``
-        maximize (bool, optional): Ascend the objective. Default: ``False``
-        lr_inside_momentum (bool, optional): The momentum buffer accumulates
-          :math:`\lambda g / d` (optax, Keras) rather than :math:`g / d`
-          (torch); the same under a constant learning rate, not under a
-          schedule. Default: ``False``
-        state_dtype (Dtype, optional): ``None`` keeps the state in each
-          parameter's dtype (as MLX); ``mx.float32`` keeps it in float32 for
-          float16 / bfloat16 parameters, whose math then runs in float32 with
-          the parameter rounded once per step. Default: ``None``
-        state_bits (int, optional): ``8`` keeps the state of every parameter
-          of at least ``min_8bit_size`` elements (float64 excepted) 8-bit:
-          uint8 codes plus one float32 scale per 256 elements, dynamic
-          quantization maps, updated in float32 and requantized in the same
-          fused pass (see *8-bit state* below); smaller parameters keep
-          float32 state. ``None`` keeps full precision. Default: ``None``
-        min_8bit_size (int, optional): The fewest elements a parameter has
-          for 8-bit state. Default: ``4096``
-        stochastic_rounding (bool, optional): Round float16 / bfloat16
-          parameters stochastically from the float32 result (unbiased, so
-          updates below the parameter's spacing add up on average); other
-          dtypes are unaffected. Default: ``False``
-        seed (int, optional): The seed of stochastic rounding's random bits
-          (``0 <= seed < 2**32``), kept in :attr:`state` as ``"seed"``;
-          ``None`` draws one from ``mx.random``. Default: ``None``
-        kahan_summation (bool, optional): Keep a ``compensation`` state entry
-          (the parameter's dtype) for float16 / bfloat16 parameters that adds
-          back what rounding dropped (see *Rounding* below); not with
-          ``stochastic_rounding``. Default: ``False``
-        max_grad_norm (float, optional): Clip the gradients' global L2 norm
-          to this (>= 0), as :func:`mlx.optimizers.clip_grad_norm` does,
-          inside the fused update (see *Guards* below). Default: ``None``
-        skip_nonfinite (bool, optional): When any gradient element is NaN or
-          infinite, change nothing (no parameter, no state entry, not the
-          step count). Default: ``False``
+        centered (bool, optional): Normalize by :math:`v - m^2` (keeps a
+          ``mean``). Default: ``False``
+        weight_decay (float, optional): :math:`\beta` (>= 0). Default: ``0``
+        decoupled_weight_decay (bool, optional): :math:`w \leftarrow w -
+          \lambda \beta w` instead of :math:`g + \beta w`. Default: ``False``
+        eps_in_sqrt (bool, optional): :math:`\sqrt{\sigma^2 + \epsilon}`.
+          Default: ``False``
+        initial_scale (float, optional): :math:`v_0` (>= 0). Default: ``0``
+        bias_correction (bool, optional): :math:`c_t = 1 - \alpha^t`.
+          Default: ``False``
+        maximize (bool, optional): Ascend. Default: ``False``
+        lr_inside_momentum (bool, optional): The buffer accumulates
+          :math:`\lambda g / d` (optax, Keras; differs from torch's under a
+          schedule). Default: ``False``
+        state_dtype (Dtype, optional): ``mx.float32`` keeps float16 /
+          bfloat16 parameters' state in float32; ``None``, in their dtype.
+          Default: ``None``
+        state_bits (int, optional): ``8``: 8-bit state (below). Default: ``None``
+        min_8bit_size (int, optional): The fewest elements for 8-bit state
+          (smaller parameters keep float32 state). Default: ``4096``
+        stochastic_rounding (bool, optional): Round 16-bit parameters
+          stochastically (below). Default: ``False``
+        seed (int, optional): Its seed, in ``[0, 2**32)`` (kept in the state;
+          ``None`` draws one from ``mx.random``). Default: ``None``
+        kahan_summation (bool, optional): Kahan-compensated 16-bit parameters
+          (below; not with ``stochastic_rounding``). Default: ``False``
+        max_grad_norm (float, optional): Clip the global gradient norm to it
+          (>= 0; below). Default: ``None``
+        skip_nonfinite (bool, optional): Skip steps with a NaN or infinite
+          gradient (below). Default: ``False``
         shard_group (mlx.core.distributed.Group, optional): Shard the state
-          over the ranks of this group (ZeRO stage 1, see *Sharded state*
-          below); ``None`` keeps all of it on every process. Default: ``None``
-        shard_bucket_bytes (int, optional): With ``shard_group``, the most
-          bytes per rank one all-gather of updated parameters moves.
-          Default: ``2**25`` (32 MiB)
+          over this group's ranks (below). Default: ``None``
+        shard_bucket_bytes (int, optional): The most bytes per rank one
+          all-gather of parameters moves. Default: ``2**25``
 
-    **8-bit state.** Each state entry (``v``; ``mean`` and
-    ``momentum_buffer`` when kept) of a quantized parameter is uint8 codes of
-    the parameter's shape plus ``<name>_scale``, float32, one per block of
-    256 consecutive elements in row-major order (the last may be partial),
-    holding the block's absolute maximum. Per block and step, in the one
-    fused pass: dequantize (:math:`m[c] \cdot s`, the unsigned dynamic map
-    for ``v``, the signed one otherwise), update in float32, update the
-    parameter from that fresh float32 state, and requantize to the nearest
-    code of :math:`x / s'` (ties toward the smaller magnitude) with the new
-    absolute maximum :math:`s'` (NaN when a value is not finite: the block
-    then reads back as NaN). :meth:`full_precision_state` gives the state in
-    the plain float32 layout; assigning a full-precision state (e.g. an
-    :class:`mlx.optimizers.RMSprop` checkpoint) to an 8-bit optimizer's
-    :attr:`state` quantizes it, and an 8-bit state given to a full-precision
-    optimizer is dequantized, at the next step.
+    Every option, against mlx, torch, optax and Keras: docs/options.md.
 
-    **Rounding.** float16 / bfloat16 parameters are computed in float32 and
-    rounded once; by default to nearest, which drops an update below half
-    the parameter's spacing every step. With ``stochastic_rounding`` they
-    round up with probability (distance to the value below) / spacing: the
-    random bits are a hash of (seed, step, the parameter's position in
-    ``tree_flatten`` order, the element's row-major index), the same on every
-    thread count, build and backend, sharded or not. With
-    ``kahan_summation``, with :math:`u` the float32 update of the stored
-    parameter :math:`w`:
+    **8-bit state** (``state_bits=8``): each state entry of a parameter of
+    at least ``min_8bit_size`` elements (float64 excepted: it keeps float64
+    state) is uint8 codes of its shape plus
+    ``<name>_scale``, float32, one per 256 elements (the block's absolute
+    maximum), dequantized, updated in float32 and requantized in the same
+    fused pass; the parameter is updated from the fresh float32 state.
+    :meth:`full_precision_state` gives the plain float32 state; a state of
+    the other form assigned to :attr:`state` is converted at the next step.
+    See docs/memory.md.
 
-    .. math::
+    **Rounding** of float16 / bfloat16 parameters: ``stochastic_rounding``
+    rounds up with probability (distance to the value below) / spacing, the
+    random bits a hash of (seed, step, the parameter's ``tree_flatten``
+    position, the element's row-major index); ``kahan_summation`` keeps a
+    ``compensation`` :math:`c` and, with :math:`u` the update of the stored
+    :math:`w`, stores :math:`w' = \mathrm{round}(w + c - u)`,
+    :math:`c' = \mathrm{round}(c - u - (w' - w))`. See docs/memory.md.
 
-        c_1 = c - u, \quad w' = \mathrm{round}(w + c_1), \quad
-        c' = \mathrm{round}(c_1 - (w' - w))
+    **Guards** (``max_grad_norm``, ``skip_nonfinite``): the gradients'
+    global norm, summed as :func:`mlx.optimizers.clip_grad_norm` sums it
+    (kept as :attr:`grad_norm`); clipping scales every gradient by
+    :math:`\min(m / (\|g\| + 10^{-6}), 1)` inside the fused update
+    (float32 bit-identical to ``clip_grad_norm`` then the update); a step
+    with a NaN or infinite gradient changes nothing but :attr:`grad_norm`
+    and :attr:`skipped_steps`. In the graph: no host sync, and it works
+    under :func:`mlx.core.compile`. See docs/training.md.
 
-    **Guards.** With ``max_grad_norm`` or ``skip_nonfinite`` every step first
-    computes the gradients' global norm :math:`\|g\|` exactly as
-    :func:`mlx.optimizers.clip_grad_norm` does (one read of the gradients,
-    no temporaries on the CPU), kept as ``opt.grad_norm``; clipping scales
-    every gradient by :math:`\min(m / (\|g\| + 10^{-6}), 1)` inside the
-    fused update (float32 results are bit-identical to ``clip_grad_norm``
-    followed by the update; float16 / bfloat16 gradients are scaled in
-    float32, not rounded to 16 bits first); a step whose squared norm is not
-    finite is skipped when ``skip_nonfinite``, counted in
-    ``opt.skipped_steps``. All of it is decided inside the graph: no host
-    sync, and it works under :func:`mlx.core.compile`.
-
-    **Sharded state.** With ``shard_group`` (any ``mx.distributed.Group`` of
-    :math:`N` ranks; or :meth:`sharded`, e.g. after a preset; feed every rank
-    the same gradients, e.g. averaged with
-    :func:`mlx.nn.average_gradients`), the gradient leaves in
-    ``tree_flatten`` order are viewed as one flat vector of :math:`E`
-    elements, and rank :math:`r` keeps state only for the elements
-    :math:`[rS, \min((r+1)S, E))`, :math:`S = \lceil E/N \rceil`, whatever
-    the leaf sizes (a leaf may be split between ranks; an 8-bit leaf only at
-    a multiple of 256 of its own elements, so no block spans ranks). Each
-    step a rank updates its own elements with the fused kernel (on 1-D slices of the
-    leaves: the update is element-wise, so the bits are the unsharded
-    optimizer's), then the updated parameters are all-gathered, a few
-    buckets per step (one per parameter dtype unless a rank's share of it
-    exceeds ``shard_bucket_bytes``). Parameters are bit-identical to the
-    unsharded optimizer's on every rank; the per-parameter state per rank
-    is :math:`\approx 1/N` of it.
-
-    On a sharded rank :attr:`state` holds the scalar entries (``"step"``,
-    ``"learning_rate"``, ...) and, at each parameter's path, the state of
-    this rank's piece of it: ``{"v": (stop - start,), ...}`` (1-D, the
-    piece's elements of the flattened state; 8-bit: its codes and its
-    blocks' scales) or ``{}`` when the rank owns none of it. Checkpoints:
-    :meth:`sharded_state_dict` (per rank) -> :meth:`assemble_state` (the
-    full state, which this class unsharded and
-    :class:`mlx.optimizers.RMSprop` load) -> :meth:`load_full_state` (into
-    a sharded optimizer on any number of ranks; assigning :attr:`state`
-    does the same).
-
-    Every check that can differ between ranks (the gradient leaves, the
-    state) runs before any collective, and the ranks then agree in one
-    small all-gather: if any rank failed, every rank raises the same
-    :class:`ShardedStepError` (a ``ValueError`` naming the rank and the
-    leaf) and nothing changes anywhere, so no rank waits forever. The
-    sharded step evaluates the gradients first (so that every rank runs the
-    collectives in the same order) and synchronizes on that agreement: it
-    runs eagerly, not inside :func:`mlx.core.compile`.
+    **Sharded state** (``shard_group``, or :meth:`sharded`; every rank given
+    the same, e.g. averaged, gradients): the gradient leaves in
+    ``tree_flatten`` order form one flat vector of :math:`E` elements, rank
+    :math:`r` keeps the state of :math:`[rS, \min((r+1)S, E))`,
+    :math:`S = \lceil E/N \rceil` (an 8-bit leaf cut only at a multiple of
+    256 of its elements), updates its pieces with the fused kernel and
+    all-gathers the parameters: bit-identical to the unsharded optimizer,
+    :math:`\approx 1/N` of its state per rank. A failure on any rank raises
+    the same :class:`ShardedStepError` on every rank, nothing changed. The
+    step runs eagerly. Checkpoints: :meth:`sharded_state_dict` ->
+    :meth:`assemble_state` -> :meth:`load_full_state`. See
+    docs/distributed.md.
     """
 
     def __init__(
@@ -251,43 +192,8 @@ class RMSprop(Optimizer):
         self._maybe_schedule("learning_rate", learning_rate)
         self.alpha = alpha
         self.eps = eps
-
-        if self.alpha < 0.0:
-            raise ValueError(
-                f"RMSprop alpha should be >=0, {self.alpha} was provided instead"
-            )
-        if self.eps <= 0.0:
-            raise ValueError(
-                f"RMSprop epsilon should be >0, {self.eps} was provided instead"
-            )
-        # mlx.optimizers.RMSprop accepts inf and NaN here and fails (or
-        # trains on NaN) later; the fused op rejects them, so say it now.
-        for name, value in (("alpha", self.alpha), ("epsilon", self.eps)):
-            if not math.isfinite(value):
-                raise ValueError(
-                    f"RMSprop {name} should be a finite number, {value} was provided instead"
-                )
-        for name, value in (
-            ("momentum", momentum),
-            ("weight_decay", weight_decay),
-            ("initial_scale", initial_scale),
-        ):
-            if not (math.isfinite(value) and value >= 0.0):
-                raise ValueError(
-                    f"RMSprop {name} should be a finite number >= 0, "
-                    f"{value} was provided instead"
-                )
-        if nesterov and momentum <= 0.0:
-            raise ValueError(
-                f"RMSprop nesterov=True needs momentum > 0, {momentum} was provided instead"
-            )
-        if state_dtype is not None and not (
-            isinstance(state_dtype, mx.Dtype) and state_dtype == mx.float32
-        ):
-            raise ValueError(
-                f"RMSprop state_dtype should be None (the parameter's dtype) or "
-                f"mlx.core.float32, {state_dtype} was provided instead"
-            )
+        _options.check_ranges(alpha, eps, momentum, weight_decay, initial_scale, nesterov)
+        _options.check_state_dtype(state_dtype)
         _options.check_memory_options(
             state_bits, min_8bit_size, stochastic_rounding, seed, kahan_summation,
             max_grad_norm, skip_nonfinite,
@@ -325,7 +231,8 @@ class RMSprop(Optimizer):
         self._layout_key = self._layout_signature()
         self._state_needs_check = False
 
-    # ---- One-line ports from other libraries.
+    # ---- One-line ports from other libraries (their algorithms, as options:
+    # python/mlx_fused_rmsprop/_presets.py).
 
     @classmethod
     @_options.names_its_arguments(learning_rate="lr", epsilon="eps")
@@ -340,32 +247,12 @@ class RMSprop(Optimizer):
         maximize: bool = False,
         **options: Any,
     ) -> "RMSprop":
-        r"""``torch.optim.RMSprop`` with its argument names and defaults.
-
-        .. math::
-
-            g &\leftarrow \pm g + \beta w, \quad
-            v \leftarrow \alpha v + (1 - \alpha) g^2, \quad
-            d = \sqrt{v \,[- m^2]} + \epsilon \\
-            b &\leftarrow \mu b + g / d, \quad
-            w \leftarrow w - \lambda b \quad
-            (\text{or } w - \lambda g / d \text{ without momentum})
-
-        Weight decay is coupled (added to the gradient), eps is outside the
-        square root and the learning rate multiplies the momentum buffer
-        from outside. ``lr`` may be a schedule of the step count. The
-        package's own options (``state_bits``, ``stochastic_rounding``,
-        ``max_grad_norm``, ...; see the class) pass through as keywords.
-        Shard its state with :meth:`sharded`.
-        """
+        """``torch.optim.RMSprop`` with its argument names and defaults (the
+        math: :func:`mlx_fused_rmsprop._presets.torch`); this package's own
+        options pass through as keywords. ``lr`` may be a schedule; shard
+        its state with :meth:`sharded`."""
         return cls(
-            lr,
-            alpha=alpha,
-            eps=eps,
-            momentum=momentum,
-            centered=centered,
-            weight_decay=weight_decay,
-            maximize=maximize,
+            **_presets.torch(lr, alpha, eps, weight_decay, momentum, centered, maximize),
             **_options.package_options("from_torch", options),
         )
 
@@ -384,35 +271,15 @@ class RMSprop(Optimizer):
         bias_correction: bool = False,
         **options: Any,
     ) -> "RMSprop":
-        r"""``optax.rmsprop`` with its argument names and defaults.
-
-        .. math::
-
-            \nu &\leftarrow d\,\nu + (1 - d) g^2 \ (\nu_0 = s), \quad
-            \hat\nu = \nu / (1 - d^t) \text{ (bias correction)}, \quad
-            u = \lambda g / \sqrt{\hat\nu \,[- \hat\mu^2] + \epsilon} \\
-            b &\leftarrow \mu b + u, \quad
-            w \leftarrow w - (\text{nesterov} \;?\; u + \mu b : b)
-
-        eps is inside the square root by default and the learning rate enters
-        the momentum trace. As in optax, ``nesterov`` without ``momentum`` is
-        ignored. ``learning_rate`` may be a schedule of the step count. The
-        package's own options pass through as keywords. Shard its state with
-        :meth:`sharded`.
-        """
-        mu = 0.0 if momentum is None else momentum
-        _options.check_option_types({"momentum": mu, "nesterov": nesterov})  # before `nesterov and ...`
+        """``optax.rmsprop`` with its argument names and defaults (the math:
+        :func:`mlx_fused_rmsprop._presets.optax`); this package's own options
+        pass through as keywords. ``learning_rate`` may be a schedule; shard
+        its state with :meth:`sharded`."""
         return cls(
-            learning_rate,
-            alpha=decay,
-            eps=eps,
-            momentum=mu,
-            nesterov=nesterov and mu > 0.0,
-            centered=centered,
-            eps_in_sqrt=eps_in_sqrt,
-            initial_scale=initial_scale,
-            bias_correction=bias_correction,
-            lr_inside_momentum=True,
+            **_presets.optax(
+                learning_rate, decay, eps, initial_scale, eps_in_sqrt, centered,
+                momentum, nesterov, bias_correction,
+            ),
             **_options.package_options("from_optax", options),
         )
 
@@ -428,32 +295,12 @@ class RMSprop(Optimizer):
         weight_decay: Optional[float] = None,
         **options: Any,
     ) -> "RMSprop":
-        r"""``keras.optimizers.RMSprop`` with its argument names and defaults.
-
-        .. math::
-
-            w &\leftarrow w - \lambda \beta w, \quad
-            v \leftarrow \rho v + (1 - \rho) g^2, \quad
-            u = \lambda g / \sqrt{v \,[- m^2] + \epsilon} \\
-            b &\leftarrow \mu b + u, \quad w \leftarrow w - b \quad
-            (\text{or } w - u \text{ without momentum})
-
-        Weight decay is decoupled (applied to the weights, scaled by the
-        learning rate), eps is inside the square root and the learning rate
-        enters the momentum buffer. ``learning_rate`` may be a schedule of the
-        step count. The package's own options pass through as keywords. Shard
-        its state with :meth:`sharded`.
-        """
+        """``keras.optimizers.RMSprop`` with its argument names and defaults
+        (the math: :func:`mlx_fused_rmsprop._presets.keras`); this package's
+        own options pass through as keywords. ``learning_rate`` may be a
+        schedule; shard its state with :meth:`sharded`."""
         return cls(
-            learning_rate,
-            alpha=rho,
-            eps=epsilon,
-            momentum=momentum,
-            centered=centered,
-            weight_decay=0.0 if weight_decay is None else weight_decay,
-            decoupled_weight_decay=True,
-            eps_in_sqrt=True,
-            lr_inside_momentum=True,
+            **_presets.keras(learning_rate, rho, momentum, epsilon, centered, weight_decay),
             **_options.package_options("from_keras", options),
         )
 
@@ -499,27 +346,8 @@ class RMSprop(Optimizer):
 
     def _check_settings(self) -> None:
         """Check what may have been assigned since construction (``opt.alpha =
-        ...``) beyond what the op checks: the options' kinds, what a new state
-        is made with (initial_scale, state_dtype, the memory options) or
-        sharded by."""
-        _options.check_option_types({name: getattr(self, name) for name in _options.OPTION_KINDS})
-        if not (math.isfinite(self.initial_scale) and self.initial_scale >= 0.0):
-            raise ValueError(
-                f"RMSprop initial_scale should be a finite number >= 0, "
-                f"{self.initial_scale} was provided instead"
-            )
-        if self.state_dtype is not None and not (
-            isinstance(self.state_dtype, mx.Dtype) and self.state_dtype == mx.float32
-        ):
-            raise ValueError(
-                f"RMSprop state_dtype should be None (the parameter's dtype) or "
-                f"mlx.core.float32, {self.state_dtype} was provided instead"
-            )
-        # (The seed lives in the state: a loaded one is checked with it.)
-        _options.check_memory_options(
-            self.state_bits, self.min_8bit_size, self.stochastic_rounding, None,
-            self.kahan_summation, self.max_grad_norm, self.skip_nonfinite,
-        )
+        ...``) beyond what the op checks (see _options.check_settings)."""
+        _options.check_settings(self)
         _sharding.check_sharding(self.shard_group, self.shard_bucket_bytes)
 
     def _half_state_dtype(self) -> Optional[mx.Dtype]:
@@ -587,13 +415,9 @@ class RMSprop(Optimizer):
 
     def init(self, parameters: dict) -> None:
         """Initialize the optimizer's state (see :meth:`mlx.optimizers.Optimizer.init`).
-
-        With ``shard_group``, lays the state out over the ranks for the
-        leaves of ``parameters`` (the tree the gradients will have, e.g.
-        ``model.trainable_parameters()``), creating this rank's pieces, or
-        slicing them from a state given to :meth:`load_full_state`. Local: no
-        collective runs, so call it on every rank or on none.
-        """
+        Sharded, this rank's pieces for the leaves of ``parameters`` (the
+        gradients' tree, e.g. ``model.trainable_parameters()``); no collective
+        runs, so call it on every rank or on none."""
         self._check_settings()
         if self.shard_group is None:
             super().init(parameters)
@@ -602,44 +426,24 @@ class RMSprop(Optimizer):
         self._sharded_state().init(parameters)
 
     def state_nbytes(self) -> int:
-        """The bytes of the per-parameter state this process holds (``v``,
-        ``mean``, ``momentum_buffer``, their 8-bit scales, ``compensation``;
-        not the scalar entries). With ``shard_group``, about ``1/N`` of the
-        unsharded optimizer's."""
-        total = 0
-        for keys, value in _sharding.flatten(self._state):
-            if len(keys) == 1 and keys[0] in _state.SCALAR_ENTRIES:
-                continue
-            if isinstance(value, mx.array):
-                total += value.nbytes
-        return total
+        """The bytes of the per-parameter state this process holds (every
+        entry but the scalar ones); sharded, about ``1/N`` of the unsharded
+        optimizer's."""
+        return _state.nbytes(self._state)
 
     def full_precision_state(self) -> dict:
-        """The whole state in the plain layout, float32: 8-bit entries
-        dequantized (their scales dropped), float16 / bfloat16 ones widened
-        (float64 stays; ``compensation`` keeps the parameter's dtype), the
-        scalar entries as they are -- what ``state_dtype=mx.float32`` would
-        hold: what this class loads (with ``state_dtype=mx.float32`` beside
-        float16 / bfloat16 parameters) and :class:`mlx.optimizers.RMSprop`
-        too. For a sharded optimizer, assemble the ranks' states instead
-        (:meth:`assemble_state` with ``full_precision=True``)."""
+        """The whole state in the plain float32 layout (8-bit entries
+        dequantized, 16-bit ones widened; float64 and ``compensation`` as
+        they are): what ``state_dtype=mx.float32`` would hold, which this
+        class (with ``state_dtype=mx.float32`` beside 16-bit parameters) and
+        :class:`mlx.optimizers.RMSprop` load. Sharded: :meth:`assemble_state`
+        with ``full_precision=True``."""
         if self.shard_group is not None:
             raise ValueError(
                 "RMSprop.full_precision_state: this rank holds pieces of the state; "
                 "use RMSprop.assemble_state(per_rank_states, full_precision=True)"
             )
-        def convert(tree: Any) -> Any:
-            if isinstance(tree, dict) and tree and all(isinstance(v, mx.array) for v in tree.values()):
-                return _state.full_precision(tree)
-            if isinstance(tree, dict):
-                return {k: convert(v) for k, v in tree.items()}
-            if isinstance(tree, (list, tuple)):
-                return type(tree)(convert(v) for v in tree)
-            return tree
-
-        scalars = {k: v for k, v in self._state.items() if k in _state.SCALAR_ENTRIES}
-        rest = {k: v for k, v in self._state.items() if k not in _state.SCALAR_ENTRIES}
-        return {**scalars, **convert(rest)}
+        return _state.full_precision_tree(self._state)
 
     def init_single(self, parameter: mx.array, state: dict) -> None:
         """Initialize optimizer state"""
@@ -675,17 +479,11 @@ class RMSprop(Optimizer):
         return outputs[0]
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> Any:
-        """Apply the gradients to the parameters and return the updated
-        parameters (see :meth:`mlx.optimizers.Optimizer.apply_gradients`).
-
-        One native call walks the tree, checks every leaf and builds every
-        leaf's fused primitive. A bad leaf raises ``TypeError`` /
-        ``ValueError`` naming its path (e.g. ``layers.0.weight``) before
-        anything changes: the parameters, the state, the learning rate and
-        the step counter are left as they were. With ``shard_group``, see
-        the class: a failure on any rank raises :class:`ShardedStepError` on
-        every rank.
-        """
+        """Apply the gradients and return the updated parameters (see
+        :meth:`mlx.optimizers.Optimizer.apply_gradients`): one native call
+        checks every leaf and builds every leaf's fused primitive. A bad leaf
+        raises ``TypeError`` / ``ValueError`` naming its path before anything
+        changes (parameters, state, learning rate, step count)."""
         if self.shard_group is not None:
             return self._sharded_state().step(gradients, parameters)
         options = self._prepare(gradients, parameters)
@@ -693,16 +491,10 @@ class RMSprop(Optimizer):
             self.init(gradients)
         scheduled, step = self._next_step()
         guards = self._compute_guards(gradients)
+        lr = scheduled.get("learning_rate", self._state.get("learning_rate"))
         updated = _optimizer_step(
-            gradients,
-            parameters,
-            self._state,
-            scheduled.get("learning_rate", self._state.get("learning_rate")),
-            step,
-            options,
-            self._half_state_dtype(),
-            True,
-            **self._step_values(guards),
+            gradients, parameters, self._state, lr, step, options,
+            self._half_state_dtype(), True, **self._step_values(guards),
         )
         self._commit_step(scheduled, step, guards)
         return updated
@@ -713,19 +505,13 @@ class RMSprop(Optimizer):
         return _guards.compute(gradients, self.max_grad_norm, bool(self.skip_nonfinite))
 
     def _step_values(self, guards: Optional[_guards.Guards]) -> dict:
-        """The step's values beside lr and the step count: the guards' clip
-        factor and skip flag, stochastic rounding's seed."""
-        return {
-            "clip": guards.clip if guards else None,
-            "skip": guards.skip if guards else None,
-            "seed": self._state.get("seed") if self.stochastic_rounding else None,
-        }
+        """The step's clip factor, skip flag and stochastic rounding's seed."""
+        seed = self._state.get("seed") if self.stochastic_rounding else None
+        return _guards.step_values(guards, seed)
 
     def _next_step(self) -> tuple[dict, Any]:
-        """The coming step's scheduled hyperparameters and step count. As
-        Optimizer.apply_gradients: schedules at the current step, then the new
-        step; nothing is written until :meth:`_commit_step`, once every leaf
-        has passed."""
+        """The coming step's scheduled values (at the current step, as
+        Optimizer.apply_gradients) and count; written by :meth:`_commit_step`."""
         scheduled = {name: fn(self.step) for name, fn in self._schedulers.items()}
         return scheduled, self.step + 1
 
@@ -737,13 +523,9 @@ class RMSprop(Optimizer):
         _guards.commit(self._state, scheduled, step, guards)
 
     def check_gradients(self, gradients: dict, parameters: dict) -> None:
-        """Raise, naming the leaf, unless one step over ``gradients`` can run.
-
-        Changes nothing. Checks that each gradient has a parameter and (once
-        the optimizer is initialized) the state entries of its options, of the
-        parameter's shape and a dtype the fused kernel updates. With
-        ``shard_group``, checks this rank only (no collective runs).
-        """
+        """Raise, naming the leaf, unless one step over ``gradients`` can run
+        (its parameters, the state's entries, dtypes and shapes); changes
+        nothing. Sharded, this rank only (no collective runs)."""
         if self.shard_group is not None:
             self._sharded_state().check(gradients, parameters)
             return
@@ -771,7 +553,7 @@ class RMSprop(Optimizer):
             layout = self._layout(options)
             state = self._state
             if convert:
-                state = self._converted(state, parameters, layout)
+                state = _state.converted(state, parameters, layout, self._add_scalar_entries)
             _state.check_assigned(state, gradients, parameters, layout, _state.SCALAR_ENTRIES)
             if not convert:
                 return options
@@ -790,26 +572,10 @@ class RMSprop(Optimizer):
             )
         return options
 
-    def _converted(self, state: Any, parameters: Any, layout: _state.Layout) -> Any:
-        """An assigned state in this optimizer's form, with the scalar entries
-        its options need (a seed, the guards' report) added when missing."""
-        if not isinstance(state, dict):
-            return state
-        leaves = {k: v for k, v in state.items() if k not in _state.SCALAR_ENTRIES}
-        out = {k: v for k, v in state.items() if k in _state.SCALAR_ENTRIES}
-        out.update(_state.map_leaves(leaves, parameters, layout.convert))
-        self._add_scalar_entries(out)
-        return out
-
     def _add_scalar_entries(self, state: dict) -> None:
         """The scalar entries the options need and ``state`` lacks (an option
-        turned on since, or a state saved without it): stochastic rounding's
-        seed, the guards' report."""
-        if self.stochastic_rounding and "seed" not in state:
-            state["seed"] = _options.draw_seed()
-        if self._guarded:
-            for name, value in _guards.initial_entries().items():
-                state.setdefault(name, value)
+        turned on since, or a state saved without it)."""
+        _state.add_scalar_entries(state, self.stochastic_rounding, self._guarded)
 
     # ---- Sharded state (shard_group): python/mlx_fused_rmsprop/_sharding.py.
 
@@ -821,12 +587,10 @@ class RMSprop(Optimizer):
     def sharded(
         self, group: Optional[mx.distributed.Group], bucket_bytes: int = 2**25
     ) -> "RMSprop":
-        """Shard this optimizer's state over ``group`` (see the class); returns
-        the optimizer, e.g. ``RMSprop.from_torch(lr=0.01).sharded(group)``.
-
-        The same as ``shard_group=group, shard_bucket_bytes=bucket_bytes`` at
-        construction; only before the state exists (the first step or
-        :meth:`init`). ``None`` unshards.
+        """Shard this optimizer's state over ``group`` (``None`` unshards),
+        before the state exists: the same as ``shard_group=group,
+        shard_bucket_bytes=bucket_bytes`` at construction. Returns the
+        optimizer, e.g. ``RMSprop.from_torch(lr=0.01).sharded(group)``.
         """
         _sharding.check_sharding(group, bucket_bytes)
         if self._initialized:
@@ -845,18 +609,12 @@ class RMSprop(Optimizer):
         return self
 
     def load_full_state(self, state: dict) -> None:
-        """Load a full (unsharded) state into this optimizer.
-
-        The state of :class:`RMSprop` without ``shard_group``, of
-        :class:`mlx.optimizers.RMSprop`, or :meth:`assemble_state`'s: a tree
-        ``{"step", "learning_rate", <parameter path>: {"v": ..., ...}}``
-        (8-bit or full precision: converted to this optimizer's form).
-        Unsharded, the same as assigning :attr:`state`. Sharded (on any
-        number of ranks; every rank loads the same full state), the scalar
-        entries are taken now and the rest is checked against the gradients
-        and sliced into this rank's pieces at the next step (or
-        :meth:`init`); later steps are bit-identical to the unsharded
-        optimizer continuing from this state.
+        """Load a full (unsharded) state -- of this class, of
+        :class:`mlx.optimizers.RMSprop`, or :meth:`assemble_state`'s; 8-bit
+        or not -- into this optimizer. Unsharded, the same as assigning
+        :attr:`state`; sharded (every rank loads the same state, on any
+        number of ranks), sliced into this rank's pieces at the next step or
+        :meth:`init`, which then continue bit-identically.
         """
         if self.shard_group is None:
             self.state = state
@@ -864,15 +622,11 @@ class RMSprop(Optimizer):
         self._sharded_state().load_full_state(state)
 
     def sharded_state_dict(self) -> dict[str, mx.array]:
-        """This rank's state as a flat dict of arrays, for ``mx.save_safetensors``.
-
-        Keys: the scalar entries (``"step"``, ``"learning_rate"``, ...);
-        ``"<path>.<name>"`` for each state entry of this rank's pieces (1-D;
-        8-bit: codes, and ``<name>_scale`` with the piece's blocks);
-        ``"<path>.__shard__"``, ``[leaf index, start, stop, ndim, *shape]``
-        (int64) of each piece; and ``"__shard__"``, ``[rank, ranks, elements
-        of all leaves]``. Give every rank's dict to :meth:`assemble_state`
-        for the full state.
+        """This rank's state as a flat dict of arrays, for
+        ``mx.save_safetensors``: the scalar entries, ``"<path>.<name>"`` per
+        entry of each piece, and records of the pieces (``"<path>.__shard__"``)
+        and the rank (``"__shard__"``); see docs/distributed.md. Give every
+        rank's dict to :meth:`assemble_state` for the full state.
         """
         if self.shard_group is None:
             raise ValueError("RMSprop.sharded_state_dict: the optimizer has no shard_group")
@@ -882,16 +636,11 @@ class RMSprop(Optimizer):
     def assemble_state(
         per_rank_states: "list[dict[str, mx.array]]", full_precision: bool = False
     ) -> dict:
-        """The full state from every rank's :meth:`sharded_state_dict`.
-
-        ``per_rank_states`` holds one dict per rank of the group, in any order
-        (e.g. ``[mx.load(f) for f in files]``). Returns the unsharded tree
-        ``{"step", "learning_rate", <parameter path>: {"v": ..., ...}}`` with
-        each entry of its parameter's shape (8-bit entries as codes and
-        scales, or dequantized to float32 with ``full_precision``): what
-        :class:`RMSprop` (sharded on any number of ranks or not) and, full
-        precision, :class:`mlx.optimizers.RMSprop` load. Raises
-        ``ValueError`` unless the pieces of every entry of every rank cover
-        it exactly and come from one model and one step.
+        """The full state from every rank's :meth:`sharded_state_dict` (one
+        dict per rank, in any order): each entry in its parameter's shape,
+        8-bit entries as codes and scales or, with ``full_precision``,
+        dequantized to float32 -- what :class:`RMSprop` (sharded or not) and
+        :class:`mlx.optimizers.RMSprop` load. Raises ``ValueError`` unless the
+        pieces cover every entry exactly and come from one model and step.
         """
         return _sharding.assemble(per_rank_states, full_precision)
