@@ -154,13 +154,19 @@ def _free() -> None:
     mx.clear_cache()
 
 
+def _leaf_grads(n: int, dtype: mx.Dtype) -> dict:
+    """The gradient of a one-leaf model: N(0, 1e-4) elements, evaluated."""
+    grads = {"w": mx.random.normal((n,), key=mx.random.key(7)).astype(dtype) * 1e-2}
+    mx.eval(grads)
+    return grads
+
+
 def run_leaf(n: int, dtype_name: str, settings: dict, progress: Progress) -> dict:
     dtype = cases.DTYPES[dtype_name]
     itemsize = dtype.size
     nbytes = cases.rmsprop_bytes(n, itemsize)
     label = f"leaf {dtype_name} {report.fmt_elems(n)}"
-    grads = {"w": mx.random.normal((n,), key=mx.random.key(7)).astype(dtype) * 1e-2}
-    mx.eval(grads)
+    grads = _leaf_grads(n, dtype)
     steps, keep = {}, []
     for impl in settings["leaf_impls"]:
         model = cases.Leaf(n, dtype)
@@ -296,8 +302,7 @@ def run_heavy(n: int, dtype_name: str, settings: dict, progress: Progress) -> di
     mlx ops, eager and compiled."""
     dtype = cases.DTYPES[dtype_name]
     label = f"heavy variant {dtype_name} {report.fmt_elems(n)}"
-    grads = {"w": mx.random.normal((n,), key=mx.random.key(7)).astype(dtype) * 1e-2}
-    mx.eval(grads)
+    grads = _leaf_grads(n, dtype)
     steps, keep = {}, []
     for impl in settings["heavy_impls"]:
         model = cases.Leaf(n, dtype)
@@ -334,12 +339,6 @@ def run_memory(n: int, dtype_name: str, settings: dict, progress: Progress) -> d
         progress.advance(1)
         _free()
     return out
-
-
-def _leaf_grads(n: int, dtype: mx.Dtype) -> dict:
-    grads = {"w": mx.random.normal((n,), key=mx.random.key(7)).astype(dtype) * 1e-2}
-    mx.eval(grads)
-    return grads
 
 
 def run_state_bits(n: int, dtype_name: str, settings: dict, progress: Progress) -> dict:
