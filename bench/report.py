@@ -129,6 +129,15 @@ def _find_lean(results: dict, section: str, dtype: str) -> dict | None:
                  if c["dtype"] == dtype and c["elements"] == TARGET_N), None)
 
 
+def _load_text(results: dict) -> str:
+    """', load average 1.52 at the start, 2.10 at the end' (1 minute), when known."""
+    load = results.get("load_average") or {}
+    if not load.get("start") or not load.get("end"):
+        return ""
+    return (f", load average (1 min) {load['start'][0]:.2f} at the start, "
+            f"{load['end'][0]:.2f} at the end on {results['machine']['logical_cores']} cores")
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     s = results["settings"]
@@ -138,7 +147,7 @@ def markdown(results: dict) -> str:
         f"**Machine:** {machine.one_line(m)}",
         "",
         f"Run: `{s['mode']}` mode, {results.get('started', '')}, "
-        f"{results.get('elapsed_s', 0):.0f} s. Each time is the median of "
+        f"{results.get('elapsed_s', 0):.0f} s{_load_text(results)}. Each time is the median of "
         f"interleaved rounds (every implementation once per round, order rotated); "
         f"fast steps are repeated within a round to last ≥ {s['min_batch_s'] * 1e3:.0f} ms. "
         "A step is `optimizer.update(model, grads)` + "

@@ -542,6 +542,7 @@ def run(settings: dict) -> dict:
         "machine": machine.describe(),
         "settings": {k: v for k, v in settings.items() if k != "quick"},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "load_average": {"start": machine.load_average()},
         "leaves": [],
         "models": [],
         "memory": [],
@@ -575,6 +576,7 @@ def run(settings: dict) -> dict:
     finally:
         progress.close()
     results["elapsed_s"] = time.perf_counter() - t0
+    results["load_average"]["end"] = machine.load_average()
     results["targets"] = report.targets(results)
     return results
 

@@ -52,6 +52,7 @@ def test_quick_run_writes_json_with_every_section(quick_run):
     assert data["machine"]["mlx"]
     assert data["settings"]["mode"] == "quick"
     assert data["elapsed_s"] > 0
+    assert len(data["load_average"]["start"]) == len(data["load_average"]["end"]) == 3
 
     leaves = data["leaves"]
     assert {(x["dtype"], x["elements"]) for x in leaves} == {
@@ -160,6 +161,7 @@ def test_quick_run_prints_markdown_tables_and_progress(quick_run):
     proc, data, out = quick_run
     md = proc.stdout
     assert "**Machine:**" in md and data["machine"]["cpu"] in md
+    assert f"load average (1 min) {data['load_average']['start'][0]:.2f} at the start" in md
     for heading in ("### Single leaf", "### Many small leaves", "### Where a fused step's time",
                     "### Whole models", "### The heaviest variant", "### Extra peak memory",
                     "### 8-bit state", "### Stochastic rounding and Kahan",
