@@ -55,7 +55,7 @@ def build_parser(prog: str = "python -m mlx_fused_rmsprop bench") -> argparse.Ar
             "state's bytes per parameter in every mode. Prints "
             "markdown tables; writes JSON and a PNG plot (needs matplotlib: "
             "pip install 'mlx-fused-rmsprop[bench]'). The default run takes about "
-            "3 minutes on 2 cores."
+            "2-3 minutes on 2 cores."
         ),
     )
     mode = p.add_mutually_exclusive_group()

@@ -230,11 +230,12 @@ def test_the_stated_duration_is_the_committed_default_runs():
     the same: test_packaging.py); the committed default run took about that,
     and is a run of this bench (every section, every target)."""
     help_text = " ".join(runner.build_parser().format_help().split())
-    (stated,) = re.findall(r"The default run takes about (\d+) minutes", help_text)
+    ((low, high),) = re.findall(r"The default run takes about (\d+)-(\d+) minutes", help_text)
     with open(ROOT / "bench" / "results" / "bench-default.json", encoding="utf-8") as f:
         committed = json.load(f)
     assert committed["settings"]["mode"] == "default"
-    assert abs(committed["elapsed_s"] / 60 - int(stated)) <= 0.75
+    # On 2 shared cores a run's length moves with the other tenants' load.
+    assert int(low) - 0.5 <= committed["elapsed_s"] / 60 <= int(high) + 0.5
     assert all(committed[section] for section in LEAN_SECTIONS)
     assert len(committed["targets"]) == N_TARGETS
 
