@@ -1,8 +1,11 @@
 """What the benchmark measures: optimizer steps on single leaves, on many
 small leaves and on whole models; the memory limit of the step's access
 pattern and a plain memory copy of the same bytes; where a step's time goes
-(our Python, mlx's model update, eval); and the extra peak memory of a step.
-Every optimizer step is the normal training-loop step:
+(our Python, mlx's model update, eval); the extra peak memory of a step; the
+memory-lean options (8-bit state, stochastic rounding and Kahan summation,
+the fused gradient clipping) against the steps they replace; and the state's
+bytes per parameter in every mode. Every optimizer step is the normal
+training-loop step:
 
     optimizer.update(model, grads)
     mx.eval(model.parameters(), optimizer.state)
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import statistics
 import threading
 import time
@@ -29,6 +33,11 @@ LR = 1e-3
 ALPHA = 0.99
 EPS = 1e-8
 
+# Clipping's global norm: below the bench gradients' norms (N(0, 1e-4)
+# elements: 41 for 16M of them, 1.3 for 16K; the Transformer's real
+# gradients: about 0.13), so clipping is active.
+MAX_GRAD_NORM = 0.1
+
 # Implementations, in the order tables and plots show them.
 IMPLS = {
     "fused": "fused (ours)",
@@ -36,14 +45,41 @@ IMPLS = {
     "mlx": "mlx eager",
     "mlx_compiled": "mlx, mx.compile",
     "torch_foreach": "torch foreach (CPU)",
+    # The memory-lean options (issues 18-20).
+    "fused_f32_state": "fused, float32 state",
+    "fused_8bit": "fused, 8-bit state",
+    "fused_sr": "fused, stochastic rounding",
+    "fused_kahan": "fused, Kahan summation",
+    "fused_clip": "fused clip + update (ours)",
+    "clip_fused": "clip_grad_norm + fused",
+    "clip_mlx": "clip_grad_norm + mlx eager",
+    "clip_mlx_compiled": "clip_grad_norm + mlx, mx.compile",
 }
+
+# The fused optimizer's options per implementation (a *_compiled one takes
+# its eager twin's).
+FUSED_OPTIONS: dict[str, dict] = {
+    "fused": {},
+    "fused_f32_state": {"state_dtype": mx.float32},
+    "fused_8bit": {"state_bits": 8},
+    "fused_sr": {"stochastic_rounding": True, "seed": 0},
+    "fused_kahan": {"kahan_summation": True},
+    "fused_clip": {"max_grad_norm": MAX_GRAD_NORM},
+}
+
+# Implementations that clip with mlx.optimizers.clip_grad_norm before the
+# update of the one named (what a training loop does without this package's
+# max_grad_norm).
+CLIP_FIRST = {"clip_fused": "fused", "clip_mlx": "mlx", "clip_mlx_compiled": "mlx_compiled"}
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def make_optimizer(impl: str) -> optim.Optimizer:
+    impl = CLIP_FIRST.get(impl, impl)
     if impl.startswith("fused"):
-        return mlx_fused_rmsprop.RMSprop(learning_rate=LR, alpha=ALPHA, eps=EPS)
+        options = FUSED_OPTIONS[impl.removesuffix("_compiled")]
+        return mlx_fused_rmsprop.RMSprop(learning_rate=LR, alpha=ALPHA, eps=EPS, **options)
     return optim.RMSprop(learning_rate=LR, alpha=ALPHA, eps=EPS)
 
 
@@ -56,8 +92,13 @@ class Leaf(nn.Module):
 
 
 def _update_fn(model: nn.Module, opt: optim.Optimizer, impl: str) -> Callable:
-    """g -> opt.update(model, g), under mx.compile for the *_compiled impls."""
+    """g -> opt.update(model, g), under mx.compile for the *_compiled impls;
+    clip_grad_norm first for the CLIP_FIRST ones (compiled with the update)."""
+    clip_first = impl in CLIP_FIRST
+
     def update(g):
+        if clip_first:
+            g, _ = optim.clip_grad_norm(g, MAX_GRAD_NORM)
         opt.update(model, g)
 
     if impl.endswith("compiled"):
@@ -192,16 +233,29 @@ class Copier:
 
 class StepPatternLimit:
     """The memory limit for the step's own access pattern (csrc/roofline.h):
-    reads three buffers of the leaf's bytes (grad, param, v) and writes two
-    back in place, with trivial math, split like the fused step splits the
-    same leaf. Native code, so no conversion or Python cost: what the memory
-    system allows for exactly the step's traffic."""
+    reads grad, param and the state and writes param and the state back in
+    place, with trivial math, split like the fused step splits the same leaf.
+    Native code, so no conversion or Python cost: what the memory system
+    allows for exactly the step's traffic.
 
-    def __init__(self, leaf: mx.array, grad: mx.array):
-        self._kernel = _ext.StepPatternRoofline(leaf.size * leaf.dtype.size)
-        bound = _ext._cpu_bound(grad, leaf, leaf)
+    Without `state`: the plain step (v of the leaf's dtype: three buffers of
+    the leaf's bytes). With `state` (the optimizer's entry for the leaf):
+    that entry's width; `block_scales` adds the 8-bit state's float32 scale
+    per 256 elements, read and written, walked block by block."""
+
+    def __init__(self, leaf: mx.array, grad: mx.array, state: mx.array | None = None,
+                 block_scales: bool = False):
+        if state is None:
+            self._kernel = _ext.StepPatternRoofline(leaf.size * leaf.dtype.size)
+            state = leaf
+        else:
+            self._kernel = _ext.StepPatternRoofline(
+                leaf.size, leaf.dtype.size, state.dtype.size, block_scales)
+        # The kernel's own answer: 8-bit leaves are compute-bound.
+        bound = _ext._cpu_bound(grad, leaf, state, quantized=block_scales)
         self.threads = _ext._split_parts(leaf.size, bound)
         self.bound = bound
+        self.bytes_moved = self._kernel.bytes_moved
 
     def run_1t(self) -> None:
         self._kernel.run(1)
@@ -213,6 +267,96 @@ class StepPatternLimit:
 def rmsprop_bytes(n: int, itemsize: int) -> int:
     """Bytes one RMSprop step moves: reads grad, param, v; writes param, v."""
     return 5 * n * itemsize
+
+
+# ---- The state's bytes per parameter, by mode (issues 18 and 19).
+
+# Per mode: (label, the weights' dtype, the optimizer's options), in the
+# order the table shows them. Stochastic rounding keeps no per-parameter
+# state (its seed is one scalar), so its rows match the nearest ones.
+MEMORY_MODES: dict[str, tuple[str, str, dict]] = {
+    "f32": ("float32 weights, float32 state (= mlx)", "float32", {}),
+    "f32_8bit": ("float32 weights, 8-bit state", "float32", {"state_bits": 8}),
+    "bf16": ("bfloat16 weights, bfloat16 state (= mlx)", "bfloat16", {}),
+    "bf16_f32_state": ("bfloat16 weights, float32 state", "bfloat16",
+                       {"state_dtype": mx.float32}),
+    "bf16_sr": ("bfloat16 weights, bfloat16 state, stochastic rounding", "bfloat16",
+                {"stochastic_rounding": True, "seed": 0}),
+    "bf16_kahan": ("bfloat16 weights, bfloat16 state, Kahan", "bfloat16",
+                   {"kahan_summation": True}),
+    "bf16_8bit": ("bfloat16 weights, 8-bit state", "bfloat16", {"state_bits": 8}),
+    "bf16_8bit_sr": ("bfloat16 weights, 8-bit state, stochastic rounding", "bfloat16",
+                     {"state_bits": 8, "stochastic_rounding": True, "seed": 0}),
+    "bf16_8bit_kahan": ("bfloat16 weights, 8-bit state, Kahan", "bfloat16",
+                        {"state_bits": 8, "kahan_summation": True}),
+}
+
+# The documented defaults the computed layout assumes (RMSprop's signature).
+MIN_8BIT_SIZE = 4096
+STATE_BLOCK = 256
+
+
+def llama2_7b_shapes() -> list[tuple[int, ...]]:
+    """Llama-2-7B's parameter shapes: 32 layers of dims 4096 (q, k, v, o),
+    MLP 11008 (gate, up, down) and two RMSNorms, a 32000-token embedding, a
+    final norm and an untied output layer: 6,738,415,616 parameters. The
+    bench computes its state from these shapes; no such model runs."""
+    d, hidden, vocab, layers = 4096, 11008, 32000, 32
+    layer = [(d, d)] * 4 + [(hidden, d), (hidden, d), (d, hidden)] + [(d,)] * 2
+    return [(vocab, d)] + layer * layers + [(d,), (vocab, d)]
+
+
+def computed_state_bytes(shapes: list[tuple[int, ...]], weights: mx.Dtype, options: dict) -> int:
+    """The per-parameter state's bytes (scalar entries aside) of
+    RMSprop(**options) over parameters of these shapes, from the documented
+    layout: one entry v (the bench's modes keep no mean or momentum); 8-bit
+    (uint8 codes plus a float32 scale per 256 elements) for leaves of at least
+    MIN_8BIT_SIZE elements with state_bits=8, float32 beside 16-bit weights
+    with state_bits=8 (the small leaves) or state_dtype=float32, else the
+    weights' dtype; Kahan adds a compensation in the weights' dtype for 16-bit
+    weights."""
+    half = weights in (mx.float16, mx.bfloat16)
+    eight_bit = options.get("state_bits") == 8
+    total = 0
+    for shape in shapes:
+        n = math.prod(shape)
+        if eight_bit and n >= MIN_8BIT_SIZE:
+            total += n + 4 * -(-n // STATE_BLOCK)
+        elif half and (eight_bit or options.get("state_dtype") is not None):  # float32
+            total += 4 * n
+        else:
+            total += weights.size * n
+        if half and options.get("kahan_summation"):
+            total += weights.size * n
+    return total
+
+
+def measured_state_bytes(model: nn.Module, options: dict) -> dict[str, tuple[int, bool]]:
+    """Per parameter (its path): the bytes of every state entry the optimizer
+    holds after one step on `model` (zero gradients), and whether that state
+    is 8-bit. Scalar entries (step, learning rate, seed, ...) are not counted."""
+    from mlx.utils import tree_flatten, tree_map
+
+    opt = mlx_fused_rmsprop.RMSprop(LR, ALPHA, EPS, **options)
+    opt.init(model.trainable_parameters())
+    opt.update(model, tree_map(mx.zeros_like, model.trainable_parameters()))
+    mx.eval(model.parameters(), opt.state)
+    per_leaf: dict[str, tuple[int, bool]] = {}
+    for path, value in tree_flatten(opt.state):
+        if "." not in path:
+            continue  # a scalar entry of the whole optimizer
+        leaf, entry = path.rsplit(".", 1)
+        nbytes, quantized = per_leaf.get(leaf, (0, False))
+        per_leaf[leaf] = (nbytes + value.nbytes,
+                          quantized or (entry == "v" and value.dtype == mx.uint8))
+    del opt
+    return per_leaf
+
+
+def parameter_shapes(model: nn.Module) -> list[tuple[int, ...]]:
+    from mlx.utils import tree_flatten
+
+    return [tuple(p.shape) for _, p in tree_flatten(model.trainable_parameters())]
 
 
 # ---- Extra peak memory of a step in a training loop.

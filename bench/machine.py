@@ -66,6 +66,15 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (Unix), to tell how busy a
+    shared machine was around a run."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def kernel_threads() -> dict[str, int]:
     """Threads the fused CPU kernel splits a large leaf across, by what bounds
     it: float32 / float64 leaves are memory-bound, 16-bit ones compute-bound

@@ -58,8 +58,9 @@ def python_us_per_leaf(case: dict) -> float:
 
 
 def targets(results: dict) -> list[dict[str, Any]]:
-    """The performance targets (issues #4 and #11), checked against this run
-    (a target whose case did not run is reported as not measured)."""
+    """The performance targets (issues #4, #11 and the memory-lean options'
+    #18-#20), checked against this run (a target whose case did not run is
+    reported as not measured)."""
     out: list[dict[str, Any]] = []
 
     def add(name: str, measured: float | None, goal: float, higher_is_better: bool = True,
@@ -97,7 +98,44 @@ def targets(results: dict) -> list[dict[str, Any]]:
     mem = [m["extra_peak_x_leaf"]["fused"] for m in results.get("memory", [])]
     add("extra peak memory of an optimizer step (worst dtype), × leaf bytes",
         max(mem) if mem else None, 0.10, higher_is_better=False, unit="× leaf")
+
+    eight = _find_lean(results, "state_bits", "float32")
+    add("16M float32 leaf, 8-bit state: time over the float32-state step",
+        eight["time_vs_f32_state"] if eight else None, 1.1, higher_is_better=False)
+    add("16M float32 leaf, 8-bit state: fraction of its own step-pattern limit",
+        eight["impls"]["fused_8bit"]["fraction_of_limit"] if eight else None, 0.70, unit="")
+    sm = results.get("state_memory") or {}
+    add("8-bit state over float32 state, bytes (worst quantized leaf)",
+        sm.get("quantized_state_vs_float32"), 0.26, higher_is_better=False)
+    rounding = _find_lean(results, "rounding", "bfloat16")
+    for impl, name, goal in (("fused_sr", "stochastic rounding", 1.2),
+                             ("fused_kahan", "Kahan summation", 1.4)):
+        add(f"16M bfloat16 leaf: {name} time over round-to-nearest",
+            rounding["time_vs_nearest"].get(impl) if rounding else None, goal,
+            higher_is_better=False)
+    guards = next((g for g in results.get("guards", [])
+                   if g["subject"] == "leaf" and g["elements"] == TARGET_N), None)
+    add("16M float32 leaf: fused clip + update, speed-up over clip_grad_norm + our update",
+        guards["speedup"].get("clip_fused") if guards else None, 1.2)
+    add("16M float32 leaf: extra peak memory of a clipped step (max_grad_norm), × leaf bytes",
+        guards["extra_peak_x_leaf"].get("fused_clip") if guards else None, 0.10,
+        higher_is_better=False, unit="× leaf")
     return out
+
+
+def _find_lean(results: dict, section: str, dtype: str) -> dict | None:
+    """A memory-lean option's 16M case of this dtype."""
+    return next((c for c in results.get(section, [])
+                 if c["dtype"] == dtype and c["elements"] == TARGET_N), None)
+
+
+def _load_text(results: dict) -> str:
+    """', load average 1.52 at the start, 2.10 at the end' (1 minute), when known."""
+    load = results.get("load_average") or {}
+    if not load.get("start") or not load.get("end"):
+        return ""
+    return (f", load average (1 min) {load['start'][0]:.2f} at the start, "
+            f"{load['end'][0]:.2f} at the end on {results['machine']['logical_cores']} cores")
 
 
 def markdown(results: dict) -> str:
@@ -109,7 +147,7 @@ def markdown(results: dict) -> str:
         f"**Machine:** {machine.one_line(m)}",
         "",
         f"Run: `{s['mode']}` mode, {results.get('started', '')}, "
-        f"{results.get('elapsed_s', 0):.0f} s. Each time is the median of "
+        f"{results.get('elapsed_s', 0):.0f} s{_load_text(results)}. Each time is the median of "
         f"interleaved rounds (every implementation once per round, order rotated); "
         f"fast steps are repeated within a round to last ≥ {s['min_batch_s'] * 1e3:.0f} ms. "
         "A step is `optimizer.update(model, grads)` + "
@@ -267,6 +305,7 @@ def markdown(results: dict) -> str:
             row += [f"{mem['train_step_extra_peak_x_leaf'][i]:.2f}" for i in impls]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    lines += _lean_markdown(results)
     tg = results.get("targets") or []
     if any(t["measured"] is not None for t in tg):
         lines += ["### Targets", "", "| target | goal | measured | met |", "|---|---:|---:|:---:|"]
@@ -286,6 +325,148 @@ def markdown(results: dict) -> str:
             lines.append(f"| {t['target']} | {goal} | {meas} | {met} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _ratio(v: float) -> str:
+    return f"{v:.2f}×"
+
+
+def _count(subject: dict) -> str:
+    leaves = subject["leaves"]
+    return f"{subject['parameters']:,} parameters, {leaves} {'leaf' if leaves == 1 else 'leaves'}"
+
+
+def _lean_markdown(results: dict) -> list[str]:
+    """The memory-lean options' tables: 8-bit state, rounding, clipping, and
+    the state's bytes per parameter."""
+    s = results["settings"]
+    lines: list[str] = []
+    if results.get("state_bits"):
+        lines += [
+            "### 8-bit state: time per step",
+            "",
+            "`RMSprop(state_bits=8)` against the fused step with float32 state "
+            "(`state_dtype=mx.float32`; for float32 leaves the default), one leaf. Each "
+            "against the memory limit of its own access pattern, on the threads the "
+            "kernel splits that leaf across: the float32-state step reads grad, param and "
+            "v and writes param and v; the 8-bit step reads grad, param, the codes and "
+            "the block scales (one float32 per 256 elements) and writes param, codes and "
+            "scales. *B/elem* = the pattern's bytes per element.",
+            "",
+            "| dtype | elements | float32 state | 8-bit state | 8-bit / float32 state "
+            "| threads | B/elem: float32 state | B/elem: 8-bit | limit: float32 state "
+            "| limit: 8-bit | % limit: float32 state | % limit: 8-bit | 8-bit GB/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for case in results["state_bits"]:
+            f32, q8 = case["impls"]["fused_f32_state"], case["impls"]["fused_8bit"]
+            lines.append("| " + " | ".join([
+                case["dtype"], fmt_elems(case["elements"]),
+                fmt_time(f32["median_s"]), fmt_time(q8["median_s"]),
+                _ratio(case["time_vs_f32_state"]),
+                f"{f32['threads']} / {q8['threads']}",
+                f"{f32['bytes_per_element']:.2f}", f"{q8['bytes_per_element']:.2f}",
+                fmt_time(f32["limit_median_s"]), fmt_time(q8["limit_median_s"]),
+                f"{f32['fraction_of_limit'] * 100:.0f}%",
+                f"{q8['fraction_of_limit'] * 100:.0f}%",
+                f"{q8['gbps']:.1f}",
+            ]) + " |")
+        lines.append("")
+    if results.get("rounding"):
+        impls = s["rounding_impls"]
+        lines += [
+            "### Stochastic rounding and Kahan summation: time per step",
+            "",
+            "`RMSprop(stochastic_rounding=True)` and `RMSprop(kahan_summation=True)` "
+            "against round-to-nearest (the plain fused step), one 16-bit leaf, state in "
+            "the leaf's dtype. Kahan also reads and writes the compensation: 7 × itemsize "
+            "bytes per element against 5.",
+            "",
+            "| dtype | elements | round to nearest | stochastic rounding | Kahan "
+            "| stochastic / nearest | Kahan / nearest |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for case in results["rounding"]:
+            row = [case["dtype"], fmt_elems(case["elements"])]
+            row += [fmt_time(case["impls"][i]["median_s"]) for i in impls]
+            row += [_ratio(case["time_vs_nearest"][i]) for i in impls if i != "fused"]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    if results.get("guards"):
+        impls = s["guards_impls"]
+        lines += [
+            "### Gradient clipping: time per step",
+            "",
+            f"`RMSprop(max_grad_norm={results['guards'][0]['max_grad_norm']:g})` (the "
+            "global norm, then the clip factor as a scalar input of every leaf's fused "
+            "update) against `mlx.optimizers.clip_grad_norm` (the norm, then a pass that "
+            "writes scaled gradients) followed by our update or mlx's, eager and under "
+            "`mx.compile` (clip and update compiled together); the plain fused step "
+            "without clipping for reference. Clipping is active (*norm* > max).",
+            "",
+            "| case | norm | " + " | ".join(IMPLS[i] for i in impls)
+            + " | " + " | ".join(f"{IMPLS[i]} / fused clip" for i in impls if i != "fused_clip")
+            + " |",
+            "|---|---:|" + "---:|" * (2 * len(impls) - 1),
+        ]
+        for case in results["guards"]:
+            row = [case["description"], f"{case['grad_norm']:.3g}"]
+            row += [fmt_time(case["impls"][i]["median_s"]) for i in impls]
+            row += [_ratio(case["speedup"][i]) for i in impls if i != "fused_clip"]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        peaks = [c for c in results["guards"] if "extra_peak_x_leaf" in c]
+        if peaks:
+            lines += [
+                "Extra peak memory of the optimizer step (× the leaf's bytes; measured as "
+                "in *Extra peak memory of a step*):",
+                "",
+                "| case | " + " | ".join(IMPLS[i] for i in impls) + " |",
+                "|---|" + "---:|" * len(impls),
+            ]
+            for case in peaks:
+                lines.append("| " + " | ".join(
+                    [case["description"]]
+                    + [f"{case['extra_peak_x_leaf'][i]:.2f}" for i in impls]) + " |")
+            lines.append("")
+    sm = results.get("state_memory")
+    if sm:
+        subjects = sm["subjects"]
+        big = subjects[-1]
+        lines += [
+            "### Optimizer state: bytes per parameter",
+            "",
+            "The per-parameter state (`v`; 8-bit: uint8 codes plus a float32 scale per 256 "
+            "elements, float32 for leaves under `min_8bit_size`; Kahan: a compensation in "
+            "the weights' dtype; stochastic rounding keeps one scalar seed) divided by "
+            "the parameter count. Measured from the optimizer's arrays after a step for "
+            + " and ".join(f"*{x['subject']}*: {x['description']} ({_count(x)})"
+                           for x in subjects if x["measured"])
+            + "; computed (not run) from the documented layout for "
+            + "; ".join(f"*{x['subject']}*: {x['description']} ({_count(x)})"
+                        for x in subjects if not x["measured"])
+            + ". *Weights + state* adds the parameters' own bytes.",
+            "",
+            "| mode | " + " | ".join(f"state B/param: {x['subject']}" for x in subjects)
+            + f" | weights + state B/param: {big['subject']} "
+            f"| weights + state: {big['subject']}, GB |",
+            "|---|" + "---:|" * (len(subjects) + 2),
+        ]
+        for row in sm["modes"]:
+            per = [row["state_bytes"][x["subject"]] / x["parameters"] for x in subjects]
+            total = row["weights_bytes"] * big["parameters"] + row["state_bytes"][big["subject"]]
+            lines.append("| " + " | ".join(
+                [row["label"]] + [f"{b:.3f}" for b in per]
+                + [f"{total / big['parameters']:.3f}", f"{total / 1e9:.1f}"]) + " |")
+        lines += [
+            "",
+            f"Worst 8-bit state over the float32 state it replaces, over the "
+            f"{sm['quantized_leaves']} quantized leaves' states measured above: "
+            + (f"{sm['quantized_state_vs_float32']:.4f}×." if sm["quantized_state_vs_float32"]
+               is not None else "–."),
+            "",
+        ]
+    return lines
 
 
 def plot(results: dict, path: str) -> bool:

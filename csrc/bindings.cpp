@@ -570,17 +570,22 @@ NB_MODULE(_ext, m) {
 
   m.def(
       "_cpu_bound",
-      [](nb::args args) {
+      [](nb::args args, bool quantized) {
         auto arrays = nb::cast<std::vector<mx::array>>(args);
         mx::eval(arrays);
+        mlx_fused_rmsprop::LeafConfig config;
+        config.quantized = quantized;
         return mlx_fused_rmsprop::cpu_bound_name(
-            mlx_fused_rmsprop::choose_cpu_dispatch(arrays, {}).bound);
+            mlx_fused_rmsprop::choose_cpu_dispatch(arrays, config).bound);
       },
+      "state"_a,
+      "quantized"_a = false,
       nb::sig(
           "def _cpu_bound(grad: mlx.core.array, param: mlx.core.array, "
-          "*state: mlx.core.array) -> str"),
-      "For tests: what eval_cpu takes to bound the leaf's loop, 'memory' or "
-      "'compute', which decides how many threads split it.");
+          "*state: mlx.core.array, quantized: bool = False) -> str"),
+      "For tests and the bench: what eval_cpu takes to bound the leaf's loop, "
+      "'memory' or 'compute', which decides how many threads split it "
+      "(`quantized`: the state is 8-bit codes).");
 
   m.def(
       "_split_threads",
@@ -609,10 +614,21 @@ NB_MODULE(_ext, m) {
   nb::class_<mlx_fused_rmsprop::StepPatternRoofline>(
       m,
       "StepPatternRoofline",
-      "The benchmark's memory limit for the fused step's own access pattern: "
-      "three buffers (grad, param, v) of `bytes_per_array` bytes; run() reads "
-      "all three and writes param and v back in place with trivial math.")
+      "The benchmark's memory limit for the fused step's own access pattern. "
+      "StepPatternRoofline(bytes_per_array): the plain step, three buffers "
+      "(grad, param, v) of `bytes_per_array` bytes. "
+      "StepPatternRoofline(elements, param_bytes, state_bytes, block_scales): "
+      "grad and param of `param_bytes` per element, one state entry of "
+      "`state_bytes` per element and, with `block_scales`, a float32 scale per "
+      "256 elements (8-bit state), walked block by block. run() reads every "
+      "buffer and writes all but grad back in place with trivial math.")
       .def(nb::init<int64_t>(), "bytes_per_array"_a)
+      .def(
+          nb::init<int64_t, int, int, bool>(),
+          "elements"_a,
+          "param_bytes"_a,
+          "state_bytes"_a,
+          "block_scales"_a = false)
       .def(
           "run",
           &mlx_fused_rmsprop::StepPatternRoofline::run,
@@ -620,13 +636,23 @@ NB_MODULE(_ext, m) {
           nb::call_guard<nb::gil_scoped_release>(),
           "One pass, split into `threads` parts on the kernel's worker pool.")
       .def_prop_ro(
+          "bytes_per_array",
+          &mlx_fused_rmsprop::StepPatternRoofline::bytes_per_array,
+          "Bytes of grad (and of param), rounded up to whole 64-bit words "
+          "(to whole 8-element units with `elements`).")
+      .def_prop_ro(
           "bytes_moved",
           &mlx_fused_rmsprop::StepPatternRoofline::bytes_moved,
-          "Bytes one pass reads and writes (5 x bytes_per_array).")
+          "Bytes one pass reads and writes: grad, param, state and scales read; "
+          "param, state and scales written (5 x bytes_per_array for the plain step).")
       .def(
           "sums",
           &mlx_fused_rmsprop::StepPatternRoofline::sums,
-          "For tests: sums (mod 2**64) of param's and of v's 64-bit words.");
+          "For tests: sums (mod 2**64) of param's and of the state's 64-bit words.")
+      .def(
+          "scale_sum",
+          &mlx_fused_rmsprop::StepPatternRoofline::scale_sum,
+          "For tests: the sum of the block scales (0 without them).");
 
   m.def(
       "_cpu_isa",
