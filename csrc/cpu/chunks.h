@@ -368,12 +368,22 @@ RMSPROP_ALWAYS_INLINE void update_chunk(
     const RMSpropVariantStep<float>& k,
     const RoundingKey& key) {
   static_assert(std::is_same_v<typename PF::Compute, float>);
-  alignas(64) float g[kChunk];
-  alignas(64) float w[kChunk];
+  // float32 parameters are read and written where they are (no staging
+  // copy: their loads are the leaf's memory traffic); 16-bit ones convert.
+  constexpr bool kDirect = std::is_same_v<PF, Float32Format>;
+  alignas(64) float g_buffer[kDirect ? 1 : kChunk];
+  alignas(64) float w_buffer[kDirect ? 1 : kChunk];
   alignas(64) float updated[kChunk];
   alignas(64) float s[3][kChunk];
-  load_chunk<PF, kIsa>(a.grad, g, n);
-  load_chunk<PF, kIsa>(a.param, w, n);
+  const float* g = g_buffer;
+  const float* w = w_buffer;
+  if constexpr (kDirect) {
+    g = reinterpret_cast<const float*>(a.grad);
+    w = reinterpret_cast<const float*>(a.param);
+  } else {
+    load_chunk<PF, kIsa>(a.grad, g_buffer, n);
+    load_chunk<PF, kIsa>(a.param, w_buffer, n);
+  }
   constexpr int kStates = 1 + (kC ? 1 : 0) + (kM ? 1 : 0);
   // Slot of each state entry in s[]: v, [mean], [buffer] in order.
   constexpr int kMean = 1;
@@ -385,17 +395,33 @@ RMSPROP_ALWAYS_INLINE void update_chunk(
       load_chunk<SF, kIsa>(a.state[e], s[e], n);
     }
   }
-  for (int64_t i = 0; i < n; ++i) {
-    auto r = rmsprop_variant_element<float, kC, kM>(
-        g[i], w[i], s[0][i], kC ? s[kMean][i] : 0.0f, kM ? s[kBuffer][i] : 0.0f, k);
-    updated[i] = r.param;
-    s[0][i] = r.v;
-    if constexpr (kC) {
-      s[kMean][i] = r.mean;
+  // The element loop, writing the new parameter to `out`: float32 ones
+  // straight to the output (through the very pointer they are read from
+  // when in place, so the compiler sees element i read before written),
+  // 16-bit ones to the buffer their rounding reads.
+  auto update = [&](float* out) RMSPROP_LAMBDA_ALWAYS_INLINE {
+    for (int64_t i = 0; i < n; ++i) {
+      auto r = rmsprop_variant_element<float, kC, kM>(
+          g[i], w[i], s[0][i], kC ? s[kMean][i] : 0.0f, kM ? s[kBuffer][i] : 0.0f, k);
+      out[i] = r.param;
+      s[0][i] = r.v;
+      if constexpr (kC) {
+        s[kMean][i] = r.mean;
+      }
+      if constexpr (kM) {
+        s[kBuffer][i] = r.buffer;
+      }
     }
-    if constexpr (kM) {
-      s[kBuffer][i] = r.buffer;
+  };
+  if constexpr (kDirect) {
+    float* out = reinterpret_cast<float*>(a.param_out);
+    if (static_cast<const void*>(out) == static_cast<const void*>(w)) {
+      update(const_cast<float*>(w));
+    } else {
+      update(out);
     }
+  } else {
+    update(updated);
   }
   if constexpr (kRound == RMSPROP_ROUND_STOCHASTIC) {
     // The stochastically rounded values are exact in PF: the store keeps them.
@@ -419,7 +445,7 @@ RMSPROP_ALWAYS_INLINE void update_chunk(
       c[i] = rmsprop_kahan_remainder(w[i], updated[i], change[i]);
     }
     store_chunk<PF, kIsa>(c, a.comp_out, n);
-  } else {
+  } else if constexpr (!kDirect) {
     store_chunk<PF, kIsa>(updated, a.param_out, n);
   }
   for (int e = 0; e < kStates; ++e) {

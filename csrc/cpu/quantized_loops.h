@@ -88,6 +88,25 @@ RMSPROP_ALWAYS_INLINE void quantized_block(
   update_chunk<PF, Float32Format, kC, kM, kRound, true, kIsa>(a, q, n, first, j.k, j.key);
 }
 
+// Ask for the next block's lines while this one computes: the update of a
+// block is long enough that the hardware prefetcher, which follows the
+// loads, starts too late and the first loads of each block wait for memory.
+template <class PF>
+RMSPROP_ALWAYS_INLINE void prefetch_block(const QuantizedJob<PF>& j, int64_t first) {
+  constexpr int64_t kLine = 64;
+  const int64_t bytes = RMSPROP_BLOCK * static_cast<int64_t>(sizeof(typename PF::Storage));
+  auto lines = [&](const void* p, int64_t n) {
+    for (int64_t at = 0; at < n; at += kLine) {
+      __builtin_prefetch(static_cast<const char*>(p) + at, 0, 3);
+    }
+  };
+  lines(j.grad + first, bytes);
+  lines(j.param + first, bytes);
+  for (int e = 0; e < j.states; ++e) {
+    lines(j.entry[e].codes + first, RMSPROP_BLOCK);
+  }
+}
+
 // ---- The flat walk (builds.h): blocks [begin, end), every array
 // row-contiguous, so a block's elements are consecutive in each.
 template <class PF, bool kC, bool kM, unsigned kRound>
@@ -100,6 +119,9 @@ struct QuantizedFlatWalk {
     for (int64_t block = begin; block < end; ++block) {
       int64_t first = block * RMSPROP_BLOCK;
       int64_t n = std::min<int64_t>(RMSPROP_BLOCK, j.size - first);
+      if (block + 1 < end) {
+        prefetch_block(j, first + RMSPROP_BLOCK);
+      }
       const uint8_t* codes[3];
       float scales[3];
       for (int e = 0; e < j.states; ++e) {
