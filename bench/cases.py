@@ -20,7 +20,7 @@ import statistics
 import threading
 import time
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -108,11 +108,12 @@ def _update_fn(model: nn.Module, opt: optim.Optimizer, impl: str) -> Callable:
 
 
 def optimizer_step(
-    model: nn.Module, impl: str, grads: dict
+    model: nn.Module, impl: str, grads: dict, make: Optional[Callable[[str], optim.Optimizer]] = None
 ) -> tuple[Callable[[], None], optim.Optimizer]:
     """A callable doing one full optimizer step on `model` with fixed grads,
-    evaluated (mx.compile'd for the *_compiled implementations)."""
-    opt = make_optimizer(impl)
+    evaluated (mx.compile'd for the *_compiled implementations); the
+    optimizer from ``make(impl)`` (default: make_optimizer)."""
+    opt = (make or make_optimizer)(impl)
     opt.init(model.trainable_parameters())
     mx.eval(model.parameters(), opt.state)
     update = _update_fn(model, opt, impl)
@@ -170,16 +171,7 @@ def make_heavy_optimizer(impl: str) -> optim.Optimizer:
 def heavy_step(model: nn.Module, impl: str, grads: dict) -> tuple[Callable[[], None], optim.Optimizer]:
     """One evaluated step of the heaviest variant (mx.compile'd for
     ops_compiled)."""
-    opt = make_heavy_optimizer(impl)
-    opt.init(model.trainable_parameters())
-    mx.eval(model.parameters(), opt.state)
-    update = _update_fn(model, opt, impl)
-
-    def step() -> None:
-        update(grads)
-        mx.eval(model.parameters(), opt.state)
-
-    return step, opt
+    return optimizer_step(model, impl, grads, make_heavy_optimizer)
 
 
 def heavy_bytes(n: int, itemsize: int) -> int:

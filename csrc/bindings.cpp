@@ -375,37 +375,6 @@ NB_MODULE(_ext, m) {
       "For tests: whether squared_norm runs the fused pass on this stream.");
 
   m.def(
-      "check_rmsprop_inputs",
-      [](const mx::array& grad,
-         const mx::array& param,
-         const std::vector<mx::array>& state,
-         const LearningRate& lr,
-         const std::optional<StepCount>& step,
-         const RMSpropOptions& options,
-         mx::StreamOrDevice stream,
-         bool quantized,
-         const std::optional<mx::array>& clip,
-         const std::optional<mx::array>& skip,
-         const std::optional<mx::array>& seed) {
-        mlx_fused_rmsprop::check_rmsprop_inputs(
-            leaf_arrays(grad, param, state, options, quantized, 0, 0),
-            step_values(lr, step, clip, skip, seed), options, mx::to_stream(stream));
-      },
-      "grad"_a,
-      "param"_a,
-      "state"_a,
-      "lr"_a,
-      "step"_a.none(),
-      "options"_a,
-      "stream"_a = nb::none(),
-      nb::kw_only(),
-      "quantized"_a = false,
-      "clip"_a = nb::none(),
-      "skip"_a = nb::none(),
-      "seed"_a = nb::none(),
-      "Raise ValueError unless the arguments form a valid rmsprop_step call.");
-
-  m.def(
       "quantize_state",
       [](const mx::array& x, bool is_v) {
         auto out = mlx_fused_rmsprop::quantize_state(x, is_v);

@@ -288,6 +288,22 @@ def rounding_mode(stochastic_rounding: bool, kahan_summation: bool) -> int:
     return _ext.ROUND_KAHAN if kahan_summation else _ext.ROUND_NEAREST
 
 
+# The fields make_options takes from the optimizer / rmsprop_step's values.
+OPTION_FIELDS = (
+    "alpha", "eps", "momentum", "weight_decay", "centered", "nesterov",
+    "decoupled_weight_decay", "eps_in_sqrt", "bias_correction", "maximize",
+    "lr_inside_momentum", "stochastic_rounding", "kahan_summation", "state_bits",
+    "min_8bit_size",
+)
+
+
+def options_of(values: Any, guarded: bool = False) -> "_ext.RMSpropOptions":
+    """make_options from an object's attributes (the optimizer) or a mapping
+    (an op's arguments) named as OPTION_FIELDS."""
+    get = values.get if isinstance(values, dict) else lambda name: getattr(values, name)
+    return make_options(**{name: get(name) for name in OPTION_FIELDS}, guarded=guarded)
+
+
 def make_options(
     *,
     alpha: float,

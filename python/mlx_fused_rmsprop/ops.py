@@ -128,23 +128,7 @@ def rmsprop_step(
             f"[rmsprop_step] step must be None, an int >= 1 or an mlx.core.array, got {step!r}."
         )
     _check_memory_arguments(state_bits, min_8bit_size, stochastic_rounding, seed, kahan_summation, leaf)
-    options = _options.make_options(
-        alpha=alpha,
-        eps=eps,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        centered=centered,
-        nesterov=nesterov,
-        decoupled_weight_decay=decoupled_weight_decay,
-        eps_in_sqrt=eps_in_sqrt,
-        bias_correction=bias_correction,
-        maximize=maximize,
-        lr_inside_momentum=lr_inside_momentum,
-        stochastic_rounding=stochastic_rounding,
-        kahan_summation=kahan_summation,
-        state_bits=state_bits,
-        min_8bit_size=min_8bit_size,
-    )
+    options = _options.options_of(locals())
     if not isinstance(state, dict) or not isinstance(param, mx.array):
         raise ValueError(
             f"[rmsprop_step] state must be a dict of arrays, got {type(state).__name__}."

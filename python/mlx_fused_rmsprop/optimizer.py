@@ -315,24 +315,7 @@ class RMSprop(Optimizer):
             raise ValueError(
                 "RMSprop: stochastic_rounding and kahan_summation exclude each other"
             )
-        return _options.make_options(
-            alpha=self.alpha,
-            eps=self.eps,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            centered=self.centered,
-            nesterov=self.nesterov,
-            decoupled_weight_decay=self.decoupled_weight_decay,
-            eps_in_sqrt=self.eps_in_sqrt,
-            bias_correction=self.bias_correction,
-            maximize=self.maximize,
-            lr_inside_momentum=self.lr_inside_momentum,
-            stochastic_rounding=self.stochastic_rounding,
-            kahan_summation=self.kahan_summation,
-            guarded=self._guarded,
-            state_bits=self.state_bits,
-            min_8bit_size=self.min_8bit_size,
-        )
+        return _options.options_of(self, guarded=self._guarded)
 
     @property
     def learning_rate(self) -> mx.array:
