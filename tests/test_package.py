@@ -108,7 +108,10 @@ def test_import_fails_cleanly_when_built_for_another_mlx():
         "sys.modules['mlx_fused_rmsprop._build_info'] = fake\n"
     )
     out = import_after(code)
-    assert "IMPORT ERROR: mlx_fused_rmsprop 0.1.0 was built against mlx 0.1.0" in out
+    assert (
+        f"IMPORT ERROR: mlx_fused_rmsprop {mlx_fused_rmsprop.__version__} "
+        "was built against mlx 0.1.0"
+    ) in out
     assert f"mlx {mx.__version__} is installed" in out
     extra = "" if platform.system() == "Darwin" else "[cpu]"
     assert f"Fix: pip install 'mlx{extra}==0.1.0'" in out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import platform as _platform
 from typing import Mapping, Optional
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def _mlx_requirement(version: str, system: Optional[str] = None) -> str:
