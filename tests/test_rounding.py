@@ -466,6 +466,25 @@ def test_pieces_of_a_leaf_at_their_offsets_give_the_whole_leafs_bits(options):
     assert not bit_equal(run(cuts[2], cuts[3], 0)[0], pieces[2][0])
 
 
+@pytest.mark.parametrize("offset", [(1 << 32) - 5, (5 << 32) - 3], ids=["2^32-5", "5*2^32-3"])
+@pytest.mark.parametrize("dtype", HALVES)
+def test_a_piece_crossing_a_multiple_of_2_32_hashes_each_full_index(dtype, offset):
+    """A piece of a huge leaf (what a sharded rank steps) whose element
+    indices cross a multiple of 2^32 inside one SIMD block: every element's
+    bits are the model's for its whole 64-bit index (the low word wraps, the
+    high word carries), in the SIMD blocks and the scalar tail alike."""
+    rng = np.random.default_rng(23)
+    n, seed, step, leaf, lr = 45, 99, 3, 2, 1e-2
+    w = mx.array(rng.standard_normal(n).astype(np.float32)).astype(HALVES[dtype])
+    g = mx.array(rng.standard_normal(n).astype(np.float32)).astype(HALVES[dtype])
+    o = _ext.RMSpropOptions(alpha=0.0, eps=1.0, rounding=_ext.ROUND_STOCHASTIC)
+    out = _ext.rmsprop_step(g, w, [mx.zeros_like(w)], mx.array(lr), mx.array(step, mx.uint64), o,
+                            leaf=leaf, element_offset=offset, seed=mx.array(seed, mx.uint32))
+    x, _ = model.plain_update(as_f32(w), as_f32(g), 0.0, lr, 0.0, 1.0)
+    want = model.stochastic(x, model.element_bits(seed, step, leaf, n, offset), dtype)
+    assert_same_bits(bits16(out[0]), want, dtype, f"offset {offset}")
+
+
 # ---- Kahan summation.
 
 
