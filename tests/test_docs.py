@@ -194,3 +194,14 @@ def test_the_mutant_counts_are_the_catalogues():
     (total, equivalent), = re.findall(r"keeps (\d+) mutants \((\d+) of them equivalent\)", text)
     assert int(total) == len(catalogue.MUTANTS)
     assert int(equivalent) == sum(1 for m in catalogue.MUTANTS if "equivalent" in m)
+
+
+def test_the_pages_the_code_points_to_exist():
+    """Docstrings and examples say "see docs/memory.md": those pages exist
+    (and the optimizer's docstring points to at least its four)."""
+    named = set()
+    for source in [*(ROOT / "python").rglob("*.py"), *(ROOT / "examples").glob("*.py")]:
+        named |= set(re.findall(r"docs/[\w/]+\.md", source.read_text()))
+    assert {"docs/options.md", "docs/memory.md", "docs/training.md", "docs/distributed.md"} <= named
+    for page in named:
+        assert (ROOT / page).is_file(), page
