@@ -1,8 +1,8 @@
 """Every bad input we tried, and the error a user gets.
 
-`python tests/bad_inputs.py` prints the README's table from these cases;
-tests/test_bad_inputs.py checks each case still raises exactly that error and
-that the README shows it, so the table cannot drift from the code.
+`python tests/bad_inputs.py` prints docs/reliability.md's table from these
+cases; tests/test_bad_inputs.py checks each case still raises exactly that
+error and that the page shows it, so the table cannot drift from the code.
 """
 
 from __future__ import annotations

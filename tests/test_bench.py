@@ -226,8 +226,8 @@ def test_settings_of_the_memory_lean_cases():
 
 
 def test_the_stated_duration_is_the_committed_default_runs():
-    """`bench --help` states how long a default run takes (the README says
-    the same: test_packaging.py); the committed default run took about that,
+    """`bench --help` states how long a default run takes (docs/benchmarks.md
+    says the same: test_packaging.py); the committed default run took about that,
     and is a run of this bench (every section, every target)."""
     help_text = " ".join(runner.build_parser().format_help().split())
     ((low, high),) = re.findall(r"The default run takes about (\d+)-(\d+) minutes", help_text)

@@ -1,9 +1,10 @@
-"""The README's "Use with mlx-lm" function, run as written on a tiny randomly
-initialised mlx-lm Llama (no download): mlx-lm's own trainer (a compiled
-step) with the fused RMSprop gives mlx.optimizers.RMSprop's float32 losses
-bit for bit, and a run resumed from the saved weights and optimizer state
-continues exactly as an uninterrupted one. And the memory-lean recipes of
-docs/memory/evidence.md (issues 18 and 19), executed from that page: a full
+"""The mlx-lm recipes of docs/training.md, run as written there. "Use with
+mlx-lm"'s function on a tiny randomly initialised mlx-lm Llama (no
+download): mlx-lm's own trainer (a compiled step) with the fused RMSprop
+gives mlx.optimizers.RMSprop's float32 losses bit for bit, and a run resumed
+from the saved weights and optimizer state continues exactly as an
+uninterrupted one. And the memory-lean full fine-tune (issues 18 and 19;
+its numbers are in docs/training.md and docs/memory/evidence.md): a full
 fine-tune with 8-bit state trains as float32 state does; a bfloat16 one with
 stochastic rounding moves the weights that round-to-nearest leaves in place.
 
@@ -27,7 +28,9 @@ pytest.importorskip(
 from mlx_lm.models import llama  # noqa: E402
 from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train  # noqa: E402
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+from docs_pages import python_block, read  # noqa: E402
+
+TRAINING = read("docs/training.md")
 
 VOCAB = 64
 
@@ -35,16 +38,14 @@ VOCAB = 64
 def documented_function(text: str, heading: str, name: str):
     """The function ``name`` of the first Python block after ``heading`` in a
     markdown text, executed from that text."""
-    start = text.index(heading)
-    block = text.index("```python", start) + len("```python")
     scope: dict = {}
-    exec(text[block:text.index("```", block)], scope)
+    exec(python_block(text, heading), scope)
     return scope[name]
 
 
-def readme_function():
-    """The README's train_with_fused_rmsprop."""
-    return documented_function(README, "## Use with mlx-lm", "train_with_fused_rmsprop")
+def resume_function():
+    """docs/training.md's train_with_fused_rmsprop."""
+    return documented_function(TRAINING, "## Use with mlx-lm", "train_with_fused_rmsprop")
 
 
 def tiny_llama() -> llama.Model:
@@ -79,10 +80,10 @@ def training_args(tmp_path: Path, iters: int) -> TrainingArgs:
     )
 
 
-def with_readme_function(tmp_path: Path, iters: int, model=None) -> tuple[list[float], object]:
+def with_resume_function(tmp_path: Path, iters: int, model=None) -> tuple[list[float], object]:
     callback = Losses()
     np.random.seed(0)
-    opt = readme_function()(
+    opt = resume_function()(
         model or tiny_llama(), DATA, None, training_args(tmp_path, iters),
         learning_rate=1e-2, state_file=str(tmp_path / "optimizer.safetensors"),
         training_callback=callback,
@@ -93,7 +94,7 @@ def with_readme_function(tmp_path: Path, iters: int, model=None) -> tuple[list[f
 def test_losses_are_mlx_rmsprops(tmp_path):
     (tmp_path / "ours").mkdir()
     (tmp_path / "mlx").mkdir()
-    ours, opt = with_readme_function(tmp_path / "ours", 4)
+    ours, opt = with_resume_function(tmp_path / "ours", 4)
     callback = Losses()
     np.random.seed(0)
     train(tiny_llama(), optim.RMSprop(learning_rate=1e-2), DATA, None,
@@ -104,37 +105,36 @@ def test_losses_are_mlx_rmsprops(tmp_path):
 
 
 def test_a_resumed_run_continues_exactly(tmp_path):
-    """6 iterations in one run, against 3 + 3 with the README's save and
+    """6 iterations in one run, against 3 + 3 with the recipe's save and
     restore in between: the same losses, bit for bit. Restarting with a
     fresh optimizer state instead (what mlx-lm alone does) changes them."""
     for name in ("once", "resumed", "fresh"):
         (tmp_path / name).mkdir()
-    once, _ = with_readme_function(tmp_path / "once", 6)
-    first, _ = with_readme_function(tmp_path / "resumed", 3)
-    second, opt = with_readme_function(tmp_path / "resumed", 3)
+    once, _ = with_resume_function(tmp_path / "once", 6)
+    first, _ = with_resume_function(tmp_path / "resumed", 3)
+    second, opt = with_resume_function(tmp_path / "resumed", 3)
     assert first + second == once
     assert opt.state["step"].item() == 6
 
-    with_readme_function(tmp_path / "fresh", 3)  # the first half again
+    with_resume_function(tmp_path / "fresh", 3)  # the first half again
     (tmp_path / "fresh" / "optimizer.safetensors").unlink()
     model = tiny_llama()
     model.load_weights(str(tmp_path / "fresh" / "adapters.safetensors"), strict=False)
-    restarted, _ = with_readme_function(tmp_path / "fresh", 3, model=model)
+    restarted, _ = with_resume_function(tmp_path / "fresh", 3, model=model)
     assert restarted[0] == once[3]  # same weights, same first loss
     assert restarted[1:] != once[4:]
 
 
-# ---- The memory-lean recipes of docs/memory/evidence.md (issues 18 and 19):
+# ---- The memory-lean recipe of docs/training.md (issues 18 and 19):
 # a full fine-tune of every weight with mlx-lm's trainer, on a tiny Llama
 # large enough for 8-bit state at the default min_8bit_size (4096), trained
 # on bytes of CPython's documentation topics (pydoc_data, in every CPython).
 
-EVIDENCE = (Path(__file__).resolve().parents[1] / "docs" / "memory" / "evidence.md").read_text()
-
-
 def recipe_function():
-    """The evidence page's full_finetune."""
-    return documented_function(EVIDENCE, "## Recipe: a full fine-tune with mlx-lm", "full_finetune")
+    """docs/training.md's full_finetune."""
+    return documented_function(
+        TRAINING, "## A full fine-tune with 8-bit state or bfloat16 weights", "full_finetune"
+    )
 
 
 def byte_windows(count: int, first: float, last: float, length: int = 65) -> list:
@@ -201,7 +201,7 @@ def run_recipe(tmp_path: Path, name: str, weights, learning_rate: float, iters: 
     result = {"loss": held_out_loss(model), "changed": changed / size,
               "state_bytes_per_weight": state / size, "quantized": any(
                   v.dtype == mx.uint8 for _, v in tree_flatten(opt.state))}
-    print(f"{name}: {result}")  # the numbers docs/memory/evidence.md reports (pytest -s)
+    print(f"{name}: {result}")  # the numbers docs/training.md reports (pytest -s)
     return result
 
 

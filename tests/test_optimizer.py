@@ -194,7 +194,7 @@ def test_compiled_full_training_step_trains_like_reference():
 
 @pytest.mark.parametrize("options", [{}, {"state_bits": 8, "min_8bit_size": 0}])
 def test_a_compiled_run_resumed_from_an_assigned_state_continues_exactly(options):
-    """The README's mlx-lm resume recipe without mlx-lm: a state assigned to
+    """docs/training.md's mlx-lm resume recipe without mlx-lm: a state assigned to
     a new optimizer and then stepped under mx.compile. The assigned state is
     converted and checked at the first step, inside the trace: the dict the
     compiled step captured must stay the optimizer's state (a replaced dict

@@ -1,6 +1,7 @@
 """What the package promises about itself: one mlx pin (pyproject.toml) that
 the build enforces and the import reports, the type information it ships,
-its metadata (license, URLs, changelog, a README that renders on an index)."""
+its metadata (license, URLs, changelog), and an sdist that ships the README
+with every docs page and file it links."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from importlib import metadata
 from pathlib import Path
 
@@ -21,6 +23,7 @@ except ImportError:  # Python 3.10
 
 from packaging.requirements import Requirement
 
+import docs_pages
 import mlx_fused_rmsprop
 from mlx_fused_rmsprop import _build_info, _ext
 
@@ -174,23 +177,46 @@ def test_changelog_has_this_version():
     assert re.search(rf"^## \[?{re.escape(mlx_fused_rmsprop.__version__)}\]?\b", text, re.M)
 
 
-def test_readme_renders_on_a_package_index():
-    """The README is the index page (project.readme): no image or link may
-    point into the repository, where an index cannot follow it."""
-    text = (ROOT / "README.md").read_text()
+@pytest.fixture(scope="module")
+def sdist_members(tmp_path_factory) -> set[str]:
+    """The files of the source distribution the build backend makes from this
+    tree (scikit-build-core: every file .gitignore does not exclude), as
+    paths in the repository."""
+    out = tmp_path_factory.mktemp("sdist")
+    build = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from scikit_build_core.build import build_sdist; print(build_sdist(sys.argv[1]))",
+         str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    (archive,) = out.glob("*.tar.gz")
+    with tarfile.open(archive) as sdist:
+        return {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+
+
+def test_the_readme_and_docs_ship_in_the_sdist_with_every_file_they_link(sdist_members):
+    """The README is the index page (project.readme). Its links to docs/ are
+    relative: on PyPI they do not resolve (docs/compatibility.md says so),
+    in the repository and in the sdist they do: the sdist holds every page
+    and every file a page links."""
     assert pyproject()["project"]["readme"] == "README.md"
-    targets = re.findall(r"!?\[[^\]]*\]\(([^)\s]+)", text)
-    targets += re.findall(r"<img[^>]+src=\"([^\"]+)\"", text)
-    relative = [t for t in targets if not re.match(r"https?://", t)]
-    assert not relative, relative
+    pages = docs_pages.pages()
+    assert {docs_pages.name(p) for p in pages} <= sdist_members
+    for page in pages:
+        for target in filter(docs_pages.is_relative, docs_pages.links(page)):
+            path = target.split("#")[0]
+            if path:
+                linked = (page.parent / path).resolve().relative_to(ROOT).as_posix()
+                assert linked in sdist_members, (docs_pages.name(page), target)
 
 
-def test_bench_duration_is_the_readmes():
-    """`bench --help` and the README state the same duration of a default run."""
+def test_bench_duration_is_the_benchmark_pages():
+    """`bench --help` and docs/benchmarks.md state the same duration of a default run."""
     from mlx_fused_rmsprop.bench import runner
 
     help_text = " ".join(runner.build_parser().format_help().split())
     (in_help,) = re.findall(r"The default run takes about ([^.]+)\.", help_text)
-    readme = (ROOT / "README.md").read_text()
-    (in_readme,) = re.findall(r"python -m mlx_fused_rmsprop bench +# about (.+)", readme)
-    assert in_help == in_readme.strip()
+    page = docs_pages.read("docs/benchmarks.md")
+    (in_page,) = re.findall(r"python -m mlx_fused_rmsprop bench +# about (.+)", page)
+    assert in_help == in_page.strip()

@@ -1,6 +1,8 @@
-"""The README's promises about the API: its option table against the real
-signatures (ours, mlx's, and those of torch, optax and Keras where installed),
-and its code blocks run as written."""
+"""What the README and the reference pages promise about the API: the option
+table of docs/options.md against the real signatures (ours, mlx's, and those
+of torch, optax and Keras where installed), the README's porting lines, its
+two commands as CI runs them, and the messages docs/compatibility.md quotes.
+(tests/test_docs.py runs every code block of every page.)"""
 
 from __future__ import annotations
 
@@ -15,14 +17,17 @@ import pytest
 
 import mlx_fused_rmsprop as fused
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+from docs_pages import python_block as _python_block, read, section
+
+README = read("README.md")
+OPTIONS = read("docs/options.md")
 COLUMNS = ["option", "ours", "mlx", "torch", "optax", "keras"]
 
 
 def option_table() -> list[dict[str, str]]:
-    start = README.index("| option | `mlx_fused_rmsprop.RMSprop`")
+    start = OPTIONS.index("| option | `mlx_fused_rmsprop.RMSprop`")
     rows = []
-    for line in README[start:].splitlines()[2:]:
+    for line in OPTIONS[start:].splitlines()[2:]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -49,9 +54,7 @@ def signature_defaults(fn) -> dict[str, object]:
 
 
 def python_block(after: str) -> str:
-    start = README.index(after)
-    block = README.index("```python", start) + len("```python")
-    return README[block:README.index("```", block)]
+    return _python_block(README, after)
 
 
 def test_our_column_is_our_signature():
@@ -90,7 +93,7 @@ PRESETS = {"from_torch": "torch", "from_optax": "optax", "from_keras": "keras"}
 def porting_calls() -> dict[str, dict[str, object]]:
     """The keyword arguments of each one-line port in the README."""
     calls = {}
-    for node in ast.walk(ast.parse(python_block("### Porting: one line"))):
+    for node in ast.walk(ast.parse(python_block("## Porting: one line"))):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in PRESETS:
             calls[node.func.attr] = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
     return calls
@@ -131,7 +134,7 @@ def test_the_code_blocks_run():
     they describe."""
     exec(python_block("## Swap it in"), {})
     scope = {"fused": fused}
-    exec(python_block("### Porting: one line"), scope)
+    exec(python_block("## Porting: one line"), scope)
     opt = scope["opt"]  # the last line: Keras
     assert isinstance(opt, fused.RMSprop)
     assert opt.eps_in_sqrt and opt.decoupled_weight_decay and opt.lr_inside_momentum
@@ -175,15 +178,9 @@ def test_the_test_extra_is_lean_and_ci_installs_the_lint_extra():
     assert lint < ci.index(readme_commands()[1])
 
 
-def _section(title: str) -> str:
-    start = README.index(title)
-    end = README.find("\n## ", start + len(title))
-    return " ".join(README[start:end if end != -1 else None].split())
-
-
 def test_the_quoted_version_skew_messages_are_the_real_ones():
-    """The README quotes the import error and the build's fix as they are."""
-    text = _section("## Versions and compatibility")
+    """docs/compatibility.md quotes the import error and the build's fix as they are."""
+    text = " ".join(section(read("docs/compatibility.md"), "## Versions and compatibility").split())
     with pytest.raises(ImportError) as info:
         fused._require_matching_mlx("0.32.4", "0.32.3", system="Linux")
     assert f"ImportError: {info.value}" in text

@@ -15,6 +15,7 @@ A new option is one more row per place it can be set, e.g.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -316,6 +317,26 @@ ROWS: list[Row] = [
 CELLS = [(row, label) for row in ROWS for label in VALUES]
 
 
+def markdown_table() -> str:
+    """The validation table docs/reliability.md shows (`python
+    tests/test_validation_table.py` prints it): the arguments grouped by
+    which of VALUES they accept."""
+    groups: dict[tuple, list[str]] = {}
+    for row in ROWS:
+        accepted = tuple(label for label in VALUES if label in row.accepted)
+        groups.setdefault(accepted, []).append(row.argument)
+    lines = ["| accepts | arguments |", "|---|---|"]
+    for accepted, arguments in groups.items():
+        shown = ", ".join(f"`{label}`" for label in accepted) or "none of them"
+        lines.append(f"| {shown} | {', '.join(f'`{a}`' for a in dict.fromkeys(arguments))} |")
+    return "\n".join(lines)
+
+
+def test_the_reliability_page_shows_the_table():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    assert markdown_table() in page, "regenerate it: python tests/test_validation_table.py"
+
+
 @pytest.mark.parametrize("row,label", CELLS, ids=[f"{r.argument}-{label}" for r, label in CELLS])
 def test_each_value_is_accepted_or_rejected_naming_the_argument(row: Row, label: str):
     value = VALUES[label]
@@ -399,3 +420,7 @@ def test_arrays_and_dtypes_are_checked_for_kind_and_size(row: Row, value: Any, e
         return
     with pytest.raises(ValueError, match=error):
         row.attempt(value)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
