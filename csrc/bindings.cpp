@@ -456,30 +456,6 @@ NB_MODULE(_ext, m) {
       "binary search of kernels/rmsprop_math.h.");
 
   m.def(
-      "_dispatch_layout",
-      [](nb::args args) {
-        auto arrays = nb::cast<std::vector<mx::array>>(args);
-        mx::eval(arrays); // layouts are known once evaluated
-        auto dispatch = mlx_fused_rmsprop::choose_gpu_dispatch(arrays);
-        std::vector<int> shape(
-            dispatch.layout.shape.begin(), dispatch.layout.shape.end());
-        std::vector<std::vector<int64_t>> strides;
-        for (const auto& s : dispatch.layout.strides) {
-          strides.emplace_back(s.begin(), s.end());
-        }
-        return nb::make_tuple(
-            mlx_fused_rmsprop::rmsprop_kernel_kind(dispatch.kernel), shape, strides);
-      },
-      nb::sig(
-          "def _dispatch_layout(grad: mlx.core.array, param: mlx.core.array, "
-          "*state: mlx.core.array) -> tuple[str, list[int], list[list[int]]]"),
-      "For tests (the Metal-as-C++ harness): (kernel, shape, strides) as "
-      "eval_gpu would choose them for grad, param and the state arrays -- "
-      "kernel 'contiguous', 'general_idx32' or 'general_idx64'; for the "
-      "general kernels the collapsed shape and each array's strides it walks "
-      "(empty for 'contiguous').");
-
-  m.def(
       "_gpu_dispatch",
       [](const std::vector<mx::array>& arrays,
          const std::vector<mx::array>& scales,

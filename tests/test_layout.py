@@ -1,7 +1,7 @@
 """How the extension lays a leaf out for its kernels: the collapsed joint
 layout of grad, param and v (the CPU strided walk and the GPU general kernels
 walk it) and the GPU kernel it picks, through the same hook the Metal harness
-uses (``_ext._dispatch_layout``). Views here are broadcasts or ``as_strided``
+uses (``_ext._gpu_dispatch``). Views here are broadcasts or ``as_strided``
 windows over tiny buffers: they describe leaves of billions of elements
 without allocating them, and no kernel ever runs on them."""
 
@@ -20,7 +20,8 @@ INT32_MAX = 2**31 - 1
 def dispatch(grad, param=None, v=None):
     param = grad if param is None else param
     v = grad if v is None else v
-    return _ext._dispatch_layout(grad, param, v)
+    chosen = _ext._gpu_dispatch([grad, param, v])
+    return chosen["kernel"], chosen["shape"], chosen["strides"]
 
 
 def huge(shape):
