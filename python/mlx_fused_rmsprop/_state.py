@@ -142,8 +142,9 @@ class Layout:
         when anything changed): 8-bit entries dequantized or full-precision
         ones quantized as the options say; with 8-bit state, the other
         parameters' full-precision entries cast to float32; a missing
-        compensation started at zero. Entries it cannot convert are left for
-        the state check to report."""
+        compensation started at zero, one the options no longer keep
+        dropped. Entries it cannot convert are left for the state check to
+        report."""
         if not isinstance(leaf_state, dict) or not leaf_state:
             return leaf_state
         want_quantized = self.quantizes(parameter.size, parameter.dtype)
@@ -179,6 +180,11 @@ class Layout:
         wants_compensation = COMPENSATION in self.entry_names(want_quantized, parameter.dtype)
         if wants_compensation and COMPENSATION not in out:
             out[COMPENSATION] = mx.zeros_like(parameter)
+            changed = True
+        elif not wants_compensation and isinstance(out.get(COMPENSATION), mx.array):
+            # Kahan turned off: what the compensation still carries is below
+            # half a unit of the weight's last place; dropping it is rounding.
+            del out[COMPENSATION]
             changed = True
         return out if changed else leaf_state
 
