@@ -267,6 +267,32 @@ def test_sharded_after_loading_a_full_state_keeps_it(load):
     assert_trees_bit_equal(RMSprop.assemble_state([opt.sharded_state_dict()]), reference.state)
 
 
+@pytest.mark.parametrize("then", [None, "sharded(group)", "sharded(None)"])
+def test_load_full_state_replaces_the_pieces_of_a_sharded_optimizer_that_stepped(then):
+    """A sharded optimizer that already has its pieces, given another full
+    state (a checkpoint of another run), continues from that state, not
+    from its own pieces -- also when it is re-sharded (another bucket size)
+    or unsharded before the next step: bit-identical to the unsharded
+    optimizer given it."""
+    saved, params = trained(EVERY_ENTRY, steps=3)
+    opt, _ = trained(EVERY_ENTRY, steps=1, opt=RMSprop(0.01, shard_group=GROUP, **EVERY_ENTRY))
+    reference = RMSprop(0.01, **EVERY_ENTRY)
+    reference.state = tree_map(lambda x: x, saved.state)
+    opt.load_full_state(tree_map(lambda x: x, saved.state))
+    if then == "sharded(group)":
+        assert opt.sharded(GROUP, bucket_bytes=64) is opt
+    elif then == "sharded(None)":
+        assert opt.sharded(None) is opt and opt.shard_group is None
+    pr = ps = params
+    for k in range(3, 5):
+        pr = reference.apply_gradients(mixed_tree(10 + k, 0.1), pr)
+        ps = opt.apply_gradients(mixed_tree(10 + k, 0.1), ps)
+    assert int(opt.step) == int(reference.step) == 5
+    assert_trees_bit_equal(ps, pr)
+    state = opt.state if then == "sharded(None)" else RMSprop.assemble_state([opt.sharded_state_dict()])
+    assert_trees_bit_equal(state, reference.state)
+
+
 def test_sharded_after_load_still_checks_the_loaded_state():
     saved, params = trained({})
     state = dict(saved.state)

@@ -311,10 +311,6 @@ class RMSprop(Optimizer):
         return self.max_grad_norm is not None or bool(self.skip_nonfinite)
 
     def _make_options(self) -> "_ext.RMSpropOptions":
-        if self.stochastic_rounding and self.kahan_summation:
-            raise ValueError(
-                "RMSprop: stochastic_rounding and kahan_summation exclude each other"
-            )
         return _options.options_of(self, guarded=self._guarded)
 
     @property
@@ -581,14 +577,21 @@ class RMSprop(Optimizer):
                 "RMSprop.sharded: the optimizer already has a state; shard it before "
                 "the first step (or move a state over with assemble_state / load_full_state)"
             )
+        # A full state loaded before (load_full_state, or state =) and not
+        # sliced yet is kept: checked and sliced (or, unsharded, taken as the
+        # state) at the next step or init.
+        if self._shards is not None and self._shards.pending_full is not None:
+            pending = self._shards.pending_full
+        else:
+            pending = self._state if self._state_needs_check else None
         self.shard_group = group
         self.shard_bucket_bytes = bucket_bytes
         self._shards = None
-        if group is not None and self._state_needs_check:
-            # A state assigned before (load_full_state, or state =) is a full
-            # one: keep it, to be checked and sliced at the next step or init.
-            self._sharded_state().pending_full = self._state
+        if pending is not None and group is not None:
+            self._sharded_state().pending_full = pending
             self._state_needs_check = False
+        elif pending is not None:
+            self.state = pending
         return self
 
     def load_full_state(self, state: dict) -> None:
