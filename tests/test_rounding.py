@@ -548,6 +548,62 @@ def test_float32_and_float64_leaves_ignore_both_options():
         assert_trees_bit_equal_in_any_order(state, runs[0][1])
 
 
+@pytest.mark.parametrize("dtype", HALVES)
+def test_turning_kahan_on_and_off_between_steps_converts_the_state(dtype):
+    """Set between steps like every option, kahan_summation=True starts a
+    zero compensation at the next step, which is then Kahan's step from that
+    state; set back to False, the compensation goes and the step rounds to
+    nearest, as an optimizer that never had it."""
+    rng = np.random.default_rng(11)
+    dt = HALVES[dtype]
+    w = mx.array(rng.standard_normal(64).astype(np.float32)).astype(dt)
+    grads = [mx.array(rng.standard_normal(64).astype(np.float32)).astype(dt) for _ in range(3)]
+    opt = RMSprop(1e-3)
+    params = opt.apply_gradients({"w": grads[0]}, {"w": w})
+    mx.eval(params, opt.state)
+
+    kahan = RMSprop(1e-3, kahan_summation=True)
+    kahan.state = {**opt.state, "w": {**opt.state["w"], "compensation": mx.zeros_like(w)}}
+    opt.kahan_summation = True
+    params, want = opt.apply_gradients({"w": grads[1]}, params), kahan.apply_gradients({"w": grads[1]}, params)
+    mx.eval(params, want, opt.state, kahan.state)
+    assert bit_equal(params["w"], want["w"])
+    assert bit_equal(opt.state["w"]["compensation"], kahan.state["w"]["compensation"])
+    assert (opt.state["w"]["compensation"] != 0).any().item()  # the step did carry something
+
+    nearest = RMSprop(1e-3)
+    nearest.state = {**opt.state, "w": {"v": opt.state["w"]["v"]}}
+    opt.kahan_summation = False
+    params, want = opt.apply_gradients({"w": grads[2]}, params), nearest.apply_gradients({"w": grads[2]}, params)
+    mx.eval(params, want, opt.state)
+    assert set(opt.state["w"]) == {"v"}
+    assert bit_equal(params["w"], want["w"]) and int(opt.step) == 3
+
+
+def test_full_precision_state_keeps_the_compensation_in_the_weights_dtype():
+    """Beside 8-bit state, full_precision_state() widens the moments to
+    float32 but leaves the compensation as it is (it belongs to the weight's
+    dtype): a Kahan optimizer with float32 state loads it and steps as the
+    8-bit one's dequantized twin."""
+    rng = np.random.default_rng(19)
+    w = mx.array(rng.standard_normal((20, 300)).astype(np.float32)).astype(mx.bfloat16)
+    grads = [mx.array(rng.standard_normal((20, 300)).astype(np.float32)).astype(mx.bfloat16)
+             for _ in range(3)]
+    opt = RMSprop(1e-3, state_bits=8, kahan_summation=True)
+    params = {"w": w}
+    for g in grads[:2]:
+        params = opt.apply_gradients({"w": g}, params)
+    mx.eval(params, opt.state)
+    full = opt.full_precision_state()
+    assert full["w"]["v"].dtype == mx.float32 and full["w"]["compensation"].dtype == mx.bfloat16
+    assert bit_equal(full["w"]["compensation"], opt.state["w"]["compensation"])
+    wide = RMSprop(1e-3, kahan_summation=True, state_dtype=mx.float32)
+    wide.state = full
+    out = wide.apply_gradients({"w": grads[2]}, params)
+    mx.eval(out, wide.state)
+    assert out["w"].dtype == mx.bfloat16 and int(wide.step) == 3
+
+
 def test_stochastic_rounding_and_kahan_exclude_each_other():
     with pytest.raises(ValueError, match="stochastic_rounding and kahan_summation exclude each other"):
         RMSprop(1e-2, stochastic_rounding=True, kahan_summation=True)

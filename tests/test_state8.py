@@ -821,6 +821,29 @@ def test_switching_a_running_job_8bit_float32_8bit(dtype):
     steps_beside_the_model(back, params, w_np, state, grads[2:4], 5, o, dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_leaving_8bit_beside_16bit_parameters_keeps_their_dtype(dtype):
+    """opt.state_bits = None on a running 8-bit optimizer of 16-bit
+    parameters (state_dtype left at None): the next step dequantizes the
+    state into the parameters' dtype, as every full-precision optimizer of
+    them keeps it, and steps exactly as one loaded with that state."""
+    rng = np.random.default_rng(17)
+    dt = MX_DTYPES[dtype]
+    params = {"w": to_mx(rng.standard_normal((20, 300)), dtype)}
+    grads = [to_mx(rng.standard_normal((20, 300)), dtype) for _ in range(3)]
+    opt = RMSprop(LR, alpha=0.9, momentum=0.9, state_bits=8)
+    for g in grads[:2]:
+        params = opt.apply_gradients({"w": g}, params)
+    mx.eval(params, opt.state)
+    plain = RMSprop(LR, alpha=0.9, momentum=0.9)
+    plain.state = {**opt.state, "w": {n: a.astype(dt) for n, a in opt.full_precision_state()["w"].items()}}
+    opt.state_bits = None
+    got, want = opt.apply_gradients({"w": grads[2]}, params), plain.apply_gradients({"w": grads[2]}, params)
+    mx.eval(got, want, opt.state, plain.state)
+    assert {n: a.dtype for n, a in opt.state["w"].items()} == {"v": dt, "momentum_buffer": dt}
+    assert_trees_bit_equal_in_any_order((got, opt.state["w"]), (want, plain.state["w"]))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_setting_state_bits_between_steps_converts(dtype):
     """opt.state_bits = 8 on a running optimizer quantizes its state at the

@@ -406,6 +406,16 @@ MORE_VALUES = [  # (row, value, regex of the rejection or None when accepted)
     (assigned("state_dtype", ZERO, ""), mx.float32, None),
     (assigned("state_dtype", ZERO, ""), mx.float16, r"RMSprop state_dtype should be None .* mlx.core.float16 was"),
     (assigned("state_dtype", ZERO, "", first_step=False), mx.float16, r"RMSprop state_dtype should be None"),
+    # 8 is the one width of quantized state; a seed is a uint32.
+    (ctor("state_bits", ZERO), 8, None),
+    (ctor("state_bits", ZERO), 4, r"RMSprop state_bits should be None \(full precision\) or 8, 4 was"),
+    (ctor("state_bits", ZERO), 16, r"RMSprop state_bits should be None \(full precision\) or 8, 16 was"),
+    (step_op("state_bits", ZERO), 4, r"\[rmsprop_step\] state_bits must be"),
+    (ctor("seed", ZERO), 2**32 - 1, None),
+    (ctor("seed", ZERO), 2**32, r"RMSprop seed should be None or an int in \[0, 2\*\*32\), 4294967296 was"),
+    (ctor("seed", ZERO), mx.array(7, mx.uint32), None),
+    (ctor("seed", ZERO), mx.array(1.5), r"RMSprop seed should be a single integer"),
+    (ctor("seed", ZERO), mx.array([1, 2], mx.uint32), r"RMSprop seed should be a single integer"),
 ]
 
 

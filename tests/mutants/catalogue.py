@@ -2059,9 +2059,21 @@ MUTANTS = [
       "entries that do not exist instead of creating the state.",
       CONTRACTS),
     m("shard_sharded_drops_loaded_state", OPTIMIZER,
-      "            self._sharded_state().pending_full = self._state\n", "",
+      "            pending = self._state if self._state_needs_check else None\n",
+      "            pending = None\n",
       "sharded() after load_full_state() drops the loaded state: v restarts at 0.",
       CONTRACTS),
+    m("shard_resharded_drops_pending_state", OPTIMIZER,
+      "        if self._shards is not None and self._shards.pending_full is not None:",
+      "        if False:",
+      "A sharded optimizer given a full state and then re-sharded or unsharded before its "
+      "next step drops that state: v restarts at 0.",
+      ["tests/test_contracts.py::test_load_full_state_replaces_the_pieces_of_a_sharded_optimizer_that_stepped"]),
+    m("shard_unsharded_drops_pending_state", OPTIMIZER,
+      "        elif pending is not None:\n            self.state = pending\n", "",
+      "A sharded optimizer given a full state and then unsharded before its next step "
+      "drops that state: v restarts at 0.",
+      ["tests/test_contracts.py::test_load_full_state_replaces_the_pieces_of_a_sharded_optimizer_that_stepped"]),
     m("shard_assemble_models_unchecked", SHARDING,
       "    if len({h[2] for h in headers}) != 1 or len(models) != 1:",
       "    if len({h[2] for h in headers}) != 1:",
@@ -2810,7 +2822,7 @@ MUTANTS = [
       "return (self.state_bits, self.min_8bit_size, str(self.state_dtype))",
       "Turning kahan_summation on between steps does not add the compensation (the next "
       "step raises on the missing entry).",
-      [ROUNDING]),
+      ["tests/test_rounding.py::test_turning_kahan_on_and_off_between_steps_converts_the_state"]),
     # The options (python/mlx_fused_rmsprop/_options.py).
     m("valid_state_bits_any_positive", OPTIONS_FILE,
       "if state_bits is not None and not (_is_int(state_bits) and state_bits == 8):",
@@ -2926,13 +2938,12 @@ MUTANTS = [
       "state[COMPENSATION] = mx.zeros(shape, dtype)", "state[COMPENSATION] = mx.zeros(shape, mx.float32)",
       "A fresh Kahan compensation is float32 instead of the parameter's dtype (the step "
       "rejects it).",
-      [KAHAN_VARIANTS]),
+      ["tests/test_rounding.py::test_the_compensation_exists_for_16_bit_leaves_only"]),
     m("convert_dequantized_stays_float32", STATE,
       "out[name] = full.astype(self.dtype_of(parameter.dtype))", "out[name] = full",
       "An 8-bit state given to a full-precision optimizer of 16-bit parameters stays float32 "
       "(the check rejects it).",
-      ["tests/test_state8.py::test_switching_a_running_job_8bit_float32_8bit",
-       "tests/test_state8.py::test_setting_state_bits_between_steps_converts"]),
+      ["tests/test_state8.py::test_leaving_8bit_beside_16bit_parameters_keeps_their_dtype"]),
     m("convert_keeps_scales", STATE,
       "                del out[scale_key]\n", "",
       "Dequantizing an 8-bit state keeps its scale entries (the check rejects them as "
@@ -2950,7 +2961,13 @@ MUTANTS = [
       "        if wants_compensation and COMPENSATION not in out:", "        if False:",
       "A state without a compensation (mlx's checkpoint) given to a Kahan optimizer is "
       "rejected instead of starting the compensation at zero.",
-      [ROUNDING]),
+      ["tests/test_rounding.py::test_turning_kahan_on_and_off_between_steps_converts_the_state"]),
+    m("convert_keeps_dropped_compensation", STATE,
+      "        elif not wants_compensation and isinstance(out.get(COMPENSATION), mx.array):",
+      "        elif False:",
+      "Turning kahan_summation off between steps leaves the compensation in the state (the "
+      "next step raises on the unexpected entry).",
+      ["tests/test_rounding.py::test_turning_kahan_on_and_off_between_steps_converts_the_state"]),
     m("convert_result_dropped", STATE,
       "        return out if changed else leaf_state", "        return leaf_state",
       "An assigned state is never converted (8-bit to full precision or back).",
@@ -2961,7 +2978,7 @@ MUTANTS = [
       "elif isinstance(value, mx.array) and value.dtype in (",
       "full_precision_state() widens the Kahan compensation to float32 (a Kahan optimizer "
       "rejects it on loading).",
-      [STATE8_FULL_PRECISION, ROUNDING, CONTRACTS]),
+      ["tests/test_rounding.py::test_full_precision_state_keeps_the_compensation_in_the_weights_dtype"]),
     m("full_precision_keeps_scales", STATE,
       "        if name.endswith(SCALE_SUFFIX):\n            continue\n", "",
       "full_precision_state() keeps the 8-bit scales beside the dequantized entries.",
@@ -3016,7 +3033,7 @@ MUTANTS = [
       "        self.plan = None\n        opt._initialized = False", "        self.plan = None",
       "load_full_state() on a sharded optimizer that already stepped is ignored: the old "
       "pieces go on.",
-      [CONTRACTS]),
+      ["tests/test_contracts.py::test_load_full_state_replaces_the_pieces_of_a_sharded_optimizer_that_stepped"]),
     m("shard_places_piece_index", SHARDING,
       "pieces.places.append((piece.leaf, piece.start))", "pieces.places.append((i, piece.start))",
       "A rank's pieces are numbered by their index among all pieces, not by their leaf: "
