@@ -335,7 +335,12 @@ const mx::array& StepScalars::packed(mx::Dtype compute) {
     auto x = mx::reshape(a, {1}, on);
     return x.dtype() == compute ? x : mx::astype(x, compute, on);
   };
-  auto constant = [&](double value) { return mx::array({value}, {1}, compute); };
+  // A 0-d constant, reshaped: mx.compile merges equal 0-d constants, so two
+  // updates of the same inputs share this array and compile's CSE asks
+  // is_equivalent whether their options let them merge.
+  auto constant = [&](double value) {
+    return mx::reshape(mx::array(value, compute), {1}, stream_);
+  };
   std::vector<mx::array> parts;
   parts.push_back(as_compute(values_.lr));
   if (options_.bias_correction) {
