@@ -328,6 +328,43 @@ def test_a_nonfinite_step_changes_nothing_but_the_counters(bad, options, compile
         assert len(traces) == 1
 
 
+@pytest.mark.parametrize("state_bits", [None, 8], ids=["full", "8-bit"])
+def test_a_skipped_step_of_views_gives_back_their_values(state_bits):
+    """A skipped step whose inputs are still held elsewhere (not donated)
+    copies each input into its output element by element, in both layouts:
+    a strided parameter (its outputs row-major) and column-major state
+    entries (8-bit: codes column-major, scales strided) come back with the
+    same values at the same indices."""
+    rng = np.random.default_rng(29)
+    shape = (40, 300)
+    opt = RMSprop(1e-2, momentum=0.9, skip_nonfinite=True, state_bits=state_bits, min_8bit_size=256)
+    params = opt.apply_gradients({"w": mx.array(rng.standard_normal(shape).astype(np.float32))},
+                                 {"w": mx.array(rng.standard_normal(shape).astype(np.float32))})
+    mx.eval(params, opt.state)
+
+    def strided(a: mx.array) -> mx.array:  # every other column of an array twice as wide
+        wide = mx.stack([a, mx.zeros_like(a)], axis=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
+        mx.eval(wide)
+        return wide[..., ::2]
+
+    def column_major(a: mx.array) -> mx.array:
+        return mx.contiguous(a.T).T
+
+    views = {"w": strided(params["w"])}
+    state = {name: strided(a) if name.endswith("_scale") else column_major(a)
+             for name, a in opt.state["w"].items()}
+    opt.state = {**opt.state, "w": state}
+    bad = mx.array(rng.standard_normal(shape).astype(np.float32))
+    bad[3, 7] = mx.nan
+    assert _ext._cpu_walk(bad, views["w"], state["v"]) == "strided"
+    out = opt.apply_gradients({"w": bad}, views)
+    mx.eval(out, opt.state)
+    assert int(opt.skipped_steps) == 1 and int(opt.step) == 1
+    assert np.array_equal(np.array(out["w"]), np.array(views["w"]))
+    for name, a in state.items():
+        assert np.array_equal(np.array(opt.state["w"][name]), np.array(a)), name
+
+
 def test_eager_and_compiled_skipping_agree():
     """The same five steps (one of them skipped) eagerly and under
     mx.compile: bit-identical, counters included."""

@@ -322,6 +322,7 @@ def every_other(a: mx.array) -> mx.array:
 LAYOUTS = {
     "transposed gradient": lambda name, a: transposed(a) if name == "grad" else a,
     "strided parameter": lambda name, a: every_other(a) if name == "param" else a,
+    "strided scales only": lambda name, a: every_other(a) if name.endswith("_scale") else a,
     "transposed codes, strided scales": lambda name, a: (
         every_other(a) if name.endswith("_scale") else transposed(a) if name != "grad" and name != "param" else a
     ),

@@ -2473,7 +2473,7 @@ MUTANTS = [
       "dst[at[0] + i * step[0]] = src[at[0] + i * step[0]];",
       "A skipped step copies each input to its output at the input's offsets: wrong where "
       "they are laid out differently (a strided param with row-major outputs).",
-      [SKIP_TEST]),
+      ["tests/test_guards.py::test_a_skipped_step_of_views_gives_back_their_values"]),
     m("rounded_plain_transposed_shape_swapped", CPU_PLAIN,
       "    job.rows = d.layout.shape[0];\n    job.cols = d.layout.shape[1];",
       "    job.rows = d.layout.shape[1];\n    job.cols = d.layout.shape[0];",
