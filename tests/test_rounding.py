@@ -552,6 +552,33 @@ def test_float32_and_float64_leaves_ignore_both_options():
         assert_trees_bit_equal_in_any_order(state, runs[0][1])
 
 
+def test_kahan_over_a_tree_of_mixed_dtypes_is_each_leaf_alone():
+    """One Kahan optimizer over a float32, a bfloat16, a float64 and a
+    float16 leaf (in that order), from a fresh state: each leaf's parameter
+    and state are bit for bit those of a Kahan optimizer given that leaf
+    alone -- the 16-bit leaves read and write their compensation whatever
+    leaf came before, the others keep none."""
+    rng = np.random.default_rng(31)
+    dtypes = {"a": mx.float32, "b": mx.bfloat16, "c": mx.float64, "d": mx.float16}
+    params = {k: mx.array(rng.standard_normal(300).astype(np.float32)).astype(dt) for k, dt in dtypes.items()}
+    grads = [{k: mx.array(rng.standard_normal(300).astype(np.float32)).astype(dt) for k, dt in dtypes.items()}
+             for _ in range(3)]
+
+    def run(keys):
+        opt, p = RMSprop(1e-3, momentum=0.5, kahan_summation=True), {k: params[k] for k in keys}
+        for g in grads:
+            p = opt.apply_gradients({k: g[k] for k in keys}, p)
+            mx.eval(p, opt.state)
+        return p, {k: opt.state[k] for k in keys}
+
+    together = run(list(dtypes))
+    for k, dt in dtypes.items():
+        alone = run([k])
+        assert bit_equal(together[0][k], alone[0][k]), k
+        assert_trees_bit_equal_in_any_order(together[1][k], alone[1][k])
+        assert ("compensation" in together[1][k]) == (dt in (mx.float16, mx.bfloat16)), k
+
+
 @pytest.mark.parametrize("dtype", HALVES)
 def test_turning_kahan_on_and_off_between_steps_converts_the_state(dtype):
     """Set between steps like every option, kahan_summation=True starts a

@@ -323,6 +323,7 @@ LAYOUTS = {
     "transposed gradient": lambda name, a: transposed(a) if name == "grad" else a,
     "strided parameter": lambda name, a: every_other(a) if name == "param" else a,
     "strided scales only": lambda name, a: every_other(a) if name.endswith("_scale") else a,
+    "only the mean's codes transposed": lambda name, a: transposed(a) if name == "mean" else a,
     "transposed codes, strided scales": lambda name, a: (
         every_other(a) if name.endswith("_scale") else transposed(a) if name != "grad" and name != "param" else a
     ),
