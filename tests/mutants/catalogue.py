@@ -328,10 +328,12 @@ MUTANTS = [
     m("variant_bias_correction_flag_ignored", MATH,
       "(c.flags & RMSPROP_OPTION_BIAS_CORRECTION) != 0u ? bias_correction : C(1);",
       "bias_correction;",
-      "The variant kernels divide by whatever their bias-correction input holds even "
-      "without bias_correction: eval_gpu binds lr there, so on a GPU every variant "
-      "without bias correction divides v' by the learning rate.",
-      [SHADER_VARIANTS, VARIANTS_ONE_STEP]),
+      "The variant kernels divide by whatever their bias-correction slot holds even "
+      "without bias_correction.",
+      [SHADER_VARIANTS, VARIANTS_ONE_STEP],
+      equivalent="without bias_correction the packed step scalars hold exactly 1 in that slot "
+                 "(StepScalars::packed), on the CPU and the GPU alike: dividing by it changes "
+                 "no bit"),
 
     # ------------------------------------- the options: flags, constants, names
     m("flags_centered_sets_nesterov", OP_H,
